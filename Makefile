@@ -1,0 +1,39 @@
+# together-meter: every target creates/uses .venv
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo serve test test-long lint bench install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/together-meter demo
+
+serve: $(STAMP)
+	$(VENV)/bin/together-meter serve --config config/example.yaml
+
+test: $(STAMP)
+	$(PY) -m ruff check proxy tests
+	$(PY) -m pytest -q -m "not slow"
+
+test-long: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check proxy tests
+	$(PY) -m ruff format --check proxy tests
+	$(PY) -m mypy
+
+bench: $(STAMP)
+	bash bench/run.sh
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache

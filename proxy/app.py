@@ -1,0 +1,160 @@
+"""Wiring: `create_proxy(config, secrets)` builds the public and admin apps and their parts.
+
+Nothing here runs at import time; all state lives on the `Proxy` object and typed AppKeys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from aiohttp import web
+
+from .admin import build_admin_app
+from .auth import KeyStore
+from .config import Config
+from .errors import MethodNotAllowed, NotFound
+from .ledger import Ledger, now_us, period_of
+from .ledger.sqlite import SQLiteLedger
+from .metrics import Metrics
+from .relay import ENDPOINTS, Relay, error_response
+from .upstream import UpstreamClient
+from .usage import Tokenizer
+
+log = logging.getLogger(__name__)
+RELAY_KEY: web.AppKey[Relay] = web.AppKey("relay", Relay)
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """What never comes from the config file: the together key, the operator token."""
+
+    together_key: str
+    admin_token: str | None = None
+
+
+class Proxy:
+    """A running together-meter: public listener, admin listener, ledger, upstream client."""
+
+    def __init__(self, config: Config, secrets: Secrets, *, tokenizer: Tokenizer | None = None,
+                 ledger: Ledger | None = None) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.metrics = Metrics(config.attribution, config.prices.models)
+        self.ledger: Ledger = ledger or SQLiteLedger(
+            config.ledger.path, synchronous=config.ledger.synchronous,
+            on_commit=self.metrics.on_commit)
+        self.upstream = UpstreamClient(config.upstream, secrets.together_key)
+        self.relay = Relay(config, KeyStore(config.key_index()), self.upstream, self.ledger,
+                           self.metrics, tokenizer or Tokenizer.load())
+        self.public_app = self._build_public_app()
+        self.admin_app = build_admin_app(self)
+        self._runners: list[web.AppRunner] = []
+        self.port = 0
+        self.admin_port = 0
+
+    def _build_public_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.limits.max_body_bytes,
+                              handler_args={"max_field_size": 16384})
+        app[RELAY_KEY] = self.relay
+        for path in ENDPOINTS:
+            app.router.add_post(path, self.relay.handle)
+        app.router.add_get("/v1/models", self.relay.models)
+        app.router.add_get("/v2/projects/{project}/models", self.relay.models)
+        app.router.add_route("*", "/{tail:.*}", _not_found)
+        return app
+
+    async def refresh_spend(self) -> None:
+        """Month-to-date gauge from the ledger (I7: recomputed, not remembered)."""
+        period = period_of(now_us())
+        self.metrics.set_spend(period, await self.ledger.spend_by_tenant(period))
+
+    async def start(self) -> None:
+        await self.ledger.open()
+        await self.upstream.start()
+        await self.refresh_spend()
+        synced = self.config.prices.extra.get("synced_at")
+        if synced is not None:
+            self.metrics.prices_last_sync = _timestamp(synced)
+        drain = self.config.limits.drain_timeout
+        for app, listen in ((self.public_app, self.config.listen),
+                            (self.admin_app, self.config.admin)):
+            runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                   shutdown_timeout=drain)
+            await runner.setup()
+            site = web.TCPSite(runner, listen.host, listen.port, backlog=2048, reuse_address=True)
+            await site.start()
+            self._runners.append(runner)
+        self.port = _bound_port(self._runners[0])
+        self.admin_port = _bound_port(self._runners[1])
+        log.info("together-meter listening on http://%s:%d/v1 (admin http://%s:%d), upstream %s",
+                 self.config.listen.host, self.port, self.config.admin.host, self.admin_port,
+                 self.config.upstream.url)
+
+    async def stop(self) -> None:
+        """Stop taking requests, let in-flight ones finish (drain timeout), close the ledger."""
+        self.relay.accepting = False
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        await self.upstream.close()
+        await self.ledger.close()
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down: draining in-flight requests (up to %.0f s)",
+                     self.config.limits.drain_timeout)
+            await self.stop()
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    if request.path in ENDPOINTS:
+        return error_response(MethodNotAllowed(f"{request.method} is not allowed on "
+                                               f"{request.path}; use POST."))
+    return error_response(NotFound(f"Unknown request URL: {request.method} {request.path}. "
+                                   "together-meter serves /v1/chat/completions, "
+                                   "/v1/completions, /v1/embeddings and /v1/models."))
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            return int(server.sockets[0].getsockname()[1])
+    return 0
+
+
+def _timestamp(value: object) -> float | None:
+    import datetime as dt
+
+    try:
+        when = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def with_overrides(config: Config, *, upstream: str | None = None, port: int | None = None,
+                   admin_port: int | None = None, ledger_path: str | Path | None = None) -> Config:
+    """The config with command-line overrides applied."""
+    if upstream:
+        config = replace(config, upstream=replace(config.upstream, url=upstream.rstrip("/")))
+    if port is not None:
+        config = replace(config, listen=replace(config.listen, port=port))
+    if admin_port is not None:
+        config = replace(config, admin=replace(config.admin, port=admin_port))
+    if ledger_path is not None:
+        config = replace(config, ledger=replace(config.ledger, path=str(ledger_path)))
+    return config

@@ -1,0 +1,176 @@
+"""Command line: parses arguments, loads config, calls the core, turns errors into exit codes.
+
+Exit codes: 0 ok, 1 failure (or price drift for `prices sync --check`), 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from .auth import digest, new_key
+from .config import load_config
+from .errors import ConfigError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+DEFAULT_CONFIG = "config/example.yaml"
+log = logging.getLogger("together_meter")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - optional speed-up
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import Proxy, Secrets, with_overrides
+
+    config = with_overrides(load_config(args.config), upstream=args.upstream, port=args.port,
+                            admin_port=args.admin_port, ledger_path=args.ledger)
+    key = os.environ.get("TOGETHER_API_KEY", "")
+    if not key:
+        print("error: TOGETHER_API_KEY is not set: the proxy needs the operator's together.ai "
+              "key to forward requests (it never reads it from the config file)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.workers != 1:
+        print("error: --workers > 1 is not supported yet; run one process per core behind a "
+              "load balancer, each with its own ledger file", file=sys.stderr)
+        return EXIT_USAGE
+    secrets = Secrets(key, os.environ.get(config.admin_token_env) or None)
+    _use_uvloop()
+    asyncio.run(Proxy(config, secrets).run_until_signalled())
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(f"{args.file}: ok ({len(config.tenants)} tenants, {len(config.prices)} priced models, "
+          f"upstream {config.upstream.url})")
+    return EXIT_OK
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.tenant not in config.tenants:
+        raise ConfigError(args.config, "tenants", f"no tenant named {args.tenant!r} "
+                          f"(known: {', '.join(sorted(config.tenants))})")
+    if not config.keys_file:
+        raise ConfigError(args.config, "keys_file", "not set: add `keys_file: keys.yaml` so "
+                          "`keys create` has somewhere to store key digests")
+    path = Path(config.keys_file)
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
+    data = data or {"keys": []}
+    key = new_key()
+    data["keys"].append({"tenant": args.tenant, "sha256": digest(key),
+                         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("# Tenant key digests written by `together-meter keys create`. The keys\n"
+                   "# themselves are shown once and never stored.\n"
+                   + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
+    print(key)
+    print(f"created a key for tenant {args.tenant!r} (digest {digest(key)[:8]}... stored in "
+          f"{path}); it is shown only this once. Restart or reload the proxy to use it.",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_prices(args: argparse.Namespace) -> int:
+    from . import prices_cli
+
+    if args.prices_command == "list":
+        return prices_cli.list_prices(load_config(args.config), args.format)
+    return prices_cli.sync(load_config(args.config), upstream=args.upstream, check=args.check,
+                           include_all=args.all, dry_run=args.dry_run)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _use_uvloop()
+    return asyncio.run(run_demo(args.config, keep_running=args.keep_running,
+                                requests=args.requests))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="together-meter",
+                                description="Metering proxy for together.ai.")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the proxy")
+    s.add_argument("--config", default=DEFAULT_CONFIG)
+    s.add_argument("--upstream", help="upstream base URL (default from config: together.ai)")
+    s.add_argument("--port", type=int)
+    s.add_argument("--admin-port", type=int)
+    s.add_argument("--ledger", help="ledger file (overrides ledger.path)")
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="proxy + simulator + a burst of SDK traffic, then a table")
+    d.add_argument("--config", default=DEFAULT_CONFIG)
+    d.add_argument("--requests", type=int, default=40)
+    d.add_argument("--keep-running", action="store_true",
+                   help="keep serving after the burst until Ctrl-C")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("check-config", help="validate a config file")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_check_config)
+
+    k = sub.add_parser("keys", help="tenant keys")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="create a key (printed once; only its digest is kept)")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--config", default=DEFAULT_CONFIG)
+    kc.set_defaults(func=cmd_keys_create)
+
+    pr = sub.add_parser("prices", help="the price table")
+    psub = pr.add_subparsers(dest="prices_command", required=True)
+    pl = psub.add_parser("list", help="print the configured rates")
+    pl.add_argument("--config", default=DEFAULT_CONFIG)
+    pl.add_argument("--format", choices=("table", "json"), default="table")
+    pl.set_defaults(func=cmd_prices)
+    ps = psub.add_parser("sync", help="refresh rates from the upstream's GET /v1/models")
+    ps.add_argument("--config", default=DEFAULT_CONFIG)
+    ps.add_argument("--upstream", help="upstream base URL (default from config)")
+    ps.add_argument("--check", action="store_true",
+                    help="change nothing; exit 1 and print the differences if rates drifted")
+    ps.add_argument("--all", action="store_true",
+                    help="also add every priced upstream model not in the table")
+    ps.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
+    ps.set_defaults(func=cmd_prices)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""YAML config -> frozen dataclasses. Every error names the file, the key path and the problem.
+
+Relative paths of config files (`prices`, `keys_file`) are resolved against the directory of the
+config file; the ledger path (data, not config) against the working directory.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .pricing import PriceTable, load_price_table
+
+DEFAULT_UPSTREAM = "https://api.together.xyz/v1"
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8787
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    url: str = DEFAULT_UPSTREAM
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 120.0  # time to response headers (a silent upstream -> 504)
+    idle_timeout: float = 60.0  # longest gap between stream chunks
+    total_timeout: float = 900.0  # whole request, stream included
+    max_connections: int = 256
+    client_abort_grace: float = 5.0  # keep reading after the client left, to learn the usage
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    backend: str = "sqlite"
+    path: str = "together-meter.db"
+    synchronous: str = "normal"  # sqlite: normal (survives process crash) | full (power loss)
+    dsn: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_event_bytes: int = 8 * 1024 * 1024
+    max_response_bytes: int = 64 * 1024 * 1024
+    drain_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """Which feature/environment values become metric labels; the ledger keeps exact values."""
+
+    features: tuple[str, ...] | None = None  # None: the first `max_label_values` seen
+    environments: tuple[str, ...] | None = None
+    max_label_values: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    key_digests: tuple[str, ...] = ()
+    models: tuple[str, ...] | None = None  # allow-list; None = every priced model
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    file: str
+    listen: Listen
+    admin: Listen
+    upstream: Upstream
+    ledger: LedgerSettings
+    limits: Limits
+    attribution: Attribution
+    tenants: Mapping[str, Tenant]
+    prices: PriceTable
+    prices_file: str
+    keys_file: str | None
+    unpriced_models: str = "reject"  # reject (400 model_not_priced) | forward (cost unknown)
+    admin_token_env: str = "TOGETHER_METER_ADMIN_TOKEN"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def key_index(self) -> dict[str, str]:
+        """SHA-256 hex digest -> tenant name, for every configured key."""
+        return {d: t.name for t in self.tenants.values() for d in t.key_digests}
+
+
+class _Reader:
+    """Typed access to a YAML mapping that reports mistakes with file and key path."""
+
+    def __init__(self, file: str, data: Mapping[str, Any], path: str = "") -> None:
+        self.file, self.data, self.path = file, data, path
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def err(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), problem)
+
+    def check_keys(self, allowed: set[str]) -> None:
+        for name in self.data:
+            if name not in allowed:
+                hint = f" (known: {', '.join(sorted(allowed))})"
+                raise self.err(str(name), "unknown key" + hint)
+
+    def section(self, name: str) -> _Reader:
+        value = self.data.get(name, {})
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.err(name, f"must be a mapping, got {type(value).__name__}")
+        return _Reader(self.file, value, self.key(name))
+
+    def str(self, name: str, default: str | None) -> str | None:
+        value = self.data.get(name, default)
+        if value is not None and not isinstance(value, str):
+            raise self.err(name, f"must be a string, got {value!r}")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.str(name, default)
+        if value not in choices:
+            raise self.err(name, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def int(self, name: str, default: int, lo: int = 0, hi: int = 2**31) -> int:
+        value = self.data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self.err(name, f"must be an integer between {lo} and {hi}, got {value!r}")
+        return value
+
+    def num(self, name: str, default: float, lo: float = 0.0) -> float:
+        value = self.data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= lo:
+            raise self.err(name, f"must be a number greater than {lo}, got {value!r}")
+        return float(value)
+
+    def str_list(self, name: str, pattern: re.Pattern[str] | None = None) -> tuple[str, ...] | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.err(name, "must be a list of strings")
+        for v in value:
+            if pattern is not None and not pattern.match(v):
+                raise self.err(name, f"invalid value {v!r} (letters, digits, . _ : / -; <= 64)")
+        return tuple(value)
+
+
+def _listen(r: _Reader, default_port: int) -> Listen:
+    r.check_keys({"host", "port"})
+    return Listen(r.str("host", "127.0.0.1") or "127.0.0.1", r.int("port", default_port, 0, 65535))
+
+
+def _upstream(r: _Reader) -> Upstream:
+    r.check_keys({"url", "timeouts", "max_connections", "client_abort_grace"})
+    url = r.str("url", DEFAULT_UPSTREAM) or DEFAULT_UPSTREAM
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise r.err("url", f"must be an http(s) URL, got {url!r}")
+    t = r.section("timeouts")
+    t.check_keys({"connect", "first_byte", "idle", "total"})
+    return Upstream(
+        url=url.rstrip("/"),
+        connect_timeout=t.num("connect", 10.0),
+        first_byte_timeout=t.num("first_byte", 120.0),
+        idle_timeout=t.num("idle", 60.0),
+        total_timeout=t.num("total", 900.0),
+        max_connections=r.int("max_connections", 256, 1, 100_000),
+        client_abort_grace=float(r.data.get("client_abort_grace", 5.0)),
+    )
+
+
+def _tenants(r: _Reader) -> dict[str, Tenant]:
+    tenants: dict[str, Tenant] = {}
+    for name in r.data:
+        if not isinstance(name, str) or not TENANT_RE.match(name):
+            raise r.err(str(name), "tenant names use letters, digits, '.', '_', '-' (<= 64)")
+        t = r.section(name)
+        t.check_keys({"keys_sha256", "models", "description"})
+        digests = t.str_list("keys_sha256") or ()
+        for d in digests:
+            if not DIGEST_RE.match(d):
+                raise t.err("keys_sha256", "each entry must be a lower-case SHA-256 hex digest "
+                            "(together-meter keys create prints one)")
+        tenants[name] = Tenant(name, digests, t.str_list("models"))
+    return tenants
+
+
+def _keys_file(path: Path, tenants: dict[str, Tenant]) -> dict[str, Tenant]:
+    """Merge the digests of a keys file (written by `keys create`) into the tenants."""
+    file = str(path)
+    if not path.exists():
+        return tenants
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(file, "", f"cannot read keys file: {exc}") from exc
+    entries = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ConfigError(file, "keys", "must be a list of {tenant, sha256}")
+    merged = {n: list(t.key_digests) for n, t in tenants.items()}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not DIGEST_RE.match(str(entry.get("sha256", ""))):
+            raise ConfigError(file, f"keys[{i}].sha256", "must be a SHA-256 hex digest")
+        tenant = entry.get("tenant")
+        if tenant not in tenants:
+            raise ConfigError(file, f"keys[{i}].tenant", f"unknown tenant {tenant!r}")
+        merged[tenant].append(entry["sha256"])
+    return {n: Tenant(n, tuple(dict.fromkeys(merged[n])), t.models) for n, t in tenants.items()}
+
+
+TOP_KEYS = {"listen", "admin", "upstream", "ledger", "limits", "attribution", "tenants",
+            "prices", "keys_file", "unpriced_models", "admin_token_env"}
+
+
+def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
+    """Validate a parsed YAML document into a Config."""
+    if not isinstance(data, dict):
+        raise ConfigError(file, "", "must be a YAML mapping")
+    base = base_dir if base_dir is not None else Path(file).resolve().parent
+    r = _Reader(file, data)
+    r.check_keys(TOP_KEYS)
+    ledger_r = r.section("ledger")
+    ledger_r.check_keys({"backend", "path", "synchronous", "dsn"})
+    ledger = LedgerSettings(
+        backend=ledger_r.choice("backend", "sqlite", ("sqlite",)),
+        path=ledger_r.str("path", "together-meter.db") or "together-meter.db",
+        synchronous=ledger_r.choice("synchronous", "normal", ("normal", "full")),
+        dsn=ledger_r.str("dsn", None),
+    )
+    lim = r.section("limits")
+    lim.check_keys({"max_body_bytes", "max_event_bytes", "max_response_bytes", "drain_timeout"})
+    limits = Limits(
+        max_body_bytes=lim.int("max_body_bytes", 4 * 1024 * 1024, 1024, 1 << 30),
+        max_event_bytes=lim.int("max_event_bytes", 8 * 1024 * 1024, 1024, 1 << 30),
+        max_response_bytes=lim.int("max_response_bytes", 64 * 1024 * 1024, 1024, 1 << 31),
+        drain_timeout=lim.num("drain_timeout", 30.0),
+    )
+    att = r.section("attribution")
+    att.check_keys({"features", "environments", "max_label_values"})
+    attribution = Attribution(
+        att.str_list("features", LABEL_VALUE_RE),
+        att.str_list("environments", LABEL_VALUE_RE),
+        att.int("max_label_values", 50, 1, 10_000),
+    )
+    tenants = _tenants(r.section("tenants"))
+    if not tenants:
+        raise r.err("tenants", "at least one tenant is required")
+    prices_name = r.str("prices", "prices.yaml") or "prices.yaml"
+    prices_path = (base / prices_name) if not Path(prices_name).is_absolute() else Path(prices_name)
+    prices = load_price_table(prices_path)
+    keys_name = r.str("keys_file", None)
+    keys_path = None
+    if keys_name:
+        keys_path = (base / keys_name) if not Path(keys_name).is_absolute() else Path(keys_name)
+        tenants = _keys_file(keys_path, tenants)
+    for t in tenants.values():
+        for m in t.models or ():
+            if m not in prices and r.data.get("unpriced_models", "reject") == "reject":
+                raise ConfigError(file, f"tenants.{t.name}.models", f"model {m!r} has no price "
+                                  f"in {prices_path}")
+    return Config(
+        file=file,
+        listen=_listen(r.section("listen"), 8787),
+        admin=_listen(r.section("admin"), 9787),
+        upstream=_upstream(r.section("upstream")),
+        ledger=ledger,
+        limits=limits,
+        attribution=attribution,
+        tenants=tenants,
+        prices=prices,
+        prices_file=str(prices_path),
+        keys_file=str(keys_path) if keys_path else None,
+        unpriced_models=r.choice("unpriced_models", "reject", ("reject", "forward")),
+        admin_token_env=r.str("admin_token_env", "TOGETHER_METER_ADMIN_TOKEN")
+        or "TOGETHER_METER_ADMIN_TOKEN",
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a config file (and the prices/keys files it names)."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, "", f"invalid YAML: {exc}") from exc
+    return parse_config(data, file)

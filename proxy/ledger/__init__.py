@@ -1,0 +1,112 @@
+"""The ledger: one row per inbound request, keyed by the proxy's request id.
+
+A row is written twice: `begin` commits it as `in_flight` before anything is forwarded (so a
+crash can never lose a request the upstream may bill: the start-up reaper turns leftovers into
+`orphaned` rows at their reserved cost), and `finish` makes it terminal exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+IN_FLIGHT = "in_flight"
+TERMINAL_STATUSES = (
+    "ok",
+    "client_aborted",
+    "upstream_aborted",
+    "upstream_error",
+    "upstream_timeout",
+    "rejected",
+    "shutdown_aborted",
+    "orphaned",
+)
+
+COLUMNS = (
+    "request_id", "tenant", "key_id", "model", "endpoint", "mode", "feature", "environment",
+    "stream", "started_us", "finished_us", "period", "upstream_status", "prompt_tokens",
+    "completion_tokens", "cached_tokens", "reasoning_tokens", "usage_source", "cost_pusd",
+    "reserved_pusd", "status", "stream_complete", "error_code", "upstream_id",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """One request as the ledger keeps it. Money in pico-USD; times in µs since the epoch."""
+
+    request_id: str
+    tenant: str
+    key_id: str
+    model: str
+    endpoint: str
+    mode: str
+    feature: str | None
+    environment: str | None
+    stream: bool
+    started_us: int
+    period: str
+    status: str = IN_FLIGHT
+    finished_us: int | None = None
+    upstream_status: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    usage_source: str = "none"
+    cost_pusd: int | None = None
+    reserved_pusd: int = 0
+    stream_complete: bool = False
+    error_code: str | None = None
+    upstream_id: str | None = None
+
+    def values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, c) for c in COLUMNS)
+
+    def with_(self, **changes: Any) -> LedgerRow:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> LedgerRow:
+        values = {c: data[c] for c in COLUMNS}
+        values["stream"] = bool(values["stream"])
+        values["stream_complete"] = bool(values["stream_complete"])
+        return cls(**values)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def period_of(ts_us: int) -> str:
+    """Calendar month (UTC) a request belongs to: the one in which it started."""
+    t = time.gmtime(ts_us // 1_000_000)
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}"
+
+
+class LedgerUnavailable(Exception):
+    """The ledger could not commit; the request must not go upstream."""
+
+
+class Ledger(Protocol):
+    """What the relay needs from a ledger backend."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def begin(self, row: LedgerRow) -> None:
+        """Commit `row` as in_flight; raises LedgerUnavailable if it cannot."""
+
+    async def finish(self, row: LedgerRow) -> bool:
+        """Commit the terminal `row`; True if this call made it terminal (idempotent)."""
+
+    async def writable(self) -> bool: ...
+
+    async def rows(self, where: str = "", params: tuple[Any, ...] = ()) -> list[LedgerRow]: ...
+
+    async def spend_by_tenant(self, period: str) -> dict[str, int]: ...
+
+
+__all__ = ["COLUMNS", "IN_FLIGHT", "TERMINAL_STATUSES", "Ledger", "LedgerRow",
+           "LedgerUnavailable", "now_us", "period_of"]

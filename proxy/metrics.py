@@ -1,0 +1,234 @@
+"""Prometheus metrics: exact per-label totals kept as integers, rendered at scrape time.
+
+Counters hold integers (tokens, requests, pico-USD) and are converted to floats only when
+Prometheus reads them, so the process never accumulates float error. Label values are bounded:
+tenants and models come from config, features and environments are capped to a configured set
+(others become `other`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+
+from .config import Attribution
+from .ledger import LedgerRow
+
+PREFIX = "together_meter_"
+NONE_LABEL = "none"
+OTHER_LABEL = "other"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+class Histogram:
+    """A labelled histogram with fixed buckets; observe() is a bisect and two adds."""
+
+    __slots__ = ("buckets", "doc", "labelnames", "name", "series")
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str],
+                 buckets: Sequence[float]) -> None:
+        self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
+        self.buckets = tuple(buckets)
+        self.series: dict[tuple[str, ...], list[Any]] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        s = self.series.get(labels)
+        if s is None:
+            s = self.series[labels] = [[0] * (len(self.buckets) + 1), 0.0]
+        s[0][bisect.bisect_left(self.buckets, value)] += 1
+        s[1] += value
+
+    def collect(self) -> Metric:
+        fam = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for labels, (counts, total) in sorted(self.series.items()):
+            cumulative, acc = [], 0
+            for bound, c in zip((*map(str, self.buckets), "+Inf"), counts, strict=True):
+                acc += c
+                cumulative.append((bound, acc))
+            fam.add_metric(list(labels), cumulative, total)
+        return fam
+
+
+class LabelCap:
+    """Maps free-form attribution values to a bounded label set."""
+
+    __slots__ = ("_allowed", "_limit", "_seen")
+
+    def __init__(self, allowed: Iterable[str] | None, limit: int) -> None:
+        self._allowed = None if allowed is None else frozenset(allowed)
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str | None) -> str:
+        if value is None:
+            return NONE_LABEL
+        if self._allowed is not None:
+            return value if value in self._allowed else OTHER_LABEL
+        if value in self._seen:
+            return value
+        if len(self._seen) < self._limit:
+            self._seen.add(value)
+            return value
+        return OTHER_LABEL
+
+
+class Metrics:
+    """All of the proxy's own metrics, plus a registry that renders them."""
+
+    def __init__(self, attribution: Attribution, models: Iterable[str]) -> None:
+        self.feature_label = LabelCap(attribution.features, attribution.max_label_values)
+        self.environment_label = LabelCap(attribution.environments, attribution.max_label_values)
+        self._models = frozenset(models)
+        self.requests: dict[tuple[str, str, str, str], int] = {}
+        self.tokens: dict[tuple[str, str, str, str], int] = {}
+        self.cost_pusd: dict[tuple[str, str, str], int] = {}
+        self.usage_unknown: dict[tuple[str, str], int] = {}
+        self.ledger_errors = 0
+        self.ledger_rows = 0
+        self.ledger_commits = 0
+        self.in_flight = 0
+        self.upstream_errors: dict[str, int] = {}
+        self.prices_last_sync: float | None = None
+        self.spend_mtd: dict[str, int] = {}
+        self.spend_period = ""
+        self.request_duration = Histogram(
+            PREFIX + "request_duration_seconds",
+            "Time from request received to response finished (streams: to the last byte).",
+            ("endpoint", "stream"), LATENCY_BUCKETS)
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Streams: time from request received to the first content chunk relayed.",
+            ("model",), LATENCY_BUCKETS)
+        self.upstream_duration = Histogram(
+            PREFIX + "upstream_duration_seconds",
+            "Time from forwarding to the upstream's response headers.",
+            ("endpoint",), LATENCY_BUCKETS)
+        self.overhead = Histogram(
+            PREFIX + "proxy_overhead_seconds",
+            "Time the proxy itself added before forwarding (auth, parse, ledger begin).",
+            ("endpoint",), OVERHEAD_BUCKETS)
+        self.ledger_write = Histogram(
+            PREFIX + "ledger_commit_seconds", "Duration of one ledger group commit.", (),
+            (*OVERHEAD_BUCKETS, 1.0, 5.0))
+
+    def model_label(self, model: str) -> str:
+        return model if model in self._models else OTHER_LABEL
+
+    def record(self, row: LedgerRow) -> None:
+        """Count one finished request (called once, after its row committed)."""
+        model = self.model_label(row.model)
+        feature = self.feature_label(row.feature)
+        key = (row.tenant, model, feature, row.status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if row.prompt_tokens is not None:
+            k = (row.tenant, model, feature, "input")
+            self.tokens[k] = self.tokens.get(k, 0) + row.prompt_tokens
+        if row.completion_tokens is not None:
+            k = (row.tenant, model, feature, "output")
+            self.tokens[k] = self.tokens.get(k, 0) + row.completion_tokens
+        if row.cost_pusd is not None:
+            k3 = (row.tenant, model, feature)
+            self.cost_pusd[k3] = self.cost_pusd.get(k3, 0) + row.cost_pusd
+            if row.period == self.spend_period:
+                self.spend_mtd[row.tenant] = self.spend_mtd.get(row.tenant, 0) + row.cost_pusd
+        if row.usage_source != "upstream" and row.status not in ("rejected", "upstream_error"):
+            k2 = (row.tenant, model)
+            self.usage_unknown[k2] = self.usage_unknown.get(k2, 0) + 1
+
+    def upstream_error(self, kind: str) -> None:
+        self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+
+    def on_commit(self, rows: int, seconds: float, ok: bool) -> None:
+        """Called from the ledger writer thread after each group commit (or failed attempt)."""
+        if not ok:
+            self.ledger_errors += 1
+            return
+        self.ledger_rows += rows
+        self.ledger_commits += 1
+        self.ledger_write.observe((), seconds)
+
+    def set_spend(self, period: str, spend: dict[str, int]) -> None:
+        """Reset the month-to-date gauge from the ledger (at start and at a month change)."""
+        self.spend_period = period
+        self.spend_mtd = dict(spend)
+
+    # -- rendering ----------------------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        fam = CounterMetricFamily(PREFIX + "requests", "Requests by final status.",
+                                  labels=("tenant", "model", "feature", "status"))
+        for k, v in sorted(self.requests.items()):
+            fam.add_metric(list(k), v)
+        yield fam
+        fam = CounterMetricFamily(PREFIX + "tokens", "Tokens metered (input = prompt).",
+                                  labels=("tenant", "model", "feature", "direction"))
+        for k, v in sorted(self.tokens.items()):
+            fam.add_metric(list(k), v)
+        yield fam
+        fam = CounterMetricFamily(PREFIX + "cost_usd", "Cost of metered requests in USD.",
+                                  labels=("tenant", "model", "feature"))
+        for k3, p in sorted(self.cost_pusd.items()):
+            fam.add_metric(list(k3), p / 1e12)
+        yield fam
+        fam = CounterMetricFamily(PREFIX + "usage_unknown",
+                                  "Requests whose usage the upstream did not report (estimated).",
+                                  labels=("tenant", "model"))
+        for k2, v in sorted(self.usage_unknown.items()):
+            fam.add_metric(list(k2), v)
+        yield fam
+        fam = CounterMetricFamily(PREFIX + "upstream_errors",
+                                  "Upstream failures by kind.", labels=("kind",))
+        for kind, v in sorted(self.upstream_errors.items()):
+            fam.add_metric([kind], v)
+        yield fam
+        yield CounterMetricFamily(PREFIX + "ledger_write_errors",
+                                  "Ledger group commits that failed.", value=self.ledger_errors)
+        yield CounterMetricFamily(PREFIX + "ledger_rows_written",
+                                  "Ledger row writes committed (begin and finish).",
+                                  value=self.ledger_rows)
+        yield GaugeMetricFamily(PREFIX + "requests_in_flight",
+                                "Requests forwarded and not yet recorded.", value=self.in_flight)
+        g = GaugeMetricFamily(PREFIX + "spend_month_to_date_usd",
+                              "Spend this calendar month (UTC), from the ledger.",
+                              labels=("tenant",))
+        for tenant, p in sorted(self.spend_mtd.items()):
+            g.add_metric([tenant], p / 1e12)
+        yield g
+        if self.prices_last_sync is not None:
+            yield GaugeMetricFamily(PREFIX + "prices_last_sync_timestamp_seconds",
+                                    "Unix time of the last successful `prices sync`.",
+                                    value=self.prices_last_sync)
+        for h in (self.request_duration, self.ttft, self.upstream_duration, self.overhead,
+                  self.ledger_write):
+            yield h.collect()
+
+
+class _Adapter:
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return self._metrics.collect()
+
+
+def build_registry(metrics: Metrics) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Adapter(metrics))  # type: ignore[arg-type]
+    registry.register(ProcessCollector(namespace="together_meter"))  # type: ignore[arg-type]
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

