@@ -46,7 +46,7 @@ class Proxy:
         self.metrics = Metrics(config.attribution, config.prices.models)
         self.ledger: Ledger = ledger or SQLiteLedger(
             config.ledger.path, synchronous=config.ledger.synchronous,
-            on_commit=self.metrics.on_commit)
+            on_commit=self.metrics.on_commit, on_terminal=self.metrics.record)
         self.upstream = UpstreamClient(config.upstream, secrets.together_key)
         self.relay = Relay(config, KeyStore(config.key_index()), self.upstream, self.ledger,
                            self.metrics, tokenizer or Tokenizer.load())

@@ -38,7 +38,7 @@ from .metrics import Metrics
 from .pricing import SERVERLESS, Rates, cost_pusd, format_usd
 from .sse import SSEError, SSEFramer
 from .streaming import StreamMeter
-from .upstream import UpstreamClient
+from .upstream import UpstreamClient, UpstreamResponse, UpstreamStreamError
 from .usage import Tokenizer, Usage, completion_text, estimate_prompt_tokens, usage_from_json
 
 log = logging.getLogger(__name__)
@@ -219,8 +219,7 @@ class Relay:
                           None, None, False, started, period_of(started), status="rejected",
                           finished_us=now_us(), error_code=exc.code, cost_pusd=0)
         with contextlib.suppress(LedgerUnavailable):
-            if await self.ledger.finish(final):
-                self.metrics.record(final)
+            await self.ledger.record(final)
 
     # -- non-streaming ---------------------------------------------------------------------
 
@@ -244,7 +243,7 @@ class Relay:
         return web.Response(body=data, status=200, headers=headers,
                             content_type=up.content_type or JSON_CT)
 
-    async def _forward(self, request: web.Request, call: Call) -> aiohttp.ClientResponse:
+    async def _forward(self, request: web.Request, call: Call) -> UpstreamResponse:
         body = self._upstream_body(call)
         t = time.perf_counter()
         self.metrics.in_flight += 1
@@ -271,19 +270,17 @@ class Relay:
 
             return json.dumps(body, separators=(",", ":")).encode()
 
-    async def _read_upstream(self, up: aiohttp.ClientResponse) -> bytes:
+    async def _read_upstream(self, up: UpstreamResponse) -> bytes:
         limit = self.config.limits.max_response_bytes
         try:
+            if up.complete:  # the usual case: the body came with the headers, no timer needed
+                return await up.read(limit)
             async with asyncio.timeout(self.config.upstream.idle_timeout):
-                data = await up.content.read(limit + 1)
+                return await up.read(limit)
         except TimeoutError as exc:
             raise UpstreamTimeout("The upstream stopped sending its response.") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamProtocolError(
-                f"The upstream response broke off ({type(exc).__name__}).") from exc
-        if len(data) > limit:
-            raise UpstreamProtocolError(f"The upstream response exceeds {limit} bytes.")
-        return data
+        except UpstreamStreamError as exc:
+            raise UpstreamProtocolError(f"The upstream response broke off: {exc}") from exc
 
     def _usage_of_body(self, call: Call, data: bytes) -> tuple[Usage, str | None]:
         obj: Any = None
@@ -302,9 +299,9 @@ class Relay:
         return Usage(prompt, completion, "estimated"), None
 
     @staticmethod
-    def _passthrough(up: aiohttp.ClientResponse, data: bytes, request_id: str) -> web.Response:
+    def _passthrough(up: UpstreamResponse, data: bytes, request_id: str) -> web.Response:
         headers = {"x-request-id": request_id}
-        retry_after = up.headers.get("Retry-After")
+        retry_after = up.headers.get("retry-after")
         if retry_after is not None:
             headers["Retry-After"] = retry_after
         return web.Response(body=data, status=up.status, headers=headers,
@@ -337,7 +334,7 @@ class Relay:
             return await self._relay_events(request, call, meter, up)
 
     async def _relay_events(self, request: web.Request, call: Call, meter: _Recorder,
-                            up: aiohttp.ClientResponse) -> web.StreamResponse:
+                            up: UpstreamResponse) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no", "x-request-id": meter.row.request_id})
@@ -352,7 +349,7 @@ class Relay:
         try:
             async with asyncio.timeout(min(deadline, loop.time() + cfg.idle_timeout)) as window:
                 while True:
-                    chunk = await up.content.readany()
+                    chunk = await up.readany()
                     if not chunk:
                         break  # EOF without [DONE]: the upstream cut the stream
                     out = sm.feed(framer.feed(chunk))
@@ -374,7 +371,7 @@ class Relay:
         except TimeoutError:
             status = "upstream_timeout"
             self.metrics.upstream_error("stream_timeout")
-        except (aiohttp.ClientError, SSEError) as exc:
+        except (UpstreamStreamError, SSEError) as exc:
             log.warning("upstream stream broke off: %s", type(exc).__name__)
             self.metrics.upstream_error("stream_broken")
         if status == "upstream_aborted":
@@ -448,22 +445,22 @@ class _Recorder:
         if usage is not None and self.rates is not None:
             cost = cost_pusd(usage, self.rates, self.row.mode)
             self.cost_text = format_usd(cost)
-        row = self.row.with_(
-            status=status, finished_us=now_us(), upstream_status=upstream_status,
-            prompt_tokens=None if usage is None else usage.prompt_tokens,
-            completion_tokens=None if usage is None else usage.completion_tokens,
-            cached_tokens=None if usage is None else usage.cached_tokens,
-            reasoning_tokens=None if usage is None else usage.reasoning_tokens,
-            usage_source="none" if usage is None else usage.source,
-            cost_pusd=cost, stream_complete=complete, upstream_id=upstream_id)
+        if usage is None:
+            row = self.row.terminal(status, upstream_status=upstream_status, cost_pusd=cost,
+                                    stream_complete=complete, upstream_id=upstream_id)
+        else:
+            row = self.row.terminal(
+                status, upstream_status=upstream_status, prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens,
+                reasoning_tokens=usage.reasoning_tokens, usage_source=usage.source,
+                cost_pusd=cost, stream_complete=complete, upstream_id=upstream_id)
         await self._commit(row)
 
     async def upstream_error(self, upstream_status: int) -> None:
         """The upstream answered 4xx/5xx: it billed nothing, so the cost is known to be 0."""
         self.relay.metrics.upstream_error(f"http_{upstream_status // 100}xx")
-        row = self.row.with_(status="upstream_error", finished_us=now_us(),
-                             upstream_status=upstream_status, usage_source="none", cost_pusd=0,
-                             error_code=f"upstream_{upstream_status}")
+        row = self.row.terminal("upstream_error", upstream_status=upstream_status, cost_pusd=0,
+                                error_code=f"upstream_{upstream_status}")
         self.cost_text = "0"
         await self._commit(row)
 
@@ -472,37 +469,32 @@ class _Recorder:
         if isinstance(exc, UpstreamTimeout):
             # the upstream may be generating (and billing) a response we will never see
             self.relay.metrics.upstream_error("timeout")
-            row = self.row.with_(status="upstream_timeout", finished_us=now_us(),
-                                 usage_source="estimated", cost_pusd=self.row.reserved_pusd,
-                                 error_code=exc.code)
+            row = self.row.terminal("upstream_timeout", usage_source="estimated",
+                                    cost_pusd=self.row.reserved_pusd, error_code=exc.code)
         else:
             kind = "unreachable" if type(exc) is UpstreamError else "protocol"
             self.relay.metrics.upstream_error(kind)
-            row = self.row.with_(status="upstream_error", finished_us=now_us(),
-                                 usage_source="none", cost_pusd=0, error_code=exc.code)
+            row = self.row.terminal("upstream_error", cost_pusd=0, error_code=exc.code)
         await self._commit(row)
 
     async def ensure_finished(self) -> None:
         """Last resort (cancellation, a bug): still make the row terminal, at reserved cost."""
         if self.finished:
             return
-        row = self.row.with_(status="shutdown_aborted", finished_us=now_us(),
-                             usage_source="estimated", cost_pusd=self.row.reserved_pusd,
-                             error_code="aborted")
+        row = self.row.terminal("shutdown_aborted", usage_source="estimated",
+                                cost_pusd=self.row.reserved_pusd, error_code="aborted")
         await asyncio.shield(self._commit(row))
 
     async def _commit(self, row: LedgerRow) -> None:
         if self.finished:
             return
         self.finished = True
-        metrics = self.relay.metrics
+        # counters are bumped by the ledger when the row commits (even if we are cancelled)
         try:
-            made_terminal = await asyncio.shield(self.relay.ledger.finish(row))
+            await self.relay.ledger.finish(row)
         except LedgerUnavailable:
             log.error("ledger: could not record request %s; it stays in flight and the "
                       "start-up reaper will charge its reservation", row.request_id)
             return
-        if made_terminal:
-            metrics.record(row)
-            metrics.request_duration.observe((row.endpoint, "true" if row.stream else "false"),
-                                             time.perf_counter() - self.t0)
+        self.relay.metrics.request_duration.observe(
+            (row.endpoint, "true" if row.stream else "false"), time.perf_counter() - self.t0)

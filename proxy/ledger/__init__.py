@@ -7,6 +7,7 @@ crash can never lose a request the upstream may bill: the start-up reaper turns 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -66,6 +67,19 @@ class LedgerRow:
     def with_(self, **changes: Any) -> LedgerRow:
         return replace(self, **changes)
 
+    def terminal(self, status: str, *, upstream_status: int | None = None,
+                 prompt_tokens: int | None = None, completion_tokens: int | None = None,
+                 cached_tokens: int | None = None, reasoning_tokens: int | None = None,
+                 usage_source: str = "none", cost_pusd: int | None = None,
+                 stream_complete: bool = False, error_code: str | None = None,
+                 upstream_id: str | None = None) -> LedgerRow:
+        """This in-flight row made terminal now (a direct constructor call: the hot path)."""
+        return LedgerRow(self.request_id, self.tenant, self.key_id, self.model, self.endpoint,
+                         self.mode, self.feature, self.environment, self.stream, self.started_us,
+                         self.period, status, now_us(), upstream_status, prompt_tokens,
+                         completion_tokens, cached_tokens, reasoning_tokens, usage_source,
+                         cost_pusd, self.reserved_pusd, stream_complete, error_code, upstream_id)
+
     @classmethod
     def from_mapping(cls, data: Any) -> LedgerRow:
         values = {c: data[c] for c in COLUMNS}
@@ -80,7 +94,12 @@ def now_us() -> int:
 
 def period_of(ts_us: int) -> str:
     """Calendar month (UTC) a request belongs to: the one in which it started."""
-    t = time.gmtime(ts_us // 1_000_000)
+    return _period_of_second(ts_us // 1_000_000)
+
+
+@functools.lru_cache(maxsize=4)
+def _period_of_second(second: int) -> str:
+    t = time.gmtime(second)
     return f"{t.tm_year:04d}-{t.tm_mon:02d}"
 
 
@@ -99,7 +118,13 @@ class Ledger(Protocol):
         """Commit `row` as in_flight; raises LedgerUnavailable if it cannot."""
 
     async def finish(self, row: LedgerRow) -> bool:
-        """Commit the terminal `row`; True if this call made it terminal (idempotent)."""
+        """Commit the terminal `row` of a begun request; True if this call made it terminal.
+
+        Idempotent: a row already terminal is never changed again.
+        """
+
+    async def record(self, row: LedgerRow) -> bool:
+        """Commit a terminal `row` that was never begun (a rejected request)."""
 
     async def writable(self) -> bool: ...
 

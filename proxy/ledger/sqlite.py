@@ -23,6 +23,7 @@ from . import COLUMNS, IN_FLIGHT, LedgerRow, LedgerUnavailable, now_us
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
+CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints (the WAL stays small)
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS requests (
@@ -58,13 +59,21 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 _PLACEHOLDERS = ", ".join("?" for _ in COLUMNS)
 _INSERT_BEGIN = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({_PLACEHOLDERS})"
-# A terminal write never overwrites a terminal row: that is what makes `finish` idempotent.
-_UPSERT_FINISH = (
-    f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({_PLACEHOLDERS}) "
-    "ON CONFLICT (request_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "request_id")
-    + f" WHERE requests.status = '{IN_FLIGHT}'"
+_INSERT_TERMINAL = f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) VALUES ({_PLACEHOLDERS})"
+# What `finish` sets. A terminal row is never changed again: that makes `finish` idempotent.
+_FINISH_COLUMNS = ("status", "finished_us", "upstream_status", "prompt_tokens",
+                   "completion_tokens", "cached_tokens", "reasoning_tokens", "usage_source",
+                   "cost_pusd", "stream_complete", "error_code", "upstream_id")
+_UPDATE_FINISH = (
+    "UPDATE requests SET " + ", ".join(f"{c} = ?" for c in _FINISH_COLUMNS)
+    + f" WHERE request_id = ? AND status = '{IN_FLIGHT}'"
 )
+
+
+def _finish_values(row: LedgerRow) -> tuple[Any, ...]:
+    return (row.status, row.finished_us, row.upstream_status, row.prompt_tokens,
+            row.completion_tokens, row.cached_tokens, row.reasoning_tokens, row.usage_source,
+            row.cost_pusd, row.stream_complete, row.error_code, row.upstream_id, row.request_id)
 
 _Op = tuple[str, LedgerRow, asyncio.Future[bool]]
 
@@ -73,7 +82,8 @@ class SQLiteLedger:
     """The default, embedded ledger: a WAL-mode SQLite file."""
 
     def __init__(self, path: str | Path, *, synchronous: str = "normal",
-                 on_commit: Callable[[int, float, bool], None] | None = None) -> None:
+                 on_commit: Callable[[int, float, bool], None] | None = None,
+                 on_terminal: Callable[[LedgerRow], None] | None = None) -> None:
         self.path = str(path)
         self.synchronous = synchronous.upper()
         self._conn: sqlite3.Connection | None = None
@@ -83,6 +93,7 @@ class SQLiteLedger:
         self._closing = False
         self._healthy = True
         self._on_commit = on_commit
+        self._on_terminal = on_terminal  # counts a row once, when it became terminal
         self.orphans_reaped = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -95,6 +106,9 @@ class SQLiteLedger:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute("PRAGMA busy_timeout=5000")
+            # checkpoints copy the log into the database file and fsync it: that must not
+            # happen on the event loop, so the writer runs them in a thread (_write_loop)
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.executescript(SCHEMA)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                          (str(SCHEMA_VERSION),))
@@ -103,7 +117,8 @@ class SQLiteLedger:
             raise LedgerUnavailable(f"cannot open ledger {self.path}: {exc}") from exc
         self._conn = conn
         self._closing = False
-        self._task = asyncio.get_running_loop().create_task(self._writer(), name="ledger-writer")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._writer(), name="ledger-writer")
 
     async def close(self) -> None:
         """Commit what is pending, then close the connection."""
@@ -114,6 +129,8 @@ class SQLiteLedger:
         await self._task
         self._task = None
         if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.close()
             self._conn = None
 
@@ -124,6 +141,9 @@ class SQLiteLedger:
 
     async def finish(self, row: LedgerRow) -> bool:
         return await self._submit("finish", row)
+
+    async def record(self, row: LedgerRow) -> bool:
+        return await self._submit("record", row)
 
     def _submit(self, kind: str, row: LedgerRow) -> asyncio.Future[bool]:
         if self._task is None or (self._closing and self._task.done()):
@@ -149,20 +169,53 @@ class SQLiteLedger:
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        last_checkpoint = loop.time()
+        passive: asyncio.Future[None] | None = None
         while True:
+            if passive is None and loop.time() - last_checkpoint >= CHECKPOINT_INTERVAL:
+                # phase 1: copy the WAL into the database beside the writer (nobody waits)
+                passive = asyncio.ensure_future(asyncio.to_thread(self._checkpoint, "PASSIVE"))
+            elif passive is not None and passive.done():
+                # phase 2: the few frames written since, then restart the WAL so it stays
+                # small; rows arriving meanwhile wait and go into the next (bigger) batch
+                passive = None
+                last_checkpoint = loop.time()
+                await asyncio.to_thread(self._checkpoint, "RESTART", self._conn)
             if not self._pending:
                 if self._closing:
+                    if passive is not None:
+                        await passive
                     return
                 self._wake = loop.create_future()
-                await self._wake
+                if passive is not None:
+                    await asyncio.wait((self._wake, passive), return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    await self._wake
                 continue
             batch, self._pending = self._pending, []
             if self.synchronous == "FULL":
                 ok, results = await asyncio.to_thread(self._write, batch)
             else:
                 ok, results = self._write(batch)
+            if ok and self._on_terminal is not None:  # on the loop thread, whatever the mode
+                for (kind, row, _), made in zip(batch, results, strict=True):
+                    if made is True and kind != "begin":
+                        self._on_terminal(row)
             _resolve(batch, results if ok else None,
                      None if ok else LedgerUnavailable("the ledger could not commit"))
+
+    def _checkpoint(self, mode: str, conn: sqlite3.Connection | None = None) -> None:
+        own = conn is None
+        try:
+            if conn is None:
+                conn = sqlite3.connect(self.path, isolation_level=None)
+                conn.execute("PRAGMA busy_timeout=1000")
+            conn.execute(f"PRAGMA wal_checkpoint({mode})")
+        except sqlite3.Error as exc:  # readers in the way: the next one will do
+            log.warning("ledger checkpoint (%s) failed: %s", mode, exc)
+        finally:
+            if own and conn is not None:
+                conn.close()
 
     def _write(self, batch: list[_Op]) -> tuple[bool, list[bool | Exception]]:
         """One transaction for the whole batch; True and per-row results, or False."""
@@ -179,8 +232,10 @@ class SQLiteLedger:
                         results.append(True)
                     except sqlite3.IntegrityError:  # a duplicate id: refuse this row only
                         results.append(LedgerUnavailable(f"duplicate request id {row.request_id}"))
+                elif kind == "finish":
+                    results.append(conn.execute(_UPDATE_FINISH, _finish_values(row)).rowcount == 1)
                 else:
-                    results.append(conn.execute(_UPSERT_FINISH, row.values()).rowcount == 1)
+                    results.append(conn.execute(_INSERT_TERMINAL, row.values()).rowcount == 1)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
