@@ -55,7 +55,7 @@ def list_prices(config: Config, fmt: str) -> int:
     for row in rows:
         t.add_row(row["model"], row["input"], row["output"], row["batch_input"],
                   row["batch_output"], str(row["context_length"] or ""), row["read"] or "")
-    Console().print(t)
+    Console(width=None if sys.stdout.isatty() else 140).print(t)
     return 0
 
 
