@@ -226,7 +226,7 @@ class _Adapter:
 def build_registry(metrics: Metrics) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Adapter(metrics))  # type: ignore[arg-type]
-    registry.register(ProcessCollector(namespace="together_meter"))  # type: ignore[arg-type]
+    ProcessCollector(namespace="together_meter", registry=registry)  # registers itself here only
     return registry
 
 
