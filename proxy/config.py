@@ -120,14 +120,14 @@ class _Reader:
             raise self.err(name, f"must be a mapping, got {type(value).__name__}")
         return _Reader(self.file, value, self.key(name))
 
-    def str(self, name: str, default: str | None) -> str | None:
+    def text(self, name: str, default: str | None) -> str | None:
         value = self.data.get(name, default)
         if value is not None and not isinstance(value, str):
             raise self.err(name, f"must be a string, got {value!r}")
         return value
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.str(name, default)
+        value = self.text(name, default)
         if value not in choices:
             raise self.err(name, f"must be one of {', '.join(choices)}, got {value!r}")
         return value
@@ -158,12 +158,12 @@ class _Reader:
 
 def _listen(r: _Reader, default_port: int) -> Listen:
     r.check_keys({"host", "port"})
-    return Listen(r.str("host", "127.0.0.1") or "127.0.0.1", r.int("port", default_port, 0, 65535))
+    return Listen(r.text("host", "127.0.0.1") or "127.0.0.1", r.int("port", default_port, 0, 65535))
 
 
 def _upstream(r: _Reader) -> Upstream:
     r.check_keys({"url", "timeouts", "max_connections", "client_abort_grace"})
-    url = r.str("url", DEFAULT_UPSTREAM) or DEFAULT_UPSTREAM
+    url = r.text("url", DEFAULT_UPSTREAM) or DEFAULT_UPSTREAM
     if not re.match(r"^https?://[^/\s]+", url):
         raise r.err("url", f"must be an http(s) URL, got {url!r}")
     t = r.section("timeouts")
@@ -233,9 +233,9 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
     ledger_r.check_keys({"backend", "path", "synchronous", "dsn"})
     ledger = LedgerSettings(
         backend=ledger_r.choice("backend", "sqlite", ("sqlite",)),
-        path=ledger_r.str("path", "together-meter.db") or "together-meter.db",
+        path=ledger_r.text("path", "together-meter.db") or "together-meter.db",
         synchronous=ledger_r.choice("synchronous", "normal", ("normal", "full")),
-        dsn=ledger_r.str("dsn", None),
+        dsn=ledger_r.text("dsn", None),
     )
     lim = r.section("limits")
     lim.check_keys({"max_body_bytes", "max_event_bytes", "max_response_bytes", "drain_timeout"})
@@ -255,10 +255,10 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
     tenants = _tenants(r.section("tenants"))
     if not tenants:
         raise r.err("tenants", "at least one tenant is required")
-    prices_name = r.str("prices", "prices.yaml") or "prices.yaml"
+    prices_name = r.text("prices", "prices.yaml") or "prices.yaml"
     prices_path = (base / prices_name) if not Path(prices_name).is_absolute() else Path(prices_name)
     prices = load_price_table(prices_path)
-    keys_name = r.str("keys_file", None)
+    keys_name = r.text("keys_file", None)
     keys_path = None
     if keys_name:
         keys_path = (base / keys_name) if not Path(keys_name).is_absolute() else Path(keys_name)
@@ -281,7 +281,7 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
         prices_file=str(prices_path),
         keys_file=str(keys_path) if keys_path else None,
         unpriced_models=r.choice("unpriced_models", "reject", ("reject", "forward")),
-        admin_token_env=r.str("admin_token_env", "TOGETHER_METER_ADMIN_TOKEN")
+        admin_token_env=r.text("admin_token_env", "TOGETHER_METER_ADMIN_TOKEN")
         or "TOGETHER_METER_ADMIN_TOKEN",
     )
 

@@ -149,7 +149,7 @@ async def run_demo(config_path: str, *, keep_running: bool = False, requests: in
         rows = await proxy.ledger.rows()
         console.print(_spend_table(rows))
         billed = sim.billed.totals()
-        ledger_upstream = {}
+        ledger_upstream: dict[str, list[int]] = {}
         for r in rows:
             if r.usage_source == "upstream":
                 a = ledger_upstream.setdefault(r.model, [0, 0])

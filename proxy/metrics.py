@@ -225,7 +225,7 @@ class _Adapter:
 
 def build_registry(metrics: Metrics) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Adapter(metrics))  # type: ignore[arg-type]
+    registry.register(_Adapter(metrics))
     ProcessCollector(namespace="together_meter", registry=registry)  # registers itself here only
     return registry
 

@@ -32,7 +32,7 @@ PRICED_TYPES = {"chat", "language", "code", "embedding", "moderation", "rerank"}
 
 def list_prices(config: Config, fmt: str) -> int:
     table = config.prices
-    rows = []
+    rows: list[dict[str, Any]] = []
     for model in sorted(table.models):
         r = table.models[model]
         rows.append({
@@ -53,8 +53,9 @@ def list_prices(config: Config, fmt: str) -> int:
     for col in ("model", "input", "output", "batch in", "batch out", "context", "read"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for row in rows:
-        t.add_row(row["model"], row["input"], row["output"], row["batch_input"],
-                  row["batch_output"], str(row["context_length"] or ""), row["read"] or "")
+        t.add_row(str(row["model"]), str(row["input"]), str(row["output"]),
+                  str(row["batch_input"]), str(row["batch_output"]),
+                  str(row["context_length"] or ""), str(row["read"] or ""))
     Console(width=None if sys.stdout.isatty() else 140).print(t)
     return 0
 

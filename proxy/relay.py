@@ -389,7 +389,8 @@ class Relay:
                     await resp.write(b": x-meter-cost-usd=" + meter.cost_text.encode()
                                      + b"\n\ndata: [DONE]\n\n")
                 elif not sm.error_event:
-                    err = UpstreamProtocolError("The upstream stream ended before it was complete.")
+                    err: MeterError = UpstreamProtocolError(
+                        "The upstream stream ended before it was complete.")
                     if status == "upstream_timeout":
                         err = UpstreamTimeout("The upstream stream stalled.")
                     await resp.write(b"data: " + err.body_bytes() + b"\n\n")

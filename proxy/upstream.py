@@ -183,7 +183,8 @@ class UpstreamResponse:
 
     async def read(self, limit: int) -> bytes:
         """The whole body, or UpstreamStreamError past `limit` bytes."""
-        parts, size = [], 0
+        parts: list[bytes] = []
+        size = 0
         while True:
             chunk = await self.readany()
             if not chunk:
