@@ -6,6 +6,7 @@ config file; the ledger path (data, not config) against the working directory.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -138,10 +139,12 @@ class _Reader:
             raise self.err(name, f"must be an integer between {lo} and {hi}, got {value!r}")
         return value
 
-    def num(self, name: str, default: float, lo: float = 0.0) -> float:
+    def num(self, name: str, default: float, lo: float = 0.0, inclusive: bool = False) -> float:
         value = self.data.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= lo:
-            raise self.err(name, f"must be a number greater than {lo}, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or value < lo or (value == lo and not inclusive)):
+            bound = f"at least {lo}" if inclusive else f"greater than {lo}"
+            raise self.err(name, f"must be a number {bound}, got {value!r}")
         return float(value)
 
     def str_list(self, name: str, pattern: re.Pattern[str] | None = None) -> tuple[str, ...] | None:
@@ -175,7 +178,7 @@ def _upstream(r: _Reader) -> Upstream:
         idle_timeout=t.num("idle", 60.0),
         total_timeout=t.num("total", 900.0),
         max_connections=r.int("max_connections", 256, 1, 100_000),
-        client_abort_grace=float(r.data.get("client_abort_grace", 5.0)),
+        client_abort_grace=r.num("client_abort_grace", 5.0, lo=0.0, inclusive=True),
     )
 
 
@@ -212,7 +215,7 @@ def _keys_file(path: Path, tenants: dict[str, Tenant]) -> dict[str, Tenant]:
         if not isinstance(entry, dict) or not DIGEST_RE.match(str(entry.get("sha256", ""))):
             raise ConfigError(file, f"keys[{i}].sha256", "must be a SHA-256 hex digest")
         tenant = entry.get("tenant")
-        if tenant not in tenants:
+        if not isinstance(tenant, str) or tenant not in tenants:
             raise ConfigError(file, f"keys[{i}].tenant", f"unknown tenant {tenant!r}")
         merged[tenant].append(entry["sha256"])
     return {n: Tenant(n, tuple(dict.fromkeys(merged[n])), t.models) for n, t in tenants.items()}

@@ -81,7 +81,11 @@ def rate_to_pusd(value: Any, *, file: str = "<prices>", key: str = "") -> int:
         raise ConfigError(file, key, f"must be a number of USD per 1M tokens, got {value!r}") from None
     if not dec.is_finite() or dec < 0:
         raise ConfigError(file, key, f"must be a finite number >= 0, got {value!r}")
-    if dec != dec.quantize(_RATE_QUANTUM):
+    try:
+        exact = dec == dec.quantize(_RATE_QUANTUM)
+    except InvalidOperation:
+        raise ConfigError(file, key, f"is too large, got {value!r}") from None
+    if not exact:
         raise ConfigError(file, key, f"at most {RATE_PLACES} decimals are supported, got {value!r}")
     return int(dec.scaleb(RATE_PLACES))
 
@@ -121,13 +125,13 @@ def parse_price_table(data: Any, file: str) -> PriceTable:
         raise ConfigError(file, "", "must be a mapping with a 'models' key")
     unknown = set(data) - {"models", "batch_discount", "currency", "unit", "synced_at", "source"}
     if unknown:
-        raise ConfigError(file, sorted(unknown)[0], "unknown key")
+        raise ConfigError(file, sorted(map(str, unknown))[0], "unknown key")
     discount_raw = data.get("batch_discount", "0.5")
     try:
         discount = Decimal(str(discount_raw))
     except InvalidOperation:
         raise ConfigError(file, "batch_discount", f"must be a number, got {discount_raw!r}") from None
-    if not (Decimal(0) <= discount <= Decimal(1)):
+    if not discount.is_finite() or not (Decimal(0) <= discount <= Decimal(1)):
         raise ConfigError(file, "batch_discount", "must be between 0 and 1 (0.5 = half price)")
     models_raw = data.get("models")
     if not isinstance(models_raw, dict) or not models_raw:
@@ -143,7 +147,7 @@ def parse_price_table(data: Any, file: str) -> PriceTable:
                    "context_length", "read", "type"}
         bad = set(spec) - allowed
         if bad:
-            raise ConfigError(file, f"{key}.{sorted(bad)[0]}", "unknown key")
+            raise ConfigError(file, f"{key}.{sorted(map(str, bad))[0]}", "unknown key")
         for required in ("input", "output"):
             if required not in spec:
                 raise ConfigError(file, f"{key}.{required}", "missing (USD per 1M tokens)")
@@ -172,8 +176,8 @@ def load_price_table(path: str | Path) -> PriceTable:
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(file, "", f"cannot read: {exc.strerror}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ConfigError(file, "", f"cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -198,14 +202,14 @@ def dump_price_table(table: PriceTable) -> str:
         lines.append(f"  {_yaml_key(model_id)}:")
         if r.type:
             lines.append(f"    type: {r.type}")
-        lines.append(f"    input: {pusd_rate_to_decimal(r.input)}")
-        lines.append(f"    output: {pusd_rate_to_decimal(r.output)}")
+        lines.append(f"    input: {pusd_rate_to_decimal(r.input):f}")
+        lines.append(f"    output: {pusd_rate_to_decimal(r.output):f}")
         if r.batch_input != discounted(r.input, table.batch_discount):
-            lines.append(f"    batch_input: {pusd_rate_to_decimal(r.batch_input)}")
+            lines.append(f"    batch_input: {pusd_rate_to_decimal(r.batch_input):f}")
         if r.batch_output != discounted(r.output, table.batch_discount):
-            lines.append(f"    batch_output: {pusd_rate_to_decimal(r.batch_output)}")
+            lines.append(f"    batch_output: {pusd_rate_to_decimal(r.batch_output):f}")
         if r.cached_input is not None:
-            lines.append(f"    cached_input: {pusd_rate_to_decimal(r.cached_input)}")
+            lines.append(f"    cached_input: {pusd_rate_to_decimal(r.cached_input):f}")
         if r.context_length:
             lines.append(f"    context_length: {r.context_length}")
         if r.read:

@@ -288,7 +288,8 @@ class Relay:
             with contextlib.suppress(orjson.JSONDecodeError):
                 obj = orjson.loads(data)
         upstream_id = obj.get("id") if isinstance(obj, dict) else None
-        usage = usage_from_json(obj.get("usage")) if isinstance(obj, dict) else None
+        usage = (usage_from_json(obj.get("usage"), has_output=call.endpoint != "embeddings")
+                 if isinstance(obj, dict) else None)
         if usage is not None:
             return usage, upstream_id if isinstance(upstream_id, str) else None
         prompt = estimate_prompt_tokens(call.endpoint, call.body, self.tokenizer)

@@ -55,6 +55,8 @@ class SSEFramer:
         self._pending_cr = False
 
     def feed(self, chunk: bytes) -> list[Event]:
+        if not chunk:
+            return []
         if self._pending_cr:
             # a CR ended the previous read: it was a line end, and an LF right after belongs to it
             self._pending_cr = False

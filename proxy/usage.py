@@ -41,17 +41,20 @@ def _count(value: Any) -> int | None:
     return None
 
 
-def usage_from_json(obj: Any) -> Usage | None:
+def usage_from_json(obj: Any, *, has_output: bool = True) -> Usage | None:
     """Usage from an upstream `usage` object, or None if absent or malformed.
 
     Malformed means a missing, negative, non-integer or absurdly large count: such numbers
-    must never price a request, so the caller estimates instead.
+    must never price a request, so the caller estimates instead. A missing completion count is
+    0 only where there is no output to count (`has_output=False`: embeddings).
     """
     if not isinstance(obj, dict):
         return None
     prompt = _count(obj.get("prompt_tokens"))
-    completion = obj.get("completion_tokens", 0)
-    completion = _count(completion if completion is not None else 0)
+    completion = obj.get("completion_tokens")
+    if completion is None and not has_output:
+        completion = 0
+    completion = _count(completion)
     if prompt is None or completion is None:
         return None
     cached = None
