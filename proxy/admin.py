@@ -7,19 +7,22 @@ operator token (`Authorization: Bearer $TOGETHER_METER_ADMIN_TOKEN`); a tenant k
 from __future__ import annotations
 
 import hmac
+import re
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .errors import AuthenticationError, MeterError, NotFound
+from .errors import AuthenticationError, BadRequest, MeterError, NotFound
 from .ledger import now_us, period_of
 from .metrics import build_registry, render
 from .pricing import format_usd
 
 if TYPE_CHECKING:
     from .app import Proxy
+
+PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -64,6 +67,8 @@ def build_admin_app(proxy: Proxy) -> web.Application:
         except MeterError as exc:
             return _error(exc)
         period = request.query.get("period") or period_of(now_us())
+        if not PERIOD_RE.match(period):
+            return _error(BadRequest(f"period must look like 2026-11, got {period!r}"))
         totals = await proxy.ledger.spend_by_tenant(period)
         return _json({"period": period,
                       "tenants": {t: {"spend_usd": format_usd(p)} for t, p in sorted(totals.items())}})

@@ -87,7 +87,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     tmp.replace(path)
     print(key)
     print(f"created a key for tenant {args.tenant!r} (digest {digest(key)[:8]}... stored in "
-          f"{path}); it is shown only this once. Restart or reload the proxy to use it.",
+          f"{path}); it is shown only this once. Restart the proxy to use it.",
           file=sys.stderr)
     return EXIT_OK
 

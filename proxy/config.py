@@ -46,7 +46,6 @@ class LedgerSettings:
     backend: str = "sqlite"
     path: str = "together-meter.db"
     synchronous: str = "normal"  # sqlite: normal (survives process crash) | full (power loss)
-    dsn: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,12 +232,11 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
     r = _Reader(file, data)
     r.check_keys(TOP_KEYS)
     ledger_r = r.section("ledger")
-    ledger_r.check_keys({"backend", "path", "synchronous", "dsn"})
+    ledger_r.check_keys({"backend", "path", "synchronous"})
     ledger = LedgerSettings(
         backend=ledger_r.choice("backend", "sqlite", ("sqlite",)),
         path=ledger_r.text("path", "together-meter.db") or "together-meter.db",
         synchronous=ledger_r.choice("synchronous", "normal", ("normal", "full")),
-        dsn=ledger_r.text("dsn", None),
     )
     lim = r.section("limits")
     lim.check_keys({"max_body_bytes", "max_event_bytes", "max_response_bytes", "drain_timeout"})

@@ -119,6 +119,10 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
 
+    def __init__(self, message: str, *, code: str | None = None, sent: bool = True) -> None:
+        super().__init__(message, code=code)
+        self.sent = sent  # False: no connection in time, so nothing reached the upstream
+
 
 class ConfigError(Exception):
     """A config file is wrong: names the file, the key path and the problem."""

@@ -91,9 +91,9 @@ class Metrics:
         self.feature_label = LabelCap(attribution.features, attribution.max_label_values)
         self.environment_label = LabelCap(attribution.environments, attribution.max_label_values)
         self._models = frozenset(models)
-        self.requests: dict[tuple[str, str, str, str], int] = {}
-        self.tokens: dict[tuple[str, str, str, str], int] = {}
-        self.cost_pusd: dict[tuple[str, str, str], int] = {}
+        self.requests: dict[tuple[str, str, str, str, str], int] = {}
+        self.tokens: dict[tuple[str, str, str, str, str], int] = {}
+        self.cost_pusd: dict[tuple[str, str, str, str], int] = {}
         self.usage_unknown: dict[tuple[str, str], int] = {}
         self.ledger_errors = 0
         self.ledger_rows = 0
@@ -105,7 +105,8 @@ class Metrics:
         self.spend_period = ""
         self.request_duration = Histogram(
             PREFIX + "request_duration_seconds",
-            "Time from request received to response finished (streams: to the last byte).",
+            "Time from request received to its ledger row committed (the end of the response "
+            "is written right after).",
             ("endpoint", "stream"), LATENCY_BUCKETS)
         self.ttft = Histogram(
             PREFIX + "time_to_first_token_seconds",
@@ -130,20 +131,22 @@ class Metrics:
         """Count one finished request (called once, after its row committed)."""
         model = self.model_label(row.model)
         feature = self.feature_label(row.feature)
-        key = (row.tenant, model, feature, row.status)
+        env = self.environment_label(row.environment)
+        key = (row.tenant, model, feature, env, row.status)
         self.requests[key] = self.requests.get(key, 0) + 1
         if row.prompt_tokens is not None:
-            k = (row.tenant, model, feature, "input")
+            k = (row.tenant, model, feature, env, "input")
             self.tokens[k] = self.tokens.get(k, 0) + row.prompt_tokens
         if row.completion_tokens is not None:
-            k = (row.tenant, model, feature, "output")
+            k = (row.tenant, model, feature, env, "output")
             self.tokens[k] = self.tokens.get(k, 0) + row.completion_tokens
         if row.cost_pusd is not None:
-            k3 = (row.tenant, model, feature)
+            k3 = (row.tenant, model, feature, env)
             self.cost_pusd[k3] = self.cost_pusd.get(k3, 0) + row.cost_pusd
             if row.period == self.spend_period:
                 self.spend_mtd[row.tenant] = self.spend_mtd.get(row.tenant, 0) + row.cost_pusd
-        if row.usage_source != "upstream" and row.status not in ("rejected", "upstream_error"):
+        if row.usage_source == "estimated" or (
+                row.usage_source == "none" and row.status not in ("rejected", "upstream_error")):
             k2 = (row.tenant, model)
             self.usage_unknown[k2] = self.usage_unknown.get(k2, 0) + 1
 
@@ -168,17 +171,17 @@ class Metrics:
 
     def collect(self) -> Iterator[Metric]:
         fam = CounterMetricFamily(PREFIX + "requests", "Requests by final status.",
-                                  labels=("tenant", "model", "feature", "status"))
+                                  labels=("tenant", "model", "feature", "environment", "status"))
         for k, v in sorted(self.requests.items()):
             fam.add_metric(list(k), v)
         yield fam
         fam = CounterMetricFamily(PREFIX + "tokens", "Tokens metered (input = prompt).",
-                                  labels=("tenant", "model", "feature", "direction"))
+                                  labels=("tenant", "model", "feature", "environment", "direction"))
         for k, v in sorted(self.tokens.items()):
             fam.add_metric(list(k), v)
         yield fam
         fam = CounterMetricFamily(PREFIX + "cost_usd", "Cost of metered requests in USD.",
-                                  labels=("tenant", "model", "feature"))
+                                  labels=("tenant", "model", "feature", "environment"))
         for k3, p in sorted(self.cost_pusd.items()):
             fam.add_metric(list(k3), p / 1e12)
         yield fam
@@ -199,7 +202,8 @@ class Metrics:
                                   "Ledger row writes committed (begin and finish).",
                                   value=self.ledger_rows)
         yield GaugeMetricFamily(PREFIX + "requests_in_flight",
-                                "Requests forwarded and not yet recorded.", value=self.in_flight)
+                                "Admitted requests (row begun) not yet recorded.",
+                                value=self.in_flight)
         g = GaugeMetricFamily(PREFIX + "spend_month_to_date_usd",
                               "Spend this calendar month (UTC), from the ledger.",
                               labels=("tenant",))

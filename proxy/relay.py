@@ -29,7 +29,6 @@ from .errors import (
     ModelNotAllowed,
     ModelNotPriced,
     NotReady,
-    UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
@@ -115,11 +114,11 @@ def attribution(request: web.Request, call: Call) -> tuple[str | None, str | Non
     meta = meta if isinstance(meta, dict) else {}
     values = []
     for header, key in (("X-Meter-Feature", "feature"), ("X-Meter-Environment", "environment")):
-        value = request.headers.get(header)
+        value, source = request.headers.get(header), header
         if value is None:
-            value = meta.get(key)
+            value, source = meta.get(key), f"metadata.{key}"
         if value is not None and (not isinstance(value, str) or not LABEL_VALUE_RE.match(value)):
-            raise InvalidField(f"{header} must be 1-64 characters of letters, digits, '.', '_', "
+            raise InvalidField(f"{source} must be 1-64 characters of letters, digits, '.', '_', "
                                "':', '/', '-', starting with a letter or digit.")
         values.append(value)
     return values[0], values[1]
@@ -158,16 +157,18 @@ class Relay:
         except MeterError as exc:
             return error_response(exc, request_id)
         started = now_us()
+        model = ""
         try:
             call = parse_call(endpoint, await self._read_body(request))
+            model = call.model
             rates = self._rates(principal, call.model)
             feature, environment = attribution(request, call)
         except MeterError as exc:
-            await self._record_rejected(principal, request_id, endpoint, started, exc)
+            await self._record_rejected(principal, request_id, endpoint, model, started, exc)
             return error_response(exc, request_id)
         row = LedgerRow(request_id, principal.tenant, principal.key_id, call.model, endpoint,
                         SERVERLESS, feature, environment, call.stream, started, period_of(started),
-                        reserved_pusd=self._reserve(call, rates, request.content_length))
+                        reserved_pusd=self._reserve(call, rates))
         try:
             await self.ledger.begin(row)
         except LedgerUnavailable:
@@ -175,11 +176,13 @@ class Relay:
                                   request_id)
         self.metrics.overhead.observe((endpoint,), time.perf_counter() - t0)
         meter = _Recorder(self, row, rates, t0)
+        self.metrics.in_flight += 1
         try:
             if call.stream:
                 return await self._stream(request, call, meter)
             return await self._unary(request, call, meter)
         finally:
+            self.metrics.in_flight -= 1
             await meter.ensure_finished()
 
     async def _read_body(self, request: web.Request) -> bytes:
@@ -201,11 +204,11 @@ class Relay:
                                  "ask the operator to add it to the price table.")
         return rates
 
-    def _reserve(self, call: Call, rates: Rates | None, content_length: int | None) -> int:
+    def _reserve(self, call: Call, rates: Rates | None) -> int | None:
         """Upper bound of the request's cost: every body byte a token, plus max output."""
         if rates is None:
-            return 0
-        prompt_bound = content_length if content_length is not None else 0
+            return None
+        prompt_bound = len(call.raw)  # a BPE token is at least one byte of the text
         if call.endpoint == "embeddings":
             return prompt_bound * rates.input
         out = call.max_tokens if call.max_tokens is not None else (
@@ -213,9 +216,9 @@ class Relay:
         return prompt_bound * rates.input + out * rates.output
 
     async def _record_rejected(self, principal: Principal, request_id: str, endpoint: str,
-                               started: int, exc: MeterError) -> None:
+                               model: str, started: int, exc: MeterError) -> None:
         """An authenticated request we refused: one row, nothing forwarded, nothing billed."""
-        final = LedgerRow(request_id, principal.tenant, principal.key_id, "", endpoint, SERVERLESS,
+        final = LedgerRow(request_id, principal.tenant, principal.key_id, model, endpoint, SERVERLESS,
                           None, None, False, started, period_of(started), status="rejected",
                           finished_us=now_us(), error_code=exc.code, cost_pusd=0)
         with contextlib.suppress(LedgerUnavailable):
@@ -226,10 +229,14 @@ class Relay:
     async def _unary(self, request: web.Request, call: Call, meter: _Recorder) -> web.Response:
         try:
             up = await self._forward(request, call)
+        except MeterError as exc:
+            await meter.fail(exc)
+            return error_response(exc, meter.row.request_id)
+        try:
             async with up:
                 data = await self._read_upstream(up)
         except MeterError as exc:
-            await meter.fail(exc)
+            await meter.broke_off(exc, up.status)
             return error_response(exc, meter.row.request_id)
         if up.status != 200:
             await meter.upstream_error(up.status)
@@ -246,12 +253,7 @@ class Relay:
     async def _forward(self, request: web.Request, call: Call) -> UpstreamResponse:
         body = self._upstream_body(call)
         t = time.perf_counter()
-        self.metrics.in_flight += 1
-        try:
-            up = await self.upstream.request("POST", request.path, body=body,
-                                             incoming=request.headers)
-        finally:
-            self.metrics.in_flight -= 1
+        up = await self.upstream.request("POST", request.path, body=body, incoming=request.headers)
         self.metrics.upstream_duration.observe((call.endpoint,), time.perf_counter() - t)
         return up
 
@@ -322,7 +324,7 @@ class Relay:
                 try:
                     data = await self._read_upstream(up)
                 except MeterError as exc:
-                    await meter.fail(exc)
+                    await meter.broke_off(exc, up.status)
                     return error_response(exc, meter.row.request_id)
                 if up.status != 200:
                     await meter.upstream_error(up.status)
@@ -370,16 +372,16 @@ class Relay:
                         break
                     window.reschedule(min(deadline, loop.time() + cfg.idle_timeout))
         except TimeoutError:
-            status = "upstream_timeout"
-            self.metrics.upstream_error("stream_timeout")
+            status = "upstream_timeout"  # idle gap, total deadline, or the abort grace ran out
         except (UpstreamStreamError, SSEError) as exc:
             log.warning("upstream stream broke off: %s", type(exc).__name__)
-            self.metrics.upstream_error("stream_broken")
-        if status == "upstream_aborted":
-            self.metrics.upstream_error("stream_cut")
         if sm.error_event and status != "ok":
             status = "upstream_error"
         client_gone = client_gone or _client_gone(request)
+        if status != "ok" and not client_gone:
+            self.metrics.upstream_error({"upstream_timeout": "stream_stalled",
+                                         "upstream_error": "stream_error_event"}
+                                        .get(status, "stream_cut"))
         usage = sm.usage or self._estimate_stream(call, sm)
         await meter.finish("ok" if status == "ok" else status, usage, 200, sm.upstream_id,
                            client_gone=client_gone, complete=sm.done)
@@ -466,17 +468,36 @@ class _Recorder:
         self.cost_text = "0"
         await self._commit(row)
 
+    def reserved_cost(self) -> int | None:
+        """What a request we cannot measure is charged: its reservation (None if unpriced)."""
+        return self.row.reserved_pusd
+
     async def fail(self, exc: MeterError) -> None:
         """Forwarding failed before a response: unreachable (nothing billed) or timed out."""
-        if isinstance(exc, UpstreamTimeout):
+        if isinstance(exc, UpstreamTimeout) and exc.sent:
             # the upstream may be generating (and billing) a response we will never see
             self.relay.metrics.upstream_error("timeout")
             row = self.row.terminal("upstream_timeout", usage_source="estimated",
-                                    cost_pusd=self.row.reserved_pusd, error_code=exc.code)
+                                    cost_pusd=self.reserved_cost(), error_code=exc.code)
+        elif isinstance(exc, UpstreamTimeout):  # no connection in time: nothing was sent
+            self.relay.metrics.upstream_error("connect_timeout")
+            row = self.row.terminal("upstream_timeout", cost_pusd=0, error_code="connect_timeout")
         else:
-            kind = "unreachable" if type(exc) is UpstreamError else "protocol"
-            self.relay.metrics.upstream_error(kind)
+            self.relay.metrics.upstream_error("unreachable")
             row = self.row.terminal("upstream_error", cost_pusd=0, error_code=exc.code)
+        await self._commit(row)
+
+    async def broke_off(self, exc: MeterError, upstream_status: int) -> None:
+        """The upstream answered, then its body broke off or stalled: it may have billed the
+        whole request, so the row carries the reservation (an upper bound), flagged estimated."""
+        self.relay.metrics.upstream_error("body_broken")
+        if upstream_status != 200:  # an error answer that broke off: still nothing billed
+            await self._commit(self.row.terminal("upstream_error", upstream_status=upstream_status,
+                                                 cost_pusd=0, error_code=exc.code))
+            return
+        status = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_aborted"
+        row = self.row.terminal(status, upstream_status=upstream_status, usage_source="estimated",
+                                cost_pusd=self.reserved_cost(), error_code=exc.code)
         await self._commit(row)
 
     async def ensure_finished(self) -> None:
@@ -484,7 +505,7 @@ class _Recorder:
         if self.finished:
             return
         row = self.row.terminal("shutdown_aborted", usage_source="estimated",
-                                cost_pusd=self.row.reserved_pusd, error_code="aborted")
+                                cost_pusd=self.reserved_cost(), error_code="aborted")
         await asyncio.shield(self._commit(row))
 
     async def _commit(self, row: LedgerRow) -> None:

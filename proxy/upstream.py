@@ -280,6 +280,7 @@ class UpstreamClient:
         target = self.target_for(path) + (f"?{query}" if query else "")
         head = self._head(method, target, incoming, body)
         conn: _Connection | None = None
+        sent = False
         try:
             async with asyncio.timeout(self.config.first_byte_timeout):
                 conn = await self._acquire()
@@ -287,15 +288,16 @@ class UpstreamClient:
                 conn.response = resp
                 assert conn.transport is not None
                 conn.transport.write(head + body if body else head)
+                sent = True
                 await resp._headers_fut
                 return resp
         except TimeoutError as exc:
             if conn is not None:
                 conn.close()
                 self._discard()
-            raise UpstreamTimeout(
-                f"The upstream did not answer within {self.config.first_byte_timeout:g} s."
-            ) from exc
+            what = (f"did not answer within {self.config.first_byte_timeout:g} s" if sent
+                    else "could not be connected to in time")
+            raise UpstreamTimeout(f"The upstream {what}.", sent=sent) from exc
         except (OSError, UpstreamStreamError) as exc:  # refused, reset, TLS, bad HTTP
             if conn is not None:
                 conn.close()

@@ -56,7 +56,7 @@ class LedgerRow:
     reasoning_tokens: int | None = None
     usage_source: str = "none"
     cost_pusd: int | None = None
-    reserved_pusd: int = 0
+    reserved_pusd: int | None = 0  # None: an unpriced model, so no bound is known
     stream_complete: bool = False
     error_code: str | None = None
     upstream_id: str | None = None

@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS requests (
     reasoning_tokens INTEGER,
     usage_source TEXT NOT NULL,
     cost_pusd INTEGER,
-    reserved_pusd INTEGER NOT NULL DEFAULT 0,
+    reserved_pusd INTEGER,
     status TEXT NOT NULL,
     stream_complete INTEGER NOT NULL DEFAULT 0,
     error_code TEXT,
@@ -158,7 +158,20 @@ class SQLiteLedger:
             self._wake.set_result(None)
 
     async def writable(self) -> bool:
-        return self._task is not None and not self._task.done() and self._healthy
+        """True when a write would commit; after a failure, a probe write tells (so readiness
+        recovers without waiting for traffic that a load balancer would not send)."""
+        if self._task is None or self._task.done() or self._conn is None:
+            return False
+        if not self._healthy:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
+                self._conn.execute("COMMIT")
+                self._healthy = True
+            except sqlite3.Error:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+        return self._healthy
 
     async def _writer(self) -> None:
         try:

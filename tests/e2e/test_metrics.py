@@ -59,6 +59,9 @@ async def _send_traffic(meter: Meter) -> None:
         if simulate:
             body["simulate"] = simulate
         headers = meter.auth(tenant) | ({"X-Meter-Feature": feature} if feature else {})
+        environment = ("prod", "qa", None)[i % 3]  # qa is not a configured environment: "other"
+        if environment:
+            headers["X-Meter-Environment"] = environment
         path = {"chat": "/chat/completions", "completions": "/completions",
                 "embeddings": "/embeddings"}[kind]
         await post_raw(meter.base_url + path, body, headers)
@@ -78,11 +81,19 @@ def _expected(meter: Meter, rows: list[LedgerRow]) -> dict[str, Counter[Labels]]
     def feature(r: LedgerRow) -> str:
         return "none" if r.feature is None else r.feature if r.feature in features else "other"
 
+    environments = set(meter.config.attribution.environments or ())
+
+    def environment(r: LedgerRow) -> str:
+        if r.environment is None:
+            return "none"
+        return r.environment if r.environment in environments else "other"
+
     out: dict[str, Counter[Labels]] = {k: Counter() for k in (
         "requests", "tokens", "cost_pusd", "unknown", "spend_pusd")}
     period = period_of(now_us())
     for r in rows:
-        tmf = {"tenant": r.tenant, "model": model(r), "feature": feature(r)}
+        tmf = {"tenant": r.tenant, "model": model(r), "feature": feature(r),
+               "environment": environment(r)}
         out["requests"][_labels(**tmf, status=r.status)] += 1
         if r.prompt_tokens is not None:
             out["tokens"][_labels(**tmf, direction="input")] += r.prompt_tokens
@@ -92,7 +103,8 @@ def _expected(meter: Meter, rows: list[LedgerRow]) -> dict[str, Counter[Labels]]
             out["cost_pusd"][_labels(**tmf)] += r.cost_pusd
             if r.period == period:
                 out["spend_pusd"][_labels(tenant=r.tenant)] += r.cost_pusd
-        if r.usage_source != "upstream" and r.status not in ("rejected", "upstream_error"):
+        if r.usage_source == "estimated" or (
+                r.usage_source == "none" and r.status not in ("rejected", "upstream_error")):
             out["unknown"][_labels(tenant=r.tenant, model=model(r))] += 1
     return out
 
