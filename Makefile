@@ -22,6 +22,7 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check proxy tests
+	$(PY) -m ruff format --check proxy tests
 	$(PY) -m mypy
 	$(PY) -m pytest -q -m "not slow"
 

@@ -41,8 +41,9 @@ def build_admin_app(proxy: Proxy) -> web.Application:
         header = request.headers.get("Authorization", "")
         presented = header[7:] if header.lower().startswith("bearer ") else ""
         if not token:
-            raise AuthenticationError("The admin API is disabled: set "
-                                      f"{proxy.config.admin_token_env} to enable it.")
+            raise AuthenticationError(
+                f"The admin API is disabled: set {proxy.config.admin_token_env} to enable it."
+            )
         if not hmac.compare_digest(presented.encode(), token.encode()):
             raise AuthenticationError("An operator token is required for /admin.")
 
@@ -58,8 +59,9 @@ def build_admin_app(proxy: Proxy) -> web.Application:
         writable = await proxy.ledger.writable()
         accepting = proxy.relay.accepting
         ready = writable and accepting
-        return _json({"ready": ready, "ledger_writable": writable, "accepting": accepting},
-                     200 if ready else 503)
+        return _json(
+            {"ready": ready, "ledger_writable": writable, "accepting": accepting}, 200 if ready else 503
+        )
 
     async def spend(request: web.Request) -> web.Response:
         try:
@@ -70,8 +72,12 @@ def build_admin_app(proxy: Proxy) -> web.Application:
         if not PERIOD_RE.match(period):
             return _error(BadRequest(f"period must look like 2026-11, got {period!r}"))
         totals = await proxy.ledger.spend_by_tenant(period)
-        return _json({"period": period,
-                      "tenants": {t: {"spend_usd": format_usd(p)} for t, p in sorted(totals.items())}})
+        return _json(
+            {
+                "period": period,
+                "tenants": {t: {"spend_usd": format_usd(p)} for t, p in sorted(totals.items())},
+            }
+        )
 
     async def not_found(request: web.Request) -> web.Response:
         if request.path.startswith("/admin"):

@@ -39,17 +39,32 @@ class Secrets:
 class Proxy:
     """A running together-meter: public listener, admin listener, ledger, upstream client."""
 
-    def __init__(self, config: Config, secrets: Secrets, *, tokenizer: Tokenizer | None = None,
-                 ledger: Ledger | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        secrets: Secrets,
+        *,
+        tokenizer: Tokenizer | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
         self.config = config
         self.secrets = secrets
         self.metrics = Metrics(config.attribution, config.prices.models)
         self.ledger: Ledger = ledger or SQLiteLedger(
-            config.ledger.path, synchronous=config.ledger.synchronous,
-            on_commit=self.metrics.on_commit, on_terminal=self.metrics.record)
+            config.ledger.path,
+            synchronous=config.ledger.synchronous,
+            on_commit=self.metrics.on_commit,
+            on_terminal=self.metrics.record,
+        )
         self.upstream = UpstreamClient(config.upstream, secrets.together_key)
-        self.relay = Relay(config, KeyStore(config.key_index()), self.upstream, self.ledger,
-                           self.metrics, tokenizer or Tokenizer.load())
+        self.relay = Relay(
+            config,
+            KeyStore(config.key_index()),
+            self.upstream,
+            self.ledger,
+            self.metrics,
+            tokenizer or Tokenizer.load(),
+        )
         self.public_app = self._build_public_app()
         self.admin_app = build_admin_app(self)
         self._runners: list[web.AppRunner] = []
@@ -57,8 +72,9 @@ class Proxy:
         self.admin_port = 0
 
     def _build_public_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.limits.max_body_bytes,
-                              handler_args={"max_field_size": 16384})
+        app = web.Application(
+            client_max_size=self.config.limits.max_body_bytes, handler_args={"max_field_size": 16384}
+        )
         app[RELAY_KEY] = self.relay
         for path in ENDPOINTS:
             app.router.add_post(path, self.relay.handle)
@@ -80,19 +96,22 @@ class Proxy:
         if synced is not None:
             self.metrics.prices_last_sync = _timestamp(synced)
         drain = self.config.limits.drain_timeout
-        for app, listen in ((self.public_app, self.config.listen),
-                            (self.admin_app, self.config.admin)):
-            runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                   shutdown_timeout=drain)
+        for app, listen in ((self.public_app, self.config.listen), (self.admin_app, self.config.admin)):
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=drain)
             await runner.setup()
             site = web.TCPSite(runner, listen.host, listen.port, backlog=2048, reuse_address=True)
             await site.start()
             self._runners.append(runner)
         self.port = _bound_port(self._runners[0])
         self.admin_port = _bound_port(self._runners[1])
-        log.info("together-meter listening on http://%s:%d/v1 (admin http://%s:%d), upstream %s",
-                 self.config.listen.host, self.port, self.config.admin.host, self.admin_port,
-                 self.config.upstream.url)
+        log.info(
+            "together-meter listening on http://%s:%d/v1 (admin http://%s:%d), upstream %s",
+            self.config.listen.host,
+            self.port,
+            self.config.admin.host,
+            self.admin_port,
+            self.config.upstream.url,
+        )
 
     async def stop(self) -> None:
         """Stop taking requests, let in-flight ones finish (drain timeout), close the ledger."""
@@ -112,18 +131,24 @@ class Proxy:
         try:
             await stop.wait()
         finally:
-            log.info("shutting down: draining in-flight requests (up to %.0f s)",
-                     self.config.limits.drain_timeout)
+            log.info(
+                "shutting down: draining in-flight requests (up to %.0f s)", self.config.limits.drain_timeout
+            )
             await self.stop()
 
 
 async def _not_found(request: web.Request) -> web.Response:
     if request.path in ENDPOINTS:
-        return error_response(MethodNotAllowed(f"{request.method} is not allowed on "
-                                               f"{request.path}; use POST."))
-    return error_response(NotFound(f"Unknown request URL: {request.method} {request.path}. "
-                                   "together-meter serves /v1/chat/completions, "
-                                   "/v1/completions, /v1/embeddings and /v1/models."))
+        return error_response(
+            MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use POST.")
+        )
+    return error_response(
+        NotFound(
+            f"Unknown request URL: {request.method} {request.path}. "
+            "together-meter serves /v1/chat/completions, "
+            "/v1/completions, /v1/embeddings and /v1/models."
+        )
+    )
 
 
 def _bound_port(runner: web.AppRunner) -> int:
@@ -146,8 +171,14 @@ def _timestamp(value: object) -> float | None:
     return when.timestamp()
 
 
-def with_overrides(config: Config, *, upstream: str | None = None, port: int | None = None,
-                   admin_port: int | None = None, ledger_path: str | Path | None = None) -> Config:
+def with_overrides(
+    config: Config,
+    *,
+    upstream: str | None = None,
+    port: int | None = None,
+    admin_port: int | None = None,
+    ledger_path: str | Path | None = None,
+) -> Config:
     """The config with command-line overrides applied."""
     if upstream:
         config = replace(config, upstream=replace(config.upstream, url=upstream.rstrip("/")))

@@ -26,8 +26,10 @@ log = logging.getLogger("together_meter")
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def _use_uvloop() -> None:
@@ -41,16 +43,27 @@ def _use_uvloop() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import Proxy, Secrets, with_overrides
 
-    config = with_overrides(load_config(args.config), upstream=args.upstream, port=args.port,
-                            admin_port=args.admin_port, ledger_path=args.ledger)
+    config = with_overrides(
+        load_config(args.config),
+        upstream=args.upstream,
+        port=args.port,
+        admin_port=args.admin_port,
+        ledger_path=args.ledger,
+    )
     key = os.environ.get("TOGETHER_API_KEY", "")
     if not key:
-        print("error: TOGETHER_API_KEY is not set: the proxy needs the operator's together.ai "
-              "key to forward requests (it never reads it from the config file)", file=sys.stderr)
+        print(
+            "error: TOGETHER_API_KEY is not set: the proxy needs the operator's together.ai "
+            "key to forward requests (it never reads it from the config file)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if args.workers != 1:
-        print("error: --workers > 1 is not supported yet; run one process per core behind a "
-              "load balancer, each with its own ledger file", file=sys.stderr)
+        print(
+            "error: --workers > 1 is not supported yet; run one process per core behind a "
+            "load balancer, each with its own ledger file",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     secrets = Secrets(key, os.environ.get(config.admin_token_env) or None)
     _use_uvloop()
@@ -60,35 +73,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
-    print(f"{args.file}: ok ({len(config.tenants)} tenants, {len(config.prices)} priced models, "
-          f"upstream {config.upstream.url})")
+    print(
+        f"{args.file}: ok ({len(config.tenants)} tenants, {len(config.prices)} priced models, "
+        f"upstream {config.upstream.url})"
+    )
     return EXIT_OK
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.tenant not in config.tenants:
-        raise ConfigError(args.config, "tenants", f"no tenant named {args.tenant!r} "
-                          f"(known: {', '.join(sorted(config.tenants))})")
+        raise ConfigError(
+            args.config,
+            "tenants",
+            f"no tenant named {args.tenant!r} (known: {', '.join(sorted(config.tenants))})",
+        )
     if not config.keys_file:
-        raise ConfigError(args.config, "keys_file", "not set: add `keys_file: keys.yaml` so "
-                          "`keys create` has somewhere to store key digests")
+        raise ConfigError(
+            args.config,
+            "keys_file",
+            "not set: add `keys_file: keys.yaml` so `keys create` has somewhere to store key digests",
+        )
     path = Path(config.keys_file)
     data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
     data = data or {"keys": []}
     key = new_key()
-    data["keys"].append({"tenant": args.tenant, "sha256": digest(key),
-                         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+    data["keys"].append(
+        {
+            "tenant": args.tenant,
+            "sha256": digest(key),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+    )
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("# Tenant key digests written by `together-meter keys create`. The keys\n"
-                   "# themselves are shown once and never stored.\n"
-                   + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    tmp.write_text(
+        "# Tenant key digests written by `together-meter keys create`. The keys\n"
+        "# themselves are shown once and never stored.\n" + yaml.safe_dump(data, sort_keys=False),
+        encoding="utf-8",
+    )
     os.chmod(tmp, 0o600)
     tmp.replace(path)
     print(key)
-    print(f"created a key for tenant {args.tenant!r} (digest {digest(key)[:8]}... stored in "
-          f"{path}); it is shown only this once. Restart the proxy to use it.",
-          file=sys.stderr)
+    print(
+        f"created a key for tenant {args.tenant!r} (digest {digest(key)[:8]}... stored in "
+        f"{path}); it is shown only this once. Restart the proxy to use it.",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -97,21 +127,24 @@ def cmd_prices(args: argparse.Namespace) -> int:
 
     if args.prices_command == "list":
         return prices_cli.list_prices(load_config(args.config), args.format)
-    return prices_cli.sync(load_config(args.config), upstream=args.upstream, check=args.check,
-                           include_all=args.all, dry_run=args.dry_run)
+    return prices_cli.sync(
+        load_config(args.config),
+        upstream=args.upstream,
+        check=args.check,
+        include_all=args.all,
+        dry_run=args.dry_run,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     _use_uvloop()
-    return asyncio.run(run_demo(args.config, keep_running=args.keep_running,
-                                requests=args.requests))
+    return asyncio.run(run_demo(args.config, keep_running=args.keep_running, requests=args.requests))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="together-meter",
-                                description="Metering proxy for together.ai.")
+    p = argparse.ArgumentParser(prog="together-meter", description="Metering proxy for together.ai.")
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -127,8 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="proxy + simulator + a burst of SDK traffic, then a table")
     d.add_argument("--config", default=DEFAULT_CONFIG)
     d.add_argument("--requests", type=int, default=40)
-    d.add_argument("--keep-running", action="store_true",
-                   help="keep serving after the burst until Ctrl-C")
+    d.add_argument("--keep-running", action="store_true", help="keep serving after the burst until Ctrl-C")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("check-config", help="validate a config file")
@@ -151,10 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     ps = psub.add_parser("sync", help="refresh rates from the upstream's GET /v1/models")
     ps.add_argument("--config", default=DEFAULT_CONFIG)
     ps.add_argument("--upstream", help="upstream base URL (default from config)")
-    ps.add_argument("--check", action="store_true",
-                    help="change nothing; exit 1 and print the differences if rates drifted")
-    ps.add_argument("--all", action="store_true",
-                    help="also add every priced upstream model not in the table")
+    ps.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; exit 1 and print the differences if rates drifted",
+    )
+    ps.add_argument(
+        "--all", action="store_true", help="also add every priced upstream model not in the table"
+    )
     ps.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
     ps.set_defaults(func=cmd_prices)
     return p

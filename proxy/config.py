@@ -140,8 +140,13 @@ class _Reader:
 
     def num(self, name: str, default: float, lo: float = 0.0, inclusive: bool = False) -> float:
         value = self.data.get(name, default)
-        if (isinstance(value, bool) or not isinstance(value, int | float)
-                or not math.isfinite(value) or value < lo or (value == lo and not inclusive)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < lo
+            or (value == lo and not inclusive)
+        ):
             bound = f"at least {lo}" if inclusive else f"greater than {lo}"
             raise self.err(name, f"must be a number {bound}, got {value!r}")
         return float(value)
@@ -191,8 +196,11 @@ def _tenants(r: _Reader) -> dict[str, Tenant]:
         digests = t.str_list("keys_sha256") or ()
         for d in digests:
             if not DIGEST_RE.match(d):
-                raise t.err("keys_sha256", "each entry must be a lower-case SHA-256 hex digest "
-                            "(together-meter keys create prints one)")
+                raise t.err(
+                    "keys_sha256",
+                    "each entry must be a lower-case SHA-256 hex digest "
+                    "(together-meter keys create prints one)",
+                )
         tenants[name] = Tenant(name, digests, t.str_list("models"))
     return tenants
 
@@ -220,8 +228,19 @@ def _keys_file(path: Path, tenants: dict[str, Tenant]) -> dict[str, Tenant]:
     return {n: Tenant(n, tuple(dict.fromkeys(merged[n])), t.models) for n, t in tenants.items()}
 
 
-TOP_KEYS = {"listen", "admin", "upstream", "ledger", "limits", "attribution", "tenants",
-            "prices", "keys_file", "unpriced_models", "admin_token_env"}
+TOP_KEYS = {
+    "listen",
+    "admin",
+    "upstream",
+    "ledger",
+    "limits",
+    "attribution",
+    "tenants",
+    "prices",
+    "keys_file",
+    "unpriced_models",
+    "admin_token_env",
+}
 
 
 def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
@@ -267,8 +286,9 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
     for t in tenants.values():
         for m in t.models or ():
             if m not in prices and r.data.get("unpriced_models", "reject") == "reject":
-                raise ConfigError(file, f"tenants.{t.name}.models", f"model {m!r} has no price "
-                                  f"in {prices_path}")
+                raise ConfigError(
+                    file, f"tenants.{t.name}.models", f"model {m!r} has no price in {prices_path}"
+                )
     return Config(
         file=file,
         listen=_listen(r.section("listen"), 8787),

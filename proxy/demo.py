@@ -48,8 +48,7 @@ def _demo_config(config: Config, upstream: str, keys: dict[str, str]) -> Config:
     port = config.listen.port if _port_free(config.listen.host, config.listen.port) else 0
     admin = config.admin.port if _port_free(config.admin.host, config.admin.port) else 0
     config = replace(config, tenants=tenants)
-    return with_overrides(config, upstream=upstream, port=port, admin_port=admin,
-                          ledger_path=ledger)
+    return with_overrides(config, upstream=upstream, port=port, admin_port=admin, ledger_path=ledger)
 
 
 def _plan(config: Config, n: int) -> list[dict[str, Any]]:
@@ -65,12 +64,16 @@ def _plan(config: Config, n: int) -> list[dict[str, Any]]:
             kind = "embeddings"
         elif allowed is None and i % 10 == 8:
             kind = "completions"
-        plan.append({
-            "tenant": tenant, "kind": kind, "model": models[(i // 2) % len(models)],
-            "stream": kind != "embeddings" and i % 3 == 0,
-            "feature": ("chat", "search")[(i // 3) % 2],
-            "max_tokens": 8 + (i * 7) % 40,
-        })
+        plan.append(
+            {
+                "tenant": tenant,
+                "kind": kind,
+                "model": models[(i // 2) % len(models)],
+                "stream": kind != "embeddings" and i % 3 == 0,
+                "feature": ("chat", "search")[(i // 3) % 2],
+                "max_tokens": 8 + (i * 7) % 40,
+            }
+        )
     return plan
 
 
@@ -79,22 +82,29 @@ async def _send(client: Any, item: dict[str, Any], config: Config) -> None:
     prompt = f"Request {item['max_tokens']}: summarize why metering LLM spend matters."
     if item["kind"] == "embeddings":
         emb = next(m for m, r in config.prices.models.items() if r.type == "embedding")
-        await client.embeddings.create(model=emb, input=[prompt, prompt[::-1]],
-                                       extra_headers=headers)
+        await client.embeddings.create(model=emb, input=[prompt, prompt[::-1]], extra_headers=headers)
     elif item["kind"] == "completions":
         lang = next(m for m, r in config.prices.models.items() if r.type == "language")
-        await client.completions.create(model=lang, prompt=prompt, max_tokens=item["max_tokens"],
-                                        extra_headers=headers)
+        await client.completions.create(
+            model=lang, prompt=prompt, max_tokens=item["max_tokens"], extra_headers=headers
+        )
     elif item["stream"]:
         stream = await client.chat.completions.create(
-            model=item["model"], messages=[{"role": "user", "content": prompt}],
-            max_tokens=item["max_tokens"], stream=True, extra_headers=headers)
+            model=item["model"],
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=item["max_tokens"],
+            stream=True,
+            extra_headers=headers,
+        )
         async for _ in stream:
             pass
     else:
         await client.chat.completions.create(
-            model=item["model"], messages=[{"role": "user", "content": prompt}],
-            max_tokens=item["max_tokens"], extra_headers=headers)
+            model=item["model"],
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=item["max_tokens"],
+            extra_headers=headers,
+        )
 
 
 def _spend_table(rows: list[LedgerRow]) -> Table:
@@ -113,8 +123,15 @@ def _spend_table(rows: list[LedgerRow]) -> Table:
     for (tenant, model), g in sorted(groups.items()):
         t.add_row(tenant, model, str(g[0]), str(g[1]), str(g[2]), format_usd(g[3]), str(g[4]))
         total = [a + b for a, b in zip(total, g, strict=True)]
-    t.add_row("[b]total", "", str(total[0]), str(total[1]), str(total[2]),
-              f"[b]{format_usd(total[3])}", str(total[4]))
+    t.add_row(
+        "[b]total",
+        "",
+        str(total[0]),
+        str(total[1]),
+        str(total[2]),
+        f"[b]{format_usd(total[3])}",
+        str(total[4]),
+    )
     return t
 
 
@@ -134,8 +151,7 @@ async def run_demo(config_path: str, *, keep_running: bool = False, requests: in
     try:
         base_url = f"http://127.0.0.1:{proxy.port}/v1"
         console.print(f"proxy on [b]{base_url}[/b] -> simulator {sim.url}; ledger {config.ledger.path}")
-        clients = {t: AsyncOpenAI(base_url=base_url, api_key=k, max_retries=0)
-                   for t, k in keys.items()}
+        clients = {t: AsyncOpenAI(base_url=base_url, api_key=k, max_retries=0) for t, k in keys.items()}
         plan = _plan(config, requests)
         sem = asyncio.Semaphore(8)
 
@@ -155,11 +171,16 @@ async def run_demo(config_path: str, *, keep_running: bool = False, requests: in
                 a = ledger_upstream.setdefault(r.model, [0, 0])
                 a[0] += r.prompt_tokens or 0
                 a[1] += r.completion_tokens or 0
-        sim_reported = {m: list(v) for m, v in billed.items()
-                        if any(e["model"] == m and e["usage_reported"] for e in sim.billed.entries)}
+        sim_reported = {
+            m: list(v)
+            for m, v in billed.items()
+            if any(e["model"] == m and e["usage_reported"] for e in sim.billed.entries)
+        }
         match = all(ledger_upstream.get(m) == v for m, v in sim_reported.items())
-        console.print(f"{len(plan)} requests sent, {len(rows)} ledger rows; upstream-reported "
-                      f"tokens match the simulator's billing: {'yes' if match else 'NO'}")
+        console.print(
+            f"{len(plan)} requests sent, {len(rows)} ledger rows; upstream-reported "
+            f"tokens match the simulator's billing: {'yes' if match else 'NO'}"
+        )
         admin = f"http://127.0.0.1:{proxy.admin_port}"
         console.print(f"metrics: {admin}/metrics   health: {admin}/healthz   ready: {admin}/readyz")
         if keep_running:

@@ -1,21 +1,21 @@
 """Our exceptions. Each HTTP-facing class carries its status and OpenAI error type/code.
 
-    MeterError                      rendered as {"error": {"message", "type", "code"}}
-    ├── AuthenticationError         401 invalid_request_error / invalid_api_key
-    ├── BadRequest                  400 invalid_request_error / invalid_request
-    │   ├── InvalidJSON             400 ... / invalid_json
-    │   ├── InvalidField            400 ... / invalid_field
-    │   └── ModelNotPriced          400 ... / model_not_priced
-    ├── ModelNotAllowed             403 permission_error / model_not_allowed
-    ├── NotFound                    404 invalid_request_error / unknown_url
-    ├── MethodNotAllowed            405 invalid_request_error / method_not_allowed
-    ├── BodyTooLarge                413 invalid_request_error / request_too_large
-    ├── RateLimited                 429 rate_limit_error / too_many_auth_failures
-    ├── NotReady                    503 server_error / not_ready
-    └── UpstreamError               502 upstream_error / upstream_unreachable
-        ├── UpstreamProtocolError   502 ... / upstream_protocol_error
-        └── UpstreamTimeout         504 ... / upstream_timeout
-    ConfigError                     not HTTP: a bad config file, names file, key and problem
+MeterError                      rendered as {"error": {"message", "type", "code"}}
+├── AuthenticationError         401 invalid_request_error / invalid_api_key
+├── BadRequest                  400 invalid_request_error / invalid_request
+│   ├── InvalidJSON             400 ... / invalid_json
+│   ├── InvalidField            400 ... / invalid_field
+│   └── ModelNotPriced          400 ... / model_not_priced
+├── ModelNotAllowed             403 permission_error / model_not_allowed
+├── NotFound                    404 invalid_request_error / unknown_url
+├── MethodNotAllowed            405 invalid_request_error / method_not_allowed
+├── BodyTooLarge                413 invalid_request_error / request_too_large
+├── RateLimited                 429 rate_limit_error / too_many_auth_failures
+├── NotReady                    503 server_error / not_ready
+└── UpstreamError               502 upstream_error / upstream_unreachable
+    ├── UpstreamProtocolError   502 ... / upstream_protocol_error
+    └── UpstreamTimeout         504 ... / upstream_timeout
+ConfigError                     not HTTP: a bad config file, names file, key and problem
 """
 
 from __future__ import annotations

@@ -27,8 +27,26 @@ from .ledger import LedgerRow
 PREFIX = "together_meter_"
 NONE_LABEL = "none"
 OTHER_LABEL = "other"
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                   5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 
@@ -37,8 +55,7 @@ class Histogram:
 
     __slots__ = ("buckets", "doc", "labelnames", "name", "series")
 
-    def __init__(self, name: str, doc: str, labelnames: Sequence[str],
-                 buckets: Sequence[float]) -> None:
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str], buckets: Sequence[float]) -> None:
         self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
         self.buckets = tuple(buckets)
         self.series: dict[tuple[str, ...], list[Any]] = {}
@@ -107,22 +124,33 @@ class Metrics:
             PREFIX + "request_duration_seconds",
             "Time from request received to its ledger row committed (the end of the response "
             "is written right after).",
-            ("endpoint", "stream"), LATENCY_BUCKETS)
+            ("endpoint", "stream"),
+            LATENCY_BUCKETS,
+        )
         self.ttft = Histogram(
             PREFIX + "time_to_first_token_seconds",
             "Streams: time from request received to the first content chunk relayed.",
-            ("model",), LATENCY_BUCKETS)
+            ("model",),
+            LATENCY_BUCKETS,
+        )
         self.upstream_duration = Histogram(
             PREFIX + "upstream_duration_seconds",
             "Time from forwarding to the upstream's response headers.",
-            ("endpoint",), LATENCY_BUCKETS)
+            ("endpoint",),
+            LATENCY_BUCKETS,
+        )
         self.overhead = Histogram(
             PREFIX + "proxy_overhead_seconds",
             "Time the proxy itself added before forwarding (auth, parse, ledger begin).",
-            ("endpoint",), OVERHEAD_BUCKETS)
+            ("endpoint",),
+            OVERHEAD_BUCKETS,
+        )
         self.ledger_write = Histogram(
-            PREFIX + "ledger_commit_seconds", "Duration of one ledger group commit.", (),
-            (*OVERHEAD_BUCKETS, 1.0, 5.0))
+            PREFIX + "ledger_commit_seconds",
+            "Duration of one ledger group commit.",
+            (),
+            (*OVERHEAD_BUCKETS, 1.0, 5.0),
+        )
 
     def model_label(self, model: str) -> str:
         return model if model in self._models else OTHER_LABEL
@@ -146,7 +174,8 @@ class Metrics:
             if row.period == self.spend_period:
                 self.spend_mtd[row.tenant] = self.spend_mtd.get(row.tenant, 0) + row.cost_pusd
         if row.usage_source == "estimated" or (
-                row.usage_source == "none" and row.status not in ("rejected", "upstream_error")):
+            row.usage_source == "none" and row.status not in ("rejected", "upstream_error")
+        ):
             k2 = (row.tenant, model)
             self.usage_unknown[k2] = self.usage_unknown.get(k2, 0) + 1
 
@@ -170,52 +199,70 @@ class Metrics:
     # -- rendering ----------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
-        fam = CounterMetricFamily(PREFIX + "requests", "Requests by final status.",
-                                  labels=("tenant", "model", "feature", "environment", "status"))
+        fam = CounterMetricFamily(
+            PREFIX + "requests",
+            "Requests by final status.",
+            labels=("tenant", "model", "feature", "environment", "status"),
+        )
         for k, v in sorted(self.requests.items()):
             fam.add_metric(list(k), v)
         yield fam
-        fam = CounterMetricFamily(PREFIX + "tokens", "Tokens metered (input = prompt).",
-                                  labels=("tenant", "model", "feature", "environment", "direction"))
+        fam = CounterMetricFamily(
+            PREFIX + "tokens",
+            "Tokens metered (input = prompt).",
+            labels=("tenant", "model", "feature", "environment", "direction"),
+        )
         for k, v in sorted(self.tokens.items()):
             fam.add_metric(list(k), v)
         yield fam
-        fam = CounterMetricFamily(PREFIX + "cost_usd", "Cost of metered requests in USD.",
-                                  labels=("tenant", "model", "feature", "environment"))
+        fam = CounterMetricFamily(
+            PREFIX + "cost_usd",
+            "Cost of metered requests in USD.",
+            labels=("tenant", "model", "feature", "environment"),
+        )
         for k3, p in sorted(self.cost_pusd.items()):
             fam.add_metric(list(k3), p / 1e12)
         yield fam
-        fam = CounterMetricFamily(PREFIX + "usage_unknown",
-                                  "Requests whose usage the upstream did not report (estimated).",
-                                  labels=("tenant", "model"))
+        fam = CounterMetricFamily(
+            PREFIX + "usage_unknown",
+            "Requests whose usage the upstream did not report (estimated).",
+            labels=("tenant", "model"),
+        )
         for k2, v in sorted(self.usage_unknown.items()):
             fam.add_metric(list(k2), v)
         yield fam
-        fam = CounterMetricFamily(PREFIX + "upstream_errors",
-                                  "Upstream failures by kind.", labels=("kind",))
+        fam = CounterMetricFamily(PREFIX + "upstream_errors", "Upstream failures by kind.", labels=("kind",))
         for kind, v in sorted(self.upstream_errors.items()):
             fam.add_metric([kind], v)
         yield fam
-        yield CounterMetricFamily(PREFIX + "ledger_write_errors",
-                                  "Ledger group commits that failed.", value=self.ledger_errors)
-        yield CounterMetricFamily(PREFIX + "ledger_rows_written",
-                                  "Ledger row writes committed (begin and finish).",
-                                  value=self.ledger_rows)
-        yield GaugeMetricFamily(PREFIX + "requests_in_flight",
-                                "Admitted requests (row begun) not yet recorded.",
-                                value=self.in_flight)
-        g = GaugeMetricFamily(PREFIX + "spend_month_to_date_usd",
-                              "Spend this calendar month (UTC), from the ledger.",
-                              labels=("tenant",))
+        yield CounterMetricFamily(
+            PREFIX + "ledger_write_errors", "Ledger group commits that failed.", value=self.ledger_errors
+        )
+        yield CounterMetricFamily(
+            PREFIX + "ledger_rows_written",
+            "Ledger row writes committed (begin and finish).",
+            value=self.ledger_rows,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "requests_in_flight",
+            "Admitted requests (row begun) not yet recorded.",
+            value=self.in_flight,
+        )
+        g = GaugeMetricFamily(
+            PREFIX + "spend_month_to_date_usd",
+            "Spend this calendar month (UTC), from the ledger.",
+            labels=("tenant",),
+        )
         for tenant, p in sorted(self.spend_mtd.items()):
             g.add_metric([tenant], p / 1e12)
         yield g
         if self.prices_last_sync is not None:
-            yield GaugeMetricFamily(PREFIX + "prices_last_sync_timestamp_seconds",
-                                    "Unix time of the last successful `prices sync`.",
-                                    value=self.prices_last_sync)
-        for h in (self.request_duration, self.ttft, self.upstream_duration, self.overhead,
-                  self.ledger_write):
+            yield GaugeMetricFamily(
+                PREFIX + "prices_last_sync_timestamp_seconds",
+                "Unix time of the last successful `prices sync`.",
+                value=self.prices_last_sync,
+            )
+        for h in (self.request_duration, self.ttft, self.upstream_duration, self.overhead, self.ledger_write):
             yield h.collect()
 
 

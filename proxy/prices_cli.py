@@ -35,16 +35,19 @@ def list_prices(config: Config, fmt: str) -> int:
     rows: list[dict[str, Any]] = []
     for model in sorted(table.models):
         r = table.models[model]
-        rows.append({
-            "model": model, "input": str(pusd_rate_to_decimal(r.input)),
-            "output": str(pusd_rate_to_decimal(r.output)),
-            "batch_input": str(pusd_rate_to_decimal(r.batch_input)),
-            "batch_output": str(pusd_rate_to_decimal(r.batch_output)),
-            "context_length": r.context_length, "read": r.read,
-        })
+        rows.append(
+            {
+                "model": model,
+                "input": str(pusd_rate_to_decimal(r.input)),
+                "output": str(pusd_rate_to_decimal(r.output)),
+                "batch_input": str(pusd_rate_to_decimal(r.batch_input)),
+                "batch_output": str(pusd_rate_to_decimal(r.batch_output)),
+                "context_length": r.context_length,
+                "read": r.read,
+            }
+        )
     if fmt == "json":
-        print(json.dumps({"source": table.source, "unit": "USD per 1M tokens", "models": rows},
-                         indent=2))
+        print(json.dumps({"source": table.source, "unit": "USD per 1M tokens", "models": rows}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -53,9 +56,15 @@ def list_prices(config: Config, fmt: str) -> int:
     for col in ("model", "input", "output", "batch in", "batch out", "context", "read"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for row in rows:
-        t.add_row(str(row["model"]), str(row["input"]), str(row["output"]),
-                  str(row["batch_input"]), str(row["batch_output"]),
-                  str(row["context_length"] or ""), str(row["read"] or ""))
+        t.add_row(
+            str(row["model"]),
+            str(row["input"]),
+            str(row["output"]),
+            str(row["batch_input"]),
+            str(row["batch_output"]),
+            str(row["context_length"] or ""),
+            str(row["read"] or ""),
+        )
     Console(width=None if sys.stdout.isatty() else 140).print(t)
     return 0
 
@@ -63,10 +72,14 @@ def list_prices(config: Config, fmt: str) -> int:
 async def fetch_upstream_prices(base_url: str, api_key: str) -> dict[str, dict[str, Any]]:
     """model id -> {input, output (Decimal USD per 1M), context_length, type} from GET /models."""
     timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session, session.get(
-        base_url.rstrip("/") + "/models", headers={"Authorization": f"Bearer {api_key}"},
-        allow_redirects=False,
-    ) as resp:
+    async with (
+        aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
+        session.get(
+            base_url.rstrip("/") + "/models",
+            headers={"Authorization": f"Bearer {api_key}"},
+            allow_redirects=False,
+        ) as resp,
+    ):
         text = await resp.text()
         if resp.status != 200:
             raise RuntimeError(f"GET /models answered {resp.status}: {text[:200]}")
@@ -90,8 +103,9 @@ async def fetch_upstream_prices(base_url: str, api_key: str) -> dict[str, dict[s
     return found
 
 
-def diff_prices(table: PriceTable, upstream: dict[str, dict[str, Any]],
-                include_all: bool) -> tuple[list[str], dict[str, Rates]]:
+def diff_prices(
+    table: PriceTable, upstream: dict[str, dict[str, Any]], include_all: bool
+) -> tuple[list[str], dict[str, Rates]]:
     """Human-readable differences and the updated model -> Rates mapping."""
     today = dt.date.today().isoformat()
     lines: list[str] = []
@@ -116,23 +130,37 @@ def diff_prices(table: PriceTable, upstream: dict[str, dict[str, Any]],
         if cur is None:
             lines.append(f"+ {model}: input {up['input']} output {up['output']}")
             ratio = table.batch_discount
-            models[model] = Rates(new_in, new_out, discounted(new_in, ratio),
-                                  discounted(new_out, ratio), None, ctx, today, up.get("type"))
+            models[model] = Rates(
+                new_in,
+                new_out,
+                discounted(new_in, ratio),
+                discounted(new_out, ratio),
+                None,
+                ctx,
+                today,
+                up.get("type"),
+            )
             continue
         if (cur.input, cur.output) != (new_in, new_out):
-            lines.append(f"~ {model}: input {pusd_rate_to_decimal(cur.input)} -> {up['input']}, "
-                         f"output {pusd_rate_to_decimal(cur.output)} -> {up['output']}")
+            lines.append(
+                f"~ {model}: input {pusd_rate_to_decimal(cur.input)} -> {up['input']}, "
+                f"output {pusd_rate_to_decimal(cur.output)} -> {up['output']}"
+            )
             ratio = table.batch_discount
-            models[model] = replace(cur, input=new_in, output=new_out,
-                                    batch_input=discounted(new_in, ratio),
-                                    batch_output=discounted(new_out, ratio), read=today)
+            models[model] = replace(
+                cur,
+                input=new_in,
+                output=new_out,
+                batch_input=discounted(new_in, ratio),
+                batch_output=discounted(new_out, ratio),
+                read=today,
+            )
         else:
             models[model] = replace(cur, read=today, context_length=cur.context_length or ctx)
     return lines, models
 
 
-def sync(config: Config, *, upstream: str | None, check: bool, include_all: bool,
-         dry_run: bool) -> int:
+def sync(config: Config, *, upstream: str | None, check: bool, include_all: bool, dry_run: bool) -> int:
     key = os.environ.get("TOGETHER_API_KEY", "")
     if not key:
         print("error: TOGETHER_API_KEY is not set", file=sys.stderr)
@@ -149,8 +177,10 @@ def sync(config: Config, *, upstream: str | None, check: bool, include_all: bool
         print(line)
     if check:
         if drift:
-            print(f"price drift: {len(drift)} difference(s) between {config.prices_file} and "
-                  f"{base}", file=sys.stderr)
+            print(
+                f"price drift: {len(drift)} difference(s) between {config.prices_file} and {base}",
+                file=sys.stderr,
+            )
             return 1
         print(f"prices in {config.prices_file} match {base} ({len(config.prices)} models)")
         return 0
@@ -159,8 +189,9 @@ def sync(config: Config, *, upstream: str | None, check: bool, include_all: bool
     if dry_run:
         return 0
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    table = replace(config.prices, models=models,
-                    extra={**config.prices.extra, "synced_at": now, "source": base})
+    table = replace(
+        config.prices, models=models, extra={**config.prices.extra, "synced_at": now, "source": base}
+    )
     text = dump_price_table(table)
     parse_price_table(yaml.safe_load(text), config.prices_file)  # round-trips
     path = Path(config.prices_file)

@@ -143,8 +143,16 @@ def parse_price_table(data: Any, file: str) -> PriceTable:
             raise ConfigError(file, key, "model id must be a non-empty string")
         if not isinstance(spec, dict):
             raise ConfigError(file, key, "must be a mapping with 'input' and 'output'")
-        allowed = {"input", "output", "batch_input", "batch_output", "cached_input",
-                   "context_length", "read", "type"}
+        allowed = {
+            "input",
+            "output",
+            "batch_input",
+            "batch_output",
+            "cached_input",
+            "context_length",
+            "read",
+            "type",
+        }
         bad = set(spec) - allowed
         if bad:
             raise ConfigError(file, f"{key}.{sorted(map(str, bad))[0]}", "unknown key")
@@ -153,20 +161,30 @@ def parse_price_table(data: Any, file: str) -> PriceTable:
                 raise ConfigError(file, f"{key}.{required}", "missing (USD per 1M tokens)")
         rin = rate_to_pusd(spec["input"], file=file, key=f"{key}.input")
         rout = rate_to_pusd(spec["output"], file=file, key=f"{key}.output")
-        bin_ = (rate_to_pusd(spec["batch_input"], file=file, key=f"{key}.batch_input")
-                if "batch_input" in spec else discounted(rin, discount))
-        bout = (rate_to_pusd(spec["batch_output"], file=file, key=f"{key}.batch_output")
-                if "batch_output" in spec else discounted(rout, discount))
-        cached = (rate_to_pusd(spec["cached_input"], file=file, key=f"{key}.cached_input")
-                  if spec.get("cached_input") is not None else None)
+        bin_ = (
+            rate_to_pusd(spec["batch_input"], file=file, key=f"{key}.batch_input")
+            if "batch_input" in spec
+            else discounted(rin, discount)
+        )
+        bout = (
+            rate_to_pusd(spec["batch_output"], file=file, key=f"{key}.batch_output")
+            if "batch_output" in spec
+            else discounted(rout, discount)
+        )
+        cached = (
+            rate_to_pusd(spec["cached_input"], file=file, key=f"{key}.cached_input")
+            if spec.get("cached_input") is not None
+            else None
+        )
         ctx = spec.get("context_length")
         if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx <= 0):
             raise ConfigError(file, f"{key}.context_length", f"must be a positive integer, got {ctx!r}")
         read = spec.get("read")
         if isinstance(read, dt.date):
             read = read.isoformat()
-        models[model_id] = Rates(rin, rout, bin_, bout, cached, ctx,
-                                 None if read is None else str(read), spec.get("type"))
+        models[model_id] = Rates(
+            rin, rout, bin_, bout, cached, ctx, None if read is None else str(read), spec.get("type")
+        )
     extra = {k: data[k] for k in ("synced_at", "source") if k in data}
     return PriceTable(models, discount, file, extra)
 

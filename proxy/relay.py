@@ -92,9 +92,7 @@ def parse_call(endpoint: str, raw: bytes) -> Call:
         raise InvalidField("'max_tokens' must be a non-negative integer.")
     if endpoint == "chat":
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) for m in messages
-        ):
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise InvalidField("'messages' must be a non-empty array of message objects.")
     elif endpoint == "completions":
         if not isinstance(body.get("prompt"), str | list):
@@ -118,23 +116,31 @@ def attribution(request: web.Request, call: Call) -> tuple[str | None, str | Non
         if value is None:
             value, source = meta.get(key), f"metadata.{key}"
         if value is not None and (not isinstance(value, str) or not LABEL_VALUE_RE.match(value)):
-            raise InvalidField(f"{source} must be 1-64 characters of letters, digits, '.', '_', "
-                               "':', '/', '-', starting with a letter or digit.")
+            raise InvalidField(
+                f"{source} must be 1-64 characters of letters, digits, '.', '_', "
+                "':', '/', '-', starting with a letter or digit."
+            )
         values.append(value)
     return values[0], values[1]
 
 
 def error_response(exc: MeterError, request_id: str | None = None) -> web.Response:
     headers = {"x-request-id": request_id} if request_id else None
-    return web.Response(status=exc.status, body=exc.body_bytes(), content_type=JSON_CT,
-                        headers=headers)
+    return web.Response(status=exc.status, body=exc.body_bytes(), content_type=JSON_CT, headers=headers)
 
 
 class Relay:
     """Owns the request path; built once per app by `create_app`."""
 
-    def __init__(self, config: Config, keys: KeyStore, upstream: UpstreamClient, ledger: Ledger,
-                 metrics: Metrics, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self,
+        config: Config,
+        keys: KeyStore,
+        upstream: UpstreamClient,
+        ledger: Ledger,
+        metrics: Metrics,
+        tokenizer: Tokenizer,
+    ) -> None:
         self.config = config
         self.keys = keys
         self.upstream = upstream
@@ -166,14 +172,24 @@ class Relay:
         except MeterError as exc:
             await self._record_rejected(principal, request_id, endpoint, model, started, exc)
             return error_response(exc, request_id)
-        row = LedgerRow(request_id, principal.tenant, principal.key_id, call.model, endpoint,
-                        SERVERLESS, feature, environment, call.stream, started, period_of(started),
-                        reserved_pusd=self._reserve(call, rates))
+        row = LedgerRow(
+            request_id,
+            principal.tenant,
+            principal.key_id,
+            call.model,
+            endpoint,
+            SERVERLESS,
+            feature,
+            environment,
+            call.stream,
+            started,
+            period_of(started),
+            reserved_pusd=self._reserve(call, rates),
+        )
         try:
             await self.ledger.begin(row)
         except LedgerUnavailable:
-            return error_response(NotReady("The ledger is not writable; nothing was forwarded."),
-                                  request_id)
+            return error_response(NotReady("The ledger is not writable; nothing was forwarded."), request_id)
         self.metrics.overhead.observe((endpoint,), time.perf_counter() - t0)
         meter = _Recorder(self, row, rates, t0)
         self.metrics.in_flight += 1
@@ -200,8 +216,10 @@ class Relay:
             raise ModelNotAllowed(f"Model '{model}' is not enabled for this API key.")
         rates = self.config.prices.get(model)
         if rates is None and self.config.unpriced_models == "reject":
-            raise ModelNotPriced(f"Model '{model}' has no price configured in together-meter; "
-                                 "ask the operator to add it to the price table.")
+            raise ModelNotPriced(
+                f"Model '{model}' has no price configured in together-meter; "
+                "ask the operator to add it to the price table."
+            )
         return rates
 
     def _reserve(self, call: Call, rates: Rates | None) -> int | None:
@@ -211,16 +229,30 @@ class Relay:
         prompt_bound = len(call.raw)  # a BPE token is at least one byte of the text
         if call.endpoint == "embeddings":
             return prompt_bound * rates.input
-        out = call.max_tokens if call.max_tokens is not None else (
-            rates.context_length or DEFAULT_MAX_OUTPUT)
+        out = call.max_tokens if call.max_tokens is not None else (rates.context_length or DEFAULT_MAX_OUTPUT)
         return prompt_bound * rates.input + out * rates.output
 
-    async def _record_rejected(self, principal: Principal, request_id: str, endpoint: str,
-                               model: str, started: int, exc: MeterError) -> None:
+    async def _record_rejected(
+        self, principal: Principal, request_id: str, endpoint: str, model: str, started: int, exc: MeterError
+    ) -> None:
         """An authenticated request we refused: one row, nothing forwarded, nothing billed."""
-        final = LedgerRow(request_id, principal.tenant, principal.key_id, model, endpoint, SERVERLESS,
-                          None, None, False, started, period_of(started), status="rejected",
-                          finished_us=now_us(), error_code=exc.code, cost_pusd=0)
+        final = LedgerRow(
+            request_id,
+            principal.tenant,
+            principal.key_id,
+            model,
+            endpoint,
+            SERVERLESS,
+            None,
+            None,
+            False,
+            started,
+            period_of(started),
+            status="rejected",
+            finished_us=now_us(),
+            error_code=exc.code,
+            cost_pusd=0,
+        )
         with contextlib.suppress(LedgerUnavailable):
             await self.ledger.record(final)
 
@@ -242,13 +274,15 @@ class Relay:
             await meter.upstream_error(up.status)
             return self._passthrough(up, data, meter.row.request_id)
         usage, upstream_id = self._usage_of_body(call, data)
-        await meter.finish("ok", usage, up.status, upstream_id,
-                           client_gone=_client_gone(request), complete=True)
-        headers = {"x-request-id": meter.row.request_id,
-                   "x-meter-cost-usd": meter.cost_text,
-                   "x-meter-usage-source": usage.source}
-        return web.Response(body=data, status=200, headers=headers,
-                            content_type=up.content_type or JSON_CT)
+        await meter.finish(
+            "ok", usage, up.status, upstream_id, client_gone=_client_gone(request), complete=True
+        )
+        headers = {
+            "x-request-id": meter.row.request_id,
+            "x-meter-cost-usd": meter.cost_text,
+            "x-meter-usage-source": usage.source,
+        }
+        return web.Response(body=data, status=200, headers=headers, content_type=up.content_type or JSON_CT)
 
     async def _forward(self, request: web.Request, call: Call) -> UpstreamResponse:
         body = self._upstream_body(call)
@@ -290,15 +324,19 @@ class Relay:
             with contextlib.suppress(orjson.JSONDecodeError):
                 obj = orjson.loads(data)
         upstream_id = obj.get("id") if isinstance(obj, dict) else None
-        usage = (usage_from_json(obj.get("usage"), has_output=call.endpoint != "embeddings")
-                 if isinstance(obj, dict) else None)
+        usage = (
+            usage_from_json(obj.get("usage"), has_output=call.endpoint != "embeddings")
+            if isinstance(obj, dict)
+            else None
+        )
         if usage is not None:
             return usage, upstream_id if isinstance(upstream_id, str) else None
         prompt = estimate_prompt_tokens(call.endpoint, call.body, self.tokenizer)
         completion = 0
         if call.endpoint != "embeddings":
-            completion = (self.tokenizer.count(completion_text(obj)) if obj is not None
-                          else (len(data) + 3) // 4)
+            completion = (
+                self.tokenizer.count(completion_text(obj)) if obj is not None else (len(data) + 3) // 4
+            )
         return Usage(prompt, completion, "estimated"), None
 
     @staticmethod
@@ -307,13 +345,13 @@ class Relay:
         retry_after = up.headers.get("retry-after")
         if retry_after is not None:
             headers["Retry-After"] = retry_after
-        return web.Response(body=data, status=up.status, headers=headers,
-                            content_type=up.content_type or JSON_CT)
+        return web.Response(
+            body=data, status=up.status, headers=headers, content_type=up.content_type or JSON_CT
+        )
 
     # -- streaming -------------------------------------------------------------------------
 
-    async def _stream(self, request: web.Request, call: Call,
-                      meter: _Recorder) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, call: Call, meter: _Recorder) -> web.StreamResponse:
         try:
             up = await self._forward(request, call)
         except MeterError as exc:
@@ -331,16 +369,25 @@ class Relay:
                     return self._passthrough(up, data, meter.row.request_id)
                 usage, upstream_id = self._usage_of_body(call, data)
                 await meter.finish("ok", usage, 200, upstream_id, client_gone=False, complete=True)
-                return web.Response(body=data, headers={"x-request-id": meter.row.request_id,
-                                                        "x-meter-cost-usd": meter.cost_text},
-                                    content_type=up.content_type or JSON_CT)
+                return web.Response(
+                    body=data,
+                    headers={"x-request-id": meter.row.request_id, "x-meter-cost-usd": meter.cost_text},
+                    content_type=up.content_type or JSON_CT,
+                )
             return await self._relay_events(request, call, meter, up)
 
-    async def _relay_events(self, request: web.Request, call: Call, meter: _Recorder,
-                            up: UpstreamResponse) -> web.StreamResponse:
-        resp = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no", "x-request-id": meter.row.request_id})
+    async def _relay_events(
+        self, request: web.Request, call: Call, meter: _Recorder, up: UpstreamResponse
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                "x-request-id": meter.row.request_id,
+            },
+        )
         await resp.prepare(request)
         cfg = self.config.upstream
         loop = asyncio.get_running_loop()
@@ -365,8 +412,7 @@ class Relay:
                             deadline = min(deadline, loop.time() + cfg.client_abort_grace)
                         if sm.first_token_at is None and sm.saw_content:
                             sm.first_token_at = time.perf_counter()
-                            self.metrics.ttft.observe((meter.model_label,),
-                                                      sm.first_token_at - meter.t0)
+                            self.metrics.ttft.observe((meter.model_label,), sm.first_token_at - meter.t0)
                     if sm.done:
                         status = "ok"
                         break
@@ -379,21 +425,31 @@ class Relay:
             status = "upstream_error"
         client_gone = client_gone or _client_gone(request)
         if status != "ok" and not client_gone:
-            self.metrics.upstream_error({"upstream_timeout": "stream_stalled",
-                                         "upstream_error": "stream_error_event"}
-                                        .get(status, "stream_cut"))
+            self.metrics.upstream_error(
+                {"upstream_timeout": "stream_stalled", "upstream_error": "stream_error_event"}.get(
+                    status, "stream_cut"
+                )
+            )
         usage = sm.usage or self._estimate_stream(call, sm)
-        await meter.finish("ok" if status == "ok" else status, usage, 200, sm.upstream_id,
-                           client_gone=client_gone, complete=sm.done)
+        await meter.finish(
+            "ok" if status == "ok" else status,
+            usage,
+            200,
+            sm.upstream_id,
+            client_gone=client_gone,
+            complete=sm.done,
+        )
         if not client_gone:
             with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
                 if sm.done:
                     # the row is committed: now the client may see the end of the stream
-                    await resp.write(b": x-meter-cost-usd=" + meter.cost_text.encode()
-                                     + b"\n\ndata: [DONE]\n\n")
+                    await resp.write(
+                        b": x-meter-cost-usd=" + meter.cost_text.encode() + b"\n\ndata: [DONE]\n\n"
+                    )
                 elif not sm.error_event:
                     err: MeterError = UpstreamProtocolError(
-                        "The upstream stream ended before it was complete.")
+                        "The upstream stream ended before it was complete."
+                    )
                     if status == "upstream_timeout":
                         err = UpstreamTimeout("The upstream stream stalled.")
                     await resp.write(b"data: " + err.body_bytes() + b"\n\n")
@@ -413,15 +469,19 @@ class Relay:
         request_id = new_request_id()
         try:
             self.keys.authenticate(request.headers.get("Authorization"))
-            up = await self.upstream.request("GET", request.path, body=None,
-                                             incoming=request.headers,
-                                             query=request.query_string)
+            up = await self.upstream.request(
+                "GET", request.path, body=None, incoming=request.headers, query=request.query_string
+            )
             async with up:
                 data = await self._read_upstream(up)
         except MeterError as exc:
             return error_response(exc, request_id)
-        return web.Response(body=data, status=up.status, headers={"x-request-id": request_id},
-                            content_type=up.content_type or JSON_CT)
+        return web.Response(
+            body=data,
+            status=up.status,
+            headers={"x-request-id": request_id},
+            content_type=up.content_type or JSON_CT,
+        )
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -441,8 +501,16 @@ class _Recorder:
         self.cost_text = "unknown"
         self.model_label = relay.metrics.model_label(row.model)
 
-    async def finish(self, status: str, usage: Usage | None, upstream_status: int | None,
-                     upstream_id: str | None, *, client_gone: bool, complete: bool) -> None:
+    async def finish(
+        self,
+        status: str,
+        usage: Usage | None,
+        upstream_status: int | None,
+        upstream_id: str | None,
+        *,
+        client_gone: bool,
+        complete: bool,
+    ) -> None:
         if client_gone and status in ("ok", "upstream_aborted", "upstream_timeout"):
             status = "client_aborted"
         cost = None
@@ -450,21 +518,37 @@ class _Recorder:
             cost = cost_pusd(usage, self.rates, self.row.mode)
             self.cost_text = format_usd(cost)
         if usage is None:
-            row = self.row.terminal(status, upstream_status=upstream_status, cost_pusd=cost,
-                                    stream_complete=complete, upstream_id=upstream_id)
+            row = self.row.terminal(
+                status,
+                upstream_status=upstream_status,
+                cost_pusd=cost,
+                stream_complete=complete,
+                upstream_id=upstream_id,
+            )
         else:
             row = self.row.terminal(
-                status, upstream_status=upstream_status, prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens,
-                reasoning_tokens=usage.reasoning_tokens, usage_source=usage.source,
-                cost_pusd=cost, stream_complete=complete, upstream_id=upstream_id)
+                status,
+                upstream_status=upstream_status,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
+                usage_source=usage.source,
+                cost_pusd=cost,
+                stream_complete=complete,
+                upstream_id=upstream_id,
+            )
         await self._commit(row)
 
     async def upstream_error(self, upstream_status: int) -> None:
         """The upstream answered 4xx/5xx: it billed nothing, so the cost is known to be 0."""
         self.relay.metrics.upstream_error(f"http_{upstream_status // 100}xx")
-        row = self.row.terminal("upstream_error", upstream_status=upstream_status, cost_pusd=0,
-                                error_code=f"upstream_{upstream_status}")
+        row = self.row.terminal(
+            "upstream_error",
+            upstream_status=upstream_status,
+            cost_pusd=0,
+            error_code=f"upstream_{upstream_status}",
+        )
         self.cost_text = "0"
         await self._commit(row)
 
@@ -477,8 +561,12 @@ class _Recorder:
         if isinstance(exc, UpstreamTimeout) and exc.sent:
             # the upstream may be generating (and billing) a response we will never see
             self.relay.metrics.upstream_error("timeout")
-            row = self.row.terminal("upstream_timeout", usage_source="estimated",
-                                    cost_pusd=self.reserved_cost(), error_code=exc.code)
+            row = self.row.terminal(
+                "upstream_timeout",
+                usage_source="estimated",
+                cost_pusd=self.reserved_cost(),
+                error_code=exc.code,
+            )
         elif isinstance(exc, UpstreamTimeout):  # no connection in time: nothing was sent
             self.relay.metrics.upstream_error("connect_timeout")
             row = self.row.terminal("upstream_timeout", cost_pusd=0, error_code="connect_timeout")
@@ -492,20 +580,29 @@ class _Recorder:
         whole request, so the row carries the reservation (an upper bound), flagged estimated."""
         self.relay.metrics.upstream_error("body_broken")
         if upstream_status != 200:  # an error answer that broke off: still nothing billed
-            await self._commit(self.row.terminal("upstream_error", upstream_status=upstream_status,
-                                                 cost_pusd=0, error_code=exc.code))
+            await self._commit(
+                self.row.terminal(
+                    "upstream_error", upstream_status=upstream_status, cost_pusd=0, error_code=exc.code
+                )
+            )
             return
         status = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_aborted"
-        row = self.row.terminal(status, upstream_status=upstream_status, usage_source="estimated",
-                                cost_pusd=self.reserved_cost(), error_code=exc.code)
+        row = self.row.terminal(
+            status,
+            upstream_status=upstream_status,
+            usage_source="estimated",
+            cost_pusd=self.reserved_cost(),
+            error_code=exc.code,
+        )
         await self._commit(row)
 
     async def ensure_finished(self) -> None:
         """Last resort (cancellation, a bug): still make the row terminal, at reserved cost."""
         if self.finished:
             return
-        row = self.row.terminal("shutdown_aborted", usage_source="estimated",
-                                cost_pusd=self.reserved_cost(), error_code="aborted")
+        row = self.row.terminal(
+            "shutdown_aborted", usage_source="estimated", cost_pusd=self.reserved_cost(), error_code="aborted"
+        )
         await asyncio.shield(self._commit(row))
 
     async def _commit(self, row: LedgerRow) -> None:
@@ -516,8 +613,12 @@ class _Recorder:
         try:
             await self.relay.ledger.finish(row)
         except LedgerUnavailable:
-            log.error("ledger: could not record request %s; it stays in flight and the "
-                      "start-up reaper will charge its reservation", row.request_id)
+            log.error(
+                "ledger: could not record request %s; it stays in flight and the "
+                "start-up reaper will charge its reservation",
+                row.request_id,
+            )
             return
         self.relay.metrics.request_duration.observe(
-            (row.endpoint, "true" if row.stream else "false"), time.perf_counter() - self.t0)
+            (row.endpoint, "true" if row.stream else "false"), time.perf_counter() - self.t0
+        )

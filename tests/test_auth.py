@@ -68,8 +68,9 @@ def test_wrong_scheme_is_rejected(store: KeyStore, header: str) -> None:
         store.authenticate(header)
 
 
-@pytest.mark.parametrize("key", ["tm-unknown", ACME_KEY + "x", ACME_KEY[:-1], ACME_KEY.upper(),
-                                 digest(ACME_KEY)])
+@pytest.mark.parametrize(
+    "key", ["tm-unknown", ACME_KEY + "x", ACME_KEY[:-1], ACME_KEY.upper(), digest(ACME_KEY)]
+)
 def test_unknown_key_is_rejected(store: KeyStore, key: str) -> None:
     """A key whose digest is not stored (including the digest itself) is an AuthenticationError."""
     with pytest.raises(AuthenticationError) as info:

@@ -22,9 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.cli", *args, cwd=ROOT,
+        sys.executable,
+        "-m",
+        "proxy.cli",
+        *args,
+        cwd=ROOT,
         env={**os.environ, **(env or {})},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -59,8 +65,9 @@ async def test_keys_create_prints_key_once_and_stores_only_its_digest(config_dir
 
 async def test_keys_create_for_unknown_tenant_is_a_config_error(config_dir: Path) -> None:
     """An unknown tenant exits 2 and names the tenants that exist."""
-    code, out, err = await run_cli("keys", "create", "--tenant", "nobody", "--config",
-                                   str(config_dir / "example.yaml"))
+    code, out, err = await run_cli(
+        "keys", "create", "--tenant", "nobody", "--config", str(config_dir / "example.yaml")
+    )
     assert code == 2 and out == ""
     assert "nobody" in err and "acme" in err
 
@@ -78,8 +85,17 @@ async def test_serve_without_together_key_exits_2(config_dir: Path) -> None:
     """The together key only comes from TOGETHER_API_KEY; without it serve refuses to start."""
     env = {k: v for k, v in os.environ.items() if k != "TOGETHER_API_KEY"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.cli", "serve", "--config", str(config_dir / "example.yaml"),
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "proxy.cli",
+        "serve",
+        "--config",
+        str(config_dir / "example.yaml"),
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode == 2 and b"TOGETHER_API_KEY" in err
 
@@ -97,8 +113,9 @@ async def test_check_config_reports_ok_and_errors(config_dir: Path) -> None:
 
 async def test_prices_list_json_matches_the_price_table(config_dir: Path) -> None:
     """`prices list --format json` shows every configured model with its exact rates."""
-    code, out, _ = await run_cli("prices", "list", "--format", "json", "--config",
-                                 str(config_dir / "example.yaml"))
+    code, out, _ = await run_cli(
+        "prices", "list", "--format", "json", "--config", str(config_dir / "example.yaml")
+    )
     assert code == 0
     listed = {m["model"]: m for m in json.loads(out)["models"]}
     table = load_price_table(config_dir / "prices.yaml")
@@ -111,23 +128,26 @@ async def test_prices_list_json_matches_the_price_table(config_dir: Path) -> Non
 async def test_prices_sync_check_detects_drift_then_sync_fixes_it(config_dir: Path) -> None:
     """--check exits 1 listing the drift; sync rewrites the file; --check then exits 0."""
     model = "meta-llama/Llama-3.3-70B-Instruct-Turbo"
-    prices = {m: (i, o) for m, (i, o) in {
-        model: ("0.95", "1.10"),  # drifted upstream
-        "arcee-ai/maestro-reasoning": ("0.90", "3.30"),
-    }.items()}
+    prices = {
+        m: (i, o)
+        for m, (i, o) in {
+            model: ("0.95", "1.10"),  # drifted upstream
+            "arcee-ai/maestro-reasoning": ("0.90", "3.30"),
+        }.items()
+    }
     cfg = str(config_dir / "example.yaml")
     env = {"TOGETHER_API_KEY": "operator-key"}
     sim = await simulator.start(options=simulator.SimulatorOptions(prices=prices))
     try:
-        code, out, err = await run_cli("prices", "sync", "--check", "--config", cfg,
-                                       "--upstream", sim.url, env=env)
+        code, out, err = await run_cli(
+            "prices", "sync", "--check", "--config", cfg, "--upstream", sim.url, env=env
+        )
         assert code == 1, (out, err)
         assert f"~ {model}: input 0.88 -> 0.95, output 0.88 -> 1.1" in out
         assert "price drift" in err
         before = (config_dir / "prices.yaml").read_text()
         assert "0.95" not in before  # --check wrote nothing
-        code, out, err = await run_cli("prices", "sync", "--config", cfg, "--upstream", sim.url,
-                                       env=env)
+        code, out, err = await run_cli("prices", "sync", "--config", cfg, "--upstream", sim.url, env=env)
         assert code == 0, err
         table = load_price_table(config_dir / "prices.yaml")
         assert pusd_rate_to_decimal(table.models[model].input) == pusd_rate_to_decimal(950_000)
@@ -137,8 +157,9 @@ async def test_prices_sync_check_detects_drift_then_sync_fixes_it(config_dir: Pa
         # models the upstream no longer lists are kept, and said so
         assert "deepseek-ai/DeepSeek-V3" in table.models
         assert "- deepseek-ai/DeepSeek-V3: not offered by the upstream any more" in out
-        code, out, _ = await run_cli("prices", "sync", "--check", "--config", cfg,
-                                     "--upstream", sim.url, env=env)
+        code, out, _ = await run_cli(
+            "prices", "sync", "--check", "--config", cfg, "--upstream", sim.url, env=env
+        )
         assert code == 0, out
     finally:
         await sim.stop()

@@ -25,9 +25,12 @@ DIGEST = hashlib.sha256(b"tm-some-key").hexdigest()
 BASE: dict[str, Any] = {
     "listen": {"host": "127.0.0.1", "port": 8787},
     "admin": {"host": "127.0.0.1", "port": 9787},
-    "upstream": {"url": "https://api.together.xyz/v1",
-                 "timeouts": {"connect": 10, "first_byte": 120, "idle": 60, "total": 900},
-                 "max_connections": 256, "client_abort_grace": 5},
+    "upstream": {
+        "url": "https://api.together.xyz/v1",
+        "timeouts": {"connect": 10, "first_byte": 120, "idle": 60, "total": 900},
+        "max_connections": 256,
+        "client_abort_grace": 5,
+    },
     "ledger": {"backend": "sqlite", "path": "data/meter.db", "synchronous": "normal"},
     "limits": {"max_body_bytes": 4194304, "drain_timeout": 30},
     "prices": "prices.yaml",
@@ -104,8 +107,11 @@ def test_full_config_values_are_read(tmp_path: Path) -> None:
 def test_keys_file_digests_are_merged(tmp_path: Path) -> None:
     """Digests from keys_file are added to their tenants (duplicates once)."""
     other = hashlib.sha256(b"tm-other").hexdigest()
-    (tmp_path / "keys.yaml").write_text(yaml.safe_dump(
-        {"keys": [{"tenant": "globex", "sha256": other}, {"tenant": "acme", "sha256": DIGEST}]}))
+    (tmp_path / "keys.yaml").write_text(
+        yaml.safe_dump(
+            {"keys": [{"tenant": "globex", "sha256": other}, {"tenant": "acme", "sha256": DIGEST}]}
+        )
+    )
     config = load_config(write_config(tmp_path, {**BASE, "keys_file": "keys.yaml"}))
     assert config.key_index() == {DIGEST: "acme", other: "globex"}
     assert config.tenants["acme"].key_digests == (DIGEST,)
@@ -190,8 +196,11 @@ def test_no_tenants(tmp_path: Path) -> None:
 def test_unknown_tenant_in_keys_file(tmp_path: Path) -> None:
     """A keys file entry for a tenant the config lacks names the keys file and entry."""
     keys = tmp_path / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"keys": [{"tenant": "acme", "sha256": DIGEST},
-                                             {"tenant": "initech", "sha256": DIGEST}]}))
+    keys.write_text(
+        yaml.safe_dump(
+            {"keys": [{"tenant": "acme", "sha256": DIGEST}, {"tenant": "initech", "sha256": DIGEST}]}
+        )
+    )
     err = config_error(tmp_path, {**BASE, "keys_file": "keys.yaml"})
     assert_names(err, keys, "keys[1].tenant", "initech")
 
@@ -258,13 +267,12 @@ def test_config_must_be_a_mapping(tmp_path: Path, doc: str) -> None:
 
 junk = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=10) | st.integers(), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10) | st.integers(), inner, max_size=4)
+    ),
     max_leaves=15,
 )
-top_level = st.dictionaries(
-    st.sampled_from(sorted(BASE)) | st.text(max_size=8), junk, max_size=6
-)
+top_level = st.dictionaries(st.sampled_from(sorted(BASE)) | st.text(max_size=8), junk, max_size=6)
 
 
 def key_paths(node: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -303,7 +311,8 @@ def test_random_junk_raises_only_config_error(prices_dir: Path, data: Any) -> No
 @given(st.sampled_from(BASE_PATHS), junk)
 @example(("prices",), "bad\x00name.yaml")  # a double-quoted YAML "\0" is a NUL
 @example(("upstream", "client_abort_grace"), None)
-def test_junk_at_any_key_raises_only_config_error(prices_dir: Path, path: tuple[str, ...],
-                                                   value: Any) -> None:
+def test_junk_at_any_key_raises_only_config_error(
+    prices_dir: Path, path: tuple[str, ...], value: Any
+) -> None:
     """Junk at any key of a valid config gives a Config or a ConfigError, never another exception."""
     parse_or_config_error(with_value(".".join(path), value), prices_dir)

@@ -124,8 +124,21 @@ def test_more_than_six_decimals_is_rejected_naming_file_and_key(value: object) -
 
 @pytest.mark.parametrize(
     "value",
-    [-1, -0.5, "-0.1", True, False, "cheap", "", None, [1], {"usd": 1}, float("nan"), float("inf"),
-     "Infinity"],
+    [
+        -1,
+        -0.5,
+        "-0.1",
+        True,
+        False,
+        "cheap",
+        "",
+        None,
+        [1],
+        {"usd": 1},
+        float("nan"),
+        float("inf"),
+        "Infinity",
+    ],
 )
 def test_garbage_rates_are_rejected_naming_file_and_key(value: object) -> None:
     """Negative, bool, non-numeric and non-finite rates raise ConfigError naming file and key."""
@@ -177,8 +190,9 @@ def test_explicit_batch_rates_override_the_discount() -> None:
 def test_bad_batch_discount_is_a_config_error(discount: object) -> None:
     """batch_discount must be a number between 0 and 1; anything else names the key."""
     with pytest.raises(ConfigError) as info:
-        parse_price_table({"batch_discount": discount, "models": {"m": {"input": 1, "output": 1}}},
-                          "prices.yaml")
+        parse_price_table(
+            {"batch_discount": discount, "models": {"m": {"input": 1, "output": 1}}}, "prices.yaml"
+        )
     assert info.value.key == "batch_discount"
 
 
@@ -224,8 +238,13 @@ def usages(draw: st.DrawFn) -> Usage:
 
 @st.composite
 def rates_strategy(draw: st.DrawFn) -> Rates:
-    return Rates(draw(rate_values), draw(rate_values), draw(rate_values), draw(rate_values),
-                 draw(st.one_of(st.none(), rate_values)))
+    return Rates(
+        draw(rate_values),
+        draw(rate_values),
+        draw(rate_values),
+        draw(rate_values),
+        draw(st.one_of(st.none(), rate_values)),
+    )
 
 
 @settings(max_examples=150, deadline=None)
@@ -294,24 +313,32 @@ def test_dumped_rates_are_plain_yaml_numbers() -> None:
 
 junk = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 junk_specs = st.dictionaries(
-    st.sampled_from(["input", "output", "batch_input", "batch_output", "cached_input",
-                     "context_length", "read", "type"]) | st.text(max_size=6) | st.integers(),
+    st.sampled_from(
+        ["input", "output", "batch_input", "batch_output", "cached_input", "context_length", "read", "type"]
+    )
+    | st.text(max_size=6)
+    | st.integers(),
     junk,
     max_size=5,
 )
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(
-    junk,
-    st.fixed_dictionaries({"models": st.dictionaries(st.text(max_size=8), junk_specs, max_size=3)},
-                          optional={"batch_discount": junk}),
-))
+@given(
+    st.one_of(
+        junk,
+        st.fixed_dictionaries(
+            {"models": st.dictionaries(st.text(max_size=8), junk_specs, max_size=3)},
+            optional={"batch_discount": junk},
+        ),
+    )
+)
 def test_junk_price_tables_raise_only_config_error(data: object) -> None:
     """Whatever the YAML holds, parse_price_table returns a table or raises ConfigError."""
     try:

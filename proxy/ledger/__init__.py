@@ -25,10 +25,30 @@ TERMINAL_STATUSES = (
 )
 
 COLUMNS = (
-    "request_id", "tenant", "key_id", "model", "endpoint", "mode", "feature", "environment",
-    "stream", "started_us", "finished_us", "period", "upstream_status", "prompt_tokens",
-    "completion_tokens", "cached_tokens", "reasoning_tokens", "usage_source", "cost_pusd",
-    "reserved_pusd", "status", "stream_complete", "error_code", "upstream_id",
+    "request_id",
+    "tenant",
+    "key_id",
+    "model",
+    "endpoint",
+    "mode",
+    "feature",
+    "environment",
+    "stream",
+    "started_us",
+    "finished_us",
+    "period",
+    "upstream_status",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "usage_source",
+    "cost_pusd",
+    "reserved_pusd",
+    "status",
+    "stream_complete",
+    "error_code",
+    "upstream_id",
 )
 
 
@@ -67,18 +87,48 @@ class LedgerRow:
     def with_(self, **changes: Any) -> LedgerRow:
         return replace(self, **changes)
 
-    def terminal(self, status: str, *, upstream_status: int | None = None,
-                 prompt_tokens: int | None = None, completion_tokens: int | None = None,
-                 cached_tokens: int | None = None, reasoning_tokens: int | None = None,
-                 usage_source: str = "none", cost_pusd: int | None = None,
-                 stream_complete: bool = False, error_code: str | None = None,
-                 upstream_id: str | None = None) -> LedgerRow:
+    def terminal(
+        self,
+        status: str,
+        *,
+        upstream_status: int | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        cached_tokens: int | None = None,
+        reasoning_tokens: int | None = None,
+        usage_source: str = "none",
+        cost_pusd: int | None = None,
+        stream_complete: bool = False,
+        error_code: str | None = None,
+        upstream_id: str | None = None,
+    ) -> LedgerRow:
         """This in-flight row made terminal now (a direct constructor call: the hot path)."""
-        return LedgerRow(self.request_id, self.tenant, self.key_id, self.model, self.endpoint,
-                         self.mode, self.feature, self.environment, self.stream, self.started_us,
-                         self.period, status, now_us(), upstream_status, prompt_tokens,
-                         completion_tokens, cached_tokens, reasoning_tokens, usage_source,
-                         cost_pusd, self.reserved_pusd, stream_complete, error_code, upstream_id)
+        return LedgerRow(
+            self.request_id,
+            self.tenant,
+            self.key_id,
+            self.model,
+            self.endpoint,
+            self.mode,
+            self.feature,
+            self.environment,
+            self.stream,
+            self.started_us,
+            self.period,
+            status,
+            now_us(),
+            upstream_status,
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+            reasoning_tokens,
+            usage_source,
+            cost_pusd,
+            self.reserved_pusd,
+            stream_complete,
+            error_code,
+            upstream_id,
+        )
 
     @classmethod
     def from_mapping(cls, data: Any) -> LedgerRow:
@@ -133,5 +183,13 @@ class Ledger(Protocol):
     async def spend_by_tenant(self, period: str) -> dict[str, int]: ...
 
 
-__all__ = ["COLUMNS", "IN_FLIGHT", "TERMINAL_STATUSES", "Ledger", "LedgerRow",
-           "LedgerUnavailable", "now_us", "period_of"]
+__all__ = [
+    "COLUMNS",
+    "IN_FLIGHT",
+    "TERMINAL_STATUSES",
+    "Ledger",
+    "LedgerRow",
+    "LedgerUnavailable",
+    "now_us",
+    "period_of",
+]

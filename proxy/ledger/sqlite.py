@@ -61,19 +61,44 @@ _PLACEHOLDERS = ", ".join("?" for _ in COLUMNS)
 _INSERT_BEGIN = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({_PLACEHOLDERS})"
 _INSERT_TERMINAL = f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) VALUES ({_PLACEHOLDERS})"
 # What `finish` sets. A terminal row is never changed again: that makes `finish` idempotent.
-_FINISH_COLUMNS = ("status", "finished_us", "upstream_status", "prompt_tokens",
-                   "completion_tokens", "cached_tokens", "reasoning_tokens", "usage_source",
-                   "cost_pusd", "stream_complete", "error_code", "upstream_id")
+_FINISH_COLUMNS = (
+    "status",
+    "finished_us",
+    "upstream_status",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "usage_source",
+    "cost_pusd",
+    "stream_complete",
+    "error_code",
+    "upstream_id",
+)
 _UPDATE_FINISH = (
-    "UPDATE requests SET " + ", ".join(f"{c} = ?" for c in _FINISH_COLUMNS)
+    "UPDATE requests SET "
+    + ", ".join(f"{c} = ?" for c in _FINISH_COLUMNS)
     + f" WHERE request_id = ? AND status = '{IN_FLIGHT}'"
 )
 
 
 def _finish_values(row: LedgerRow) -> tuple[Any, ...]:
-    return (row.status, row.finished_us, row.upstream_status, row.prompt_tokens,
-            row.completion_tokens, row.cached_tokens, row.reasoning_tokens, row.usage_source,
-            row.cost_pusd, row.stream_complete, row.error_code, row.upstream_id, row.request_id)
+    return (
+        row.status,
+        row.finished_us,
+        row.upstream_status,
+        row.prompt_tokens,
+        row.completion_tokens,
+        row.cached_tokens,
+        row.reasoning_tokens,
+        row.usage_source,
+        row.cost_pusd,
+        row.stream_complete,
+        row.error_code,
+        row.upstream_id,
+        row.request_id,
+    )
+
 
 _Op = tuple[str, LedgerRow, asyncio.Future[bool]]
 
@@ -81,9 +106,14 @@ _Op = tuple[str, LedgerRow, asyncio.Future[bool]]
 class SQLiteLedger:
     """The default, embedded ledger: a WAL-mode SQLite file."""
 
-    def __init__(self, path: str | Path, *, synchronous: str = "normal",
-                 on_commit: Callable[[int, float, bool], None] | None = None,
-                 on_terminal: Callable[[LedgerRow], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "normal",
+        on_commit: Callable[[int, float, bool], None] | None = None,
+        on_terminal: Callable[[LedgerRow], None] | None = None,
+    ) -> None:
         self.path = str(path)
         self.synchronous = synchronous.upper()
         self._conn: sqlite3.Connection | None = None
@@ -110,8 +140,7 @@ class SQLiteLedger:
             # happen on the event loop, so the writer runs them in a thread (_write_loop)
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.executescript(SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                         (str(SCHEMA_VERSION),))
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self.orphans_reaped = _reap_orphans(conn)
         except (sqlite3.Error, OSError) as exc:
             raise LedgerUnavailable(f"cannot open ledger {self.path}: {exc}") from exc
@@ -214,8 +243,11 @@ class SQLiteLedger:
                 for (kind, row, _), made in zip(batch, results, strict=True):
                     if made is True and kind != "begin":
                         self._on_terminal(row)
-            _resolve(batch, results if ok else None,
-                     None if ok else LedgerUnavailable("the ledger could not commit"))
+            _resolve(
+                batch,
+                results if ok else None,
+                None if ok else LedgerUnavailable("the ledger could not commit"),
+            )
 
     def _checkpoint(self, mode: str, conn: sqlite3.Connection | None = None) -> None:
         own = conn is None
@@ -298,8 +330,7 @@ class SQLiteLedger:
         return bool(found) and found[0][0] == "ok"
 
 
-def _resolve(batch: list[_Op], results: list[bool | Exception] | None,
-             error: BaseException | None) -> None:
+def _resolve(batch: list[_Op], results: list[bool | Exception] | None, error: BaseException | None) -> None:
     for i, (_, _, fut) in enumerate(batch):
         if fut.done():
             continue

@@ -40,8 +40,10 @@ SMALL_CHAT_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo"  # on globex's 
 ACME_ONLY_MODEL = "deepseek-ai/DeepSeek-V3"  # priced, not on globex's allow-list
 LANGUAGE_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
 EMBEDDING_MODEL = "BAAI/bge-large-en-v1.5"
-MESSAGES: list[Any] = [{"role": "system", "content": "Be brief."},
-                       {"role": "user", "content": "How much did this request cost?"}]
+MESSAGES: list[Any] = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "How much did this request cost?"},
+]
 ROW_WAIT_S = 10.0
 
 
@@ -78,15 +80,13 @@ class Meter:
 
     def openai(self, tenant: str = "acme") -> AsyncOpenAI:
         """An AsyncOpenAI client for `tenant` through the proxy (closed at teardown)."""
-        client = AsyncOpenAI(base_url=self.base_url, api_key=self.keys[tenant], max_retries=0,
-                             timeout=20)
+        client = AsyncOpenAI(base_url=self.base_url, api_key=self.keys[tenant], max_retries=0, timeout=20)
         self._clients.append(client)
         return client
 
     def direct_openai(self) -> AsyncOpenAI:
         """An AsyncOpenAI client straight to the simulator, with the operator key."""
-        client = AsyncOpenAI(base_url=self.sim.url, api_key=self.operator_key, max_retries=0,
-                             timeout=20)
+        client = AsyncOpenAI(base_url=self.sim.url, api_key=self.operator_key, max_retries=0, timeout=20)
         self._clients.append(client)
         return client
 
@@ -122,8 +122,7 @@ class Meter:
                 raise AssertionError(f"ledger not settled after {within} s: {rows}")
             await asyncio.sleep(0.05)
 
-    async def admin_get(self, path: str, headers: dict[str, str] | None = None
-                        ) -> tuple[int, bytes]:
+    async def admin_get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         async with aiohttp.ClientSession() as s, s.get(self.admin + path, headers=headers) as r:
             return r.status, await r.read()
 
@@ -154,8 +153,9 @@ class Meter:
         await self.proxy.stop()
 
 
-async def post_raw(url: str, body: bytes | dict[str, Any] | None, headers: dict[str, str],
-                   method: str = "POST") -> tuple[int, CIMultiDict[str], bytes]:
+async def post_raw(
+    url: str, body: bytes | dict[str, Any] | None, headers: dict[str, str], method: str = "POST"
+) -> tuple[int, CIMultiDict[str], bytes]:
     """One request with aiohttp: status, headers (case-insensitive), the whole body as bytes."""
     data = orjson.dumps(body) if isinstance(body, dict) else body
     hdrs = {"Content-Type": "application/json", **headers} if data is not None else headers
@@ -191,8 +191,13 @@ async def start_simulator() -> tuple[RunningSimulator, list[dict[str, Any]]]:
 
     @web.middleware
     async def note(request: web.Request, handler: Any) -> web.StreamResponse:
-        seen.append({"method": request.method, "path": request.path,
-                     "headers": {k.lower(): v for k, v in request.headers.items()}})
+        seen.append(
+            {
+                "method": request.method,
+                "path": request.path,
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+            }
+        )
         return await handler(request)
 
     app.middlewares.append(note)
@@ -220,22 +225,31 @@ StartMeter = Callable[..., contextlib.AbstractAsyncContextManager[Meter]]
 
 
 @contextlib.asynccontextmanager
-async def running_meter(ledger_path: Path, tokenizer: Tokenizer, *, upstream: str | None = None,
-                        change: Callable[[Config], Config] | None = None) -> AsyncIterator[Meter]:
+async def running_meter(
+    ledger_path: Path,
+    tokenizer: Tokenizer,
+    *,
+    upstream: str | None = None,
+    change: Callable[[Config], Config] | None = None,
+) -> AsyncIterator[Meter]:
     """Simulator + proxy (config/example.yaml with fresh keys, loopback ports, this ledger)."""
     base = load_config(CONFIG_PATH)
     keys = {name: new_key() for name in base.tenants}
     tenants = {n: replace(t, key_digests=(digest(keys[n]),)) for n, t in base.tenants.items()}
     sim, seen = await start_simulator()
     try:
-        config = with_overrides(replace(base, tenants=tenants), upstream=upstream or sim.url,
-                                port=0, admin_port=0, ledger_path=ledger_path)
+        config = with_overrides(
+            replace(base, tenants=tenants),
+            upstream=upstream or sim.url,
+            port=0,
+            admin_port=0,
+            ledger_path=ledger_path,
+        )
         # bounded teardown: a request still in flight cannot hold the test for 30 s
         config = replace(config, limits=replace(config.limits, drain_timeout=3))
         if change is not None:
             config = change(config)
-        proxy = await _start_proxy(config, Secrets(OPERATOR_KEY, admin_token=ADMIN_TOKEN),
-                                   tokenizer)
+        proxy = await _start_proxy(config, Secrets(OPERATOR_KEY, admin_token=ADMIN_TOKEN), tokenizer)
         meter = Meter(proxy, sim, keys, ledger_path, seen)
         try:
             yield meter
@@ -243,5 +257,3 @@ async def running_meter(ledger_path: Path, tokenizer: Tokenizer, *, upstream: st
             await meter.aclose()
     finally:
         await sim.stop()
-
-

@@ -55,16 +55,34 @@ BAD_INPUTS = [
     Bad("stream_not_bool", 400, INVALID, "invalid_field", "acme", _body(stream="yes")),
     Bad("messages_not_list", 400, INVALID, "invalid_field", "acme", _body(messages="hello")),
     Bad("negative_max_tokens", 400, INVALID, "invalid_field", "acme", _body(max_tokens=-1)),
-    Bad("unpriced_model", 400, INVALID, "model_not_priced", "acme",
-        _body(model="acme-labs/not-in-the-price-table")),
-    Bad("model_not_allowed", 403, "permission_error", "model_not_allowed", "globex",
-        _body(model=ACME_ONLY_MODEL)),
-    Bad("body_too_large", 413, INVALID, "request_too_large", "acme",
-        _body(messages=[{"role": "user", "content": "x" * 2 * BODY_LIMIT}])),
-    Bad("unknown_route", 404, INVALID, "unknown_url", "acme", _body(), path="/assistants",
-        rejected_row=False),
-    Bad("get_on_chat", 405, INVALID, "method_not_allowed", "acme", method="GET",
-        rejected_row=False),
+    Bad(
+        "unpriced_model",
+        400,
+        INVALID,
+        "model_not_priced",
+        "acme",
+        _body(model="acme-labs/not-in-the-price-table"),
+    ),
+    Bad(
+        "model_not_allowed",
+        403,
+        "permission_error",
+        "model_not_allowed",
+        "globex",
+        _body(model=ACME_ONLY_MODEL),
+    ),
+    Bad(
+        "body_too_large",
+        413,
+        INVALID,
+        "request_too_large",
+        "acme",
+        _body(messages=[{"role": "user", "content": "x" * 2 * BODY_LIMIT}]),
+    ),
+    Bad(
+        "unknown_route", 404, INVALID, "unknown_url", "acme", _body(), path="/assistants", rejected_row=False
+    ),
+    Bad("get_on_chat", 405, INVALID, "method_not_allowed", "acme", method="GET", rejected_row=False),
 ]
 
 
@@ -88,10 +106,10 @@ async def small(start_meter: StartMeter) -> AsyncIterator[Meter]:
 
 
 async def _assert_refused(meter: Meter, bad: Bad) -> None:
-    seen, billed, before = len(meter.upstream_seen), len(meter.sim.billed.entries), len(
-        await meter.rows())
-    status, headers, body = await post_raw(meter.base_url + bad.path, bad.body,
-                                           _headers(meter, bad.key), method=bad.method)
+    seen, billed, before = len(meter.upstream_seen), len(meter.sim.billed.entries), len(await meter.rows())
+    status, headers, body = await post_raw(
+        meter.base_url + bad.path, bad.body, _headers(meter, bad.key), method=bad.method
+    )
     assert status == bad.status, body
     assert meter.operator_key.encode() not in body
     err = error_of(body)
@@ -104,7 +122,11 @@ async def _assert_refused(meter: Meter, bad: Bad) -> None:
         return
     (row,) = new
     assert (row.request_id, row.tenant, row.status, row.error_code) == (
-        headers["x-request-id"], bad.key, "rejected", bad.code)
+        headers["x-request-id"],
+        bad.key,
+        "rejected",
+        bad.code,
+    )
     assert row.cost_pusd == 0 and row.prompt_tokens is None and row.upstream_status is None
 
 
@@ -117,14 +139,20 @@ async def test_bad_input_refused(small: Meter, bad: Bad) -> None:
 
 async def test_chunked_body_too_large(small: Meter) -> None:
     """A chunked body (no Content-Length) over the limit is a 413 too, and is not forwarded."""
+
     async def chunks() -> AsyncIterator[bytes]:
         for _ in range(4):
             yield b" " * BODY_LIMIT
         yield _body()
 
-    async with aiohttp.ClientSession() as s, s.post(
-            small.base_url + "/chat/completions", data=chunks(),
-            headers={**small.auth(), "Content-Type": "application/json"}) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            small.base_url + "/chat/completions",
+            data=chunks(),
+            headers={**small.auth(), "Content-Type": "application/json"},
+        ) as r,
+    ):
         status, body, request_id = r.status, await r.read(), r.headers["x-request-id"]
     assert status == 413 and error_of(body)["code"] == "request_too_large"
     (row,) = await small.rows()
@@ -141,42 +169,52 @@ async def test_sdk_raises_matching_errors(meter: Meter) -> None:
     with pytest.raises(openai.BadRequestError) as unpriced:
         await meter.openai().chat.completions.create(model="x/unpriced", messages=MESSAGES)
     with pytest.raises(openai.PermissionDeniedError) as denied:
-        await meter.openai("globex").chat.completions.create(model=ACME_ONLY_MODEL,
-                                                             messages=MESSAGES)
+        await meter.openai("globex").chat.completions.create(model=ACME_ONLY_MODEL, messages=MESSAGES)
     assert [(e.value.status_code, e.value.code) for e in (auth, unpriced, denied)] == [
-        (401, "invalid_api_key"), (400, "model_not_priced"), (403, "model_not_allowed")]
+        (401, "invalid_api_key"),
+        (400, "model_not_priced"),
+        (403, "model_not_allowed"),
+    ]
     assert meter.upstream_seen == []
     assert [(r.tenant, r.status, r.cost_pusd) for r in await meter.rows()] == [
-        ("acme", "rejected", 0), ("globex", "rejected", 0)]
+        ("acme", "rejected", 0),
+        ("globex", "rejected", 0),
+    ]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
-@pytest.mark.parametrize(("status", "error_class"), [(500, openai.InternalServerError),
-                                                     (429, openai.RateLimitError)])
-async def test_upstream_status_passed_through(meter: Meter, status: int, error_class: type,
-                                              stream: bool) -> None:
+@pytest.mark.parametrize(
+    ("status", "error_class"), [(500, openai.InternalServerError), (429, openai.RateLimitError)]
+)
+async def test_upstream_status_passed_through(
+    meter: Meter, status: int, error_class: type, stream: bool
+) -> None:
     """An upstream 500/429 reaches the client with its status and body; a cost-0 error row."""
     with pytest.raises(error_class) as info:
         await meter.openai().chat.completions.create(
-            model=CHAT_MODEL, messages=MESSAGES, stream=stream,
-            extra_body={"simulate": {"status": status}})
+            model=CHAT_MODEL, messages=MESSAGES, stream=stream, extra_body={"simulate": {"status": status}}
+        )
     assert info.value.status_code == status and "simulated error" in info.value.message
-    body = {"model": CHAT_MODEL, "messages": MESSAGES, "stream": stream,
-            "simulate": {"status": status}}
-    got, headers, proxied = await post_raw(meter.base_url + "/chat/completions", body,
-                                           meter.auth())
-    want, dheaders, direct = await post_raw(meter.sim.url + "/chat/completions", body,
-                                            {"Authorization": f"Bearer {meter.operator_key}"})
+    body = {"model": CHAT_MODEL, "messages": MESSAGES, "stream": stream, "simulate": {"status": status}}
+    got, headers, proxied = await post_raw(meter.base_url + "/chat/completions", body, meter.auth())
+    want, dheaders, direct = await post_raw(
+        meter.sim.url + "/chat/completions", body, {"Authorization": f"Bearer {meter.operator_key}"}
+    )
     assert (got, proxied) == (want, direct) == (status, direct)
-    assert headers.get("Retry-After") == dheaders.get("Retry-After") == (
-        "1" if status == 429 else None)
+    assert headers.get("Retry-After") == dheaders.get("Retry-After") == ("1" if status == 429 else None)
     assert meter.sim.billed.entries == []
     rows = await meter.rows()
-    assert [r.request_id for r in rows] == [info.value.response.headers["x-request-id"],
-                                            headers["x-request-id"]]
+    assert [r.request_id for r in rows] == [
+        info.value.response.headers["x-request-id"],
+        headers["x-request-id"],
+    ]
     for row in rows:
         assert (row.status, row.upstream_status, row.cost_pusd, row.usage_source) == (
-            "upstream_error", status, 0, "none")
+            "upstream_error",
+            status,
+            0,
+            "none",
+        )
         assert row.error_code == f"upstream_{status}" and row.stream is stream
 
 
@@ -185,23 +223,31 @@ async def test_unreachable_upstream(start_meter: StartMeter) -> None:
     async with start_meter(upstream=f"http://127.0.0.1:{closed_port()}/v1") as meter:
         with pytest.raises(openai.InternalServerError) as info:
             await meter.openai().chat.completions.create(model=CHAT_MODEL, messages=MESSAGES)
-        status, headers, body = await post_raw(meter.base_url + "/chat/completions",
-                                               _body(stream=True), meter.auth())
+        status, headers, body = await post_raw(
+            meter.base_url + "/chat/completions", _body(stream=True), meter.auth()
+        )
         assert info.value.status_code == status == 502
         err = error_of(body)
         assert (err["type"], err["code"]) == ("upstream_error", "upstream_unreachable")
         assert info.value.code == "upstream_unreachable"
         rows = await meter.rows()
-        assert [r.request_id for r in rows] == [info.value.response.headers["x-request-id"],
-                                                headers["x-request-id"]]
+        assert [r.request_id for r in rows] == [
+            info.value.response.headers["x-request-id"],
+            headers["x-request-id"],
+        ]
         for row in rows:
             assert (row.status, row.cost_pusd, row.usage_source, row.upstream_status) == (
-                "upstream_error", 0, "none", None)
+                "upstream_error",
+                0,
+                "none",
+                None,
+            )
             assert row.error_code == "upstream_unreachable"
 
 
-async def test_silent_upstream_times_out(start_meter: StartMeter,
-                                         silent_upstream: tuple[str, list[str]]) -> None:
+async def test_silent_upstream_times_out(
+    start_meter: StartMeter, silent_upstream: tuple[str, list[str]]
+) -> None:
     """No response headers within first_byte: 504, and a row charged at its reservation."""
     url, hits = silent_upstream
 
@@ -211,8 +257,7 @@ async def test_silent_upstream_times_out(start_meter: StartMeter,
     async with start_meter(upstream=url, change=short_first_byte) as meter:
         body = _body()
         t0 = time.monotonic()
-        status, headers, answer = await post_raw(meter.base_url + "/chat/completions", body,
-                                                 meter.auth())
+        status, headers, answer = await post_raw(meter.base_url + "/chat/completions", body, meter.auth())
         elapsed = time.monotonic() - t0
         assert status == 504 and 0.5 <= elapsed < 3.0
         err = error_of(answer)
@@ -222,13 +267,16 @@ async def test_silent_upstream_times_out(start_meter: StartMeter,
         rates = meter.config.prices.get(CHAT_MODEL)
         assert rates is not None
         assert (row.request_id, row.status, row.error_code, row.usage_source) == (
-            headers["x-request-id"], "upstream_timeout", "upstream_timeout", "estimated")
+            headers["x-request-id"],
+            "upstream_timeout",
+            "upstream_timeout",
+            "estimated",
+        )
         # the upstream may still bill it: charged at the bound reserved before forwarding
         assert row.cost_pusd == row.reserved_pusd == len(body) * rates.input + 2 * rates.output
 
 
-async def test_still_serves_after_every_error(small: Meter,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_still_serves_after_every_error(small: Meter, caplog: pytest.LogCaptureFixture) -> None:
     """After every bad input and upstream error in a row, a normal request is served and billed."""
     caplog.set_level(logging.DEBUG)
     for bad in BAD_INPUTS:
@@ -236,14 +284,18 @@ async def test_still_serves_after_every_error(small: Meter,
     client = small.openai()
     for status in (500, 429):
         with pytest.raises(openai.APIStatusError):
-            await client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES,
-                                                 extra_body={"simulate": {"status": status}})
+            await client.chat.completions.create(
+                model=CHAT_MODEL, messages=MESSAGES, extra_body={"simulate": {"status": status}}
+            )
     r = await client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=3)
     assert r.choices[0].message.content == "Hello from the"
     (entry,) = small.sim.billed.entries
     rows = await small.rows()
     assert [row.status for row in rows] == ["rejected"] * sum(b.rejected_row for b in BAD_INPUTS) + [
-        "upstream_error", "upstream_error", "ok"]
+        "upstream_error",
+        "upstream_error",
+        "ok",
+    ]
     assert (rows[-1].prompt_tokens, rows[-1].completion_tokens) == (entry["prompt_tokens"], 3)
     assert rows[-1].cost_pusd == small.cost(CHAT_MODEL, entry["prompt_tokens"], 3)
     secrets = [small.operator_key, *small.keys.values()]

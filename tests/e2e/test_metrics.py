@@ -62,8 +62,7 @@ async def _send_traffic(meter: Meter) -> None:
         environment = ("prod", "qa", None)[i % 3]  # qa is not a configured environment: "other"
         if environment:
             headers["X-Meter-Environment"] = environment
-        path = {"chat": "/chat/completions", "completions": "/completions",
-                "embeddings": "/embeddings"}[kind]
+        path = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}[kind]
         await post_raw(meter.base_url + path, body, headers)
 
 
@@ -88,12 +87,12 @@ def _expected(meter: Meter, rows: list[LedgerRow]) -> dict[str, Counter[Labels]]
             return "none"
         return r.environment if r.environment in environments else "other"
 
-    out: dict[str, Counter[Labels]] = {k: Counter() for k in (
-        "requests", "tokens", "cost_pusd", "unknown", "spend_pusd")}
+    out: dict[str, Counter[Labels]] = {
+        k: Counter() for k in ("requests", "tokens", "cost_pusd", "unknown", "spend_pusd")
+    }
     period = period_of(now_us())
     for r in rows:
-        tmf = {"tenant": r.tenant, "model": model(r), "feature": feature(r),
-               "environment": environment(r)}
+        tmf = {"tenant": r.tenant, "model": model(r), "feature": feature(r), "environment": environment(r)}
         out["requests"][_labels(**tmf, status=r.status)] += 1
         if r.prompt_tokens is not None:
             out["tokens"][_labels(**tmf, direction="input")] += r.prompt_tokens
@@ -104,7 +103,8 @@ def _expected(meter: Meter, rows: list[LedgerRow]) -> dict[str, Counter[Labels]]
             if r.period == period:
                 out["spend_pusd"][_labels(tenant=r.tenant)] += r.cost_pusd
         if r.usage_source == "estimated" or (
-                r.usage_source == "none" and r.status not in ("rejected", "upstream_error")):
+            r.usage_source == "none" and r.status not in ("rejected", "upstream_error")
+        ):
             out["unknown"][_labels(tenant=r.tenant, model=model(r))] += 1
     return out
 
@@ -155,17 +155,17 @@ async def test_admin_port_endpoints(meter: Meter) -> None:
     status, body = await meter.admin_get("/healthz")
     assert (status, orjson.loads(body)) == (200, {"status": "ok"})
     status, body = await meter.admin_get("/readyz")
-    assert (status, orjson.loads(body)) == (
-        200, {"ready": True, "ledger_writable": True, "accepting": True})
+    assert (status, orjson.loads(body)) == (200, {"ready": True, "ledger_writable": True, "accepting": True})
     for headers in (meter.auth("acme"), {}):
         status, body = await meter.admin_get("/admin/spend", headers)
         assert status == 401 and error_of(body)["code"] == "invalid_api_key"
-    status, body = await meter.admin_get(
-        "/admin/spend", {"Authorization": f"Bearer {meter.admin_token}"})
+    status, body = await meter.admin_get("/admin/spend", {"Authorization": f"Bearer {meter.admin_token}"})
     spend = _expected(meter, await meter.rows())["spend_pusd"]
     assert status == 200
-    assert orjson.loads(body) == {"period": period_of(now_us()), "tenants": {
-        dict(k)["tenant"]: {"spend_usd": format_usd(v)} for k, v in sorted(spend.items())}}
+    assert orjson.loads(body) == {
+        "period": period_of(now_us()),
+        "tenants": {dict(k)["tenant"]: {"spend_usd": format_usd(v)} for k, v in sorted(spend.items())},
+    }
 
 
 async def test_metrics_not_on_public_port(meter: Meter) -> None:
@@ -190,21 +190,19 @@ async def test_spend_gauge_recomputed_after_restart(meter: Meter) -> None:
     assert status == 200
 
 
-async def test_two_proxies_in_one_process(meter: Meter, tmp_path: Path,
-                                          tokenizer: Tokenizer) -> None:
+async def test_two_proxies_in_one_process(meter: Meter, tmp_path: Path, tokenizer: Tokenizer) -> None:
     """A second Proxy in the same process has its own metrics (no global registry clash)."""
-    config = replace(meter.config, ledger=replace(meter.config.ledger,
-                                                  path=str(tmp_path / "second.db")))
+    config = replace(meter.config, ledger=replace(meter.config.ledger, path=str(tmp_path / "second.db")))
     second = Proxy(config, meter.proxy.secrets, tokenizer=tokenizer)  # DuplicateTimeseries today
     try:
         await second.start()
-        await meter.openai().chat.completions.create(model=CHAT_MODEL, messages=MESSAGES,
-                                                     max_tokens=2)
+        await meter.openai().chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=2)
         first_samples = await meter.metric_samples()
         assert sum(first_samples["together_meter_requests_total"].values()) == 1
-        status, _, body = await post_raw(f"http://127.0.0.1:{second.admin_port}/metrics", None,
-                                         {}, method="GET")
-        assert status == 200 and b'together_meter_requests_total{' not in body
+        status, _, body = await post_raw(
+            f"http://127.0.0.1:{second.admin_port}/metrics", None, {}, method="GET"
+        )
+        assert status == 200 and b"together_meter_requests_total{" not in body
     finally:
         await second.stop()
 
@@ -213,23 +211,33 @@ async def test_contract_metric_families(meter: Meter) -> None:
     """The documented metric names are exposed, with the figures of one plain and one stream call."""
     client = meter.openai()
     await client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=2)
-    stream = await client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES,
-                                                  max_tokens=2, stream=True)
+    stream = await client.chat.completions.create(
+        model=CHAT_MODEL, messages=MESSAGES, max_tokens=2, stream=True
+    )
     assert len([c async for c in stream]) == 2
     samples = await meter.metric_samples()
     prompt = meter.sim.billed.entries[0]["prompt_tokens"]
-    totals = {name: sum(samples.get(name, {}).values()) for name in (
-        "together_meter_requests_total", "together_meter_tokens_total",
-        "together_meter_cost_usd_total", "together_meter_usage_unknown_total",
-        "together_meter_spend_month_to_date_usd", "together_meter_request_duration_seconds_count",
-        "together_meter_time_to_first_token_seconds_count",
-        "together_meter_upstream_duration_seconds_count")}
+    totals = {
+        name: sum(samples.get(name, {}).values())
+        for name in (
+            "together_meter_requests_total",
+            "together_meter_tokens_total",
+            "together_meter_cost_usd_total",
+            "together_meter_usage_unknown_total",
+            "together_meter_spend_month_to_date_usd",
+            "together_meter_request_duration_seconds_count",
+            "together_meter_time_to_first_token_seconds_count",
+            "together_meter_upstream_duration_seconds_count",
+        )
+    }
     cost = usd(2 * meter.cost(CHAT_MODEL, prompt, 2))
     assert {k: v for k, v in totals.items() if "usd" not in k} == {
-        "together_meter_requests_total": 2, "together_meter_tokens_total": 2 * (prompt + 2),
+        "together_meter_requests_total": 2,
+        "together_meter_tokens_total": 2 * (prompt + 2),
         "together_meter_usage_unknown_total": 0,
         "together_meter_request_duration_seconds_count": 2,
         "together_meter_time_to_first_token_seconds_count": 1,
-        "together_meter_upstream_duration_seconds_count": 2}
+        "together_meter_upstream_duration_seconds_count": 2,
+    }
     for name in ("together_meter_cost_usd_total", "together_meter_spend_month_to_date_usd"):
         assert abs(Decimal(totals[name]) - cost) <= cost * Decimal("1e-12"), name

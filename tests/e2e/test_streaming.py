@@ -13,13 +13,21 @@ import pytest
 from .support import CHAT_MODEL, EMBEDDING_MODEL, LANGUAGE_MODEL, MESSAGES, Meter, StartMeter
 
 # The only headers the proxy may send upstream (the rest are aiohttp's own framing headers).
-UPSTREAM_HEADERS = {"host", "authorization", "accept-encoding", "content-type", "content-length",
-                    "accept", "user-agent"}
+UPSTREAM_HEADERS = {
+    "host",
+    "authorization",
+    "accept-encoding",
+    "content-type",
+    "content-length",
+    "accept",
+    "user-agent",
+}
 
 
 async def _stream_text(meter: Meter, max_tokens: int, **kwargs: Any) -> tuple[str, list[Any]]:
     stream = await meter.openai().chat.completions.create(
-        model=CHAT_MODEL, messages=MESSAGES, max_tokens=max_tokens, stream=True, **kwargs)
+        model=CHAT_MODEL, messages=MESSAGES, max_tokens=max_tokens, stream=True, **kwargs
+    )
     chunks = [c async for c in stream]
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
 
@@ -62,13 +70,17 @@ async def test_usage_chunk_hidden_when_not_asked(meter: Meter) -> None:
     assert entry["usage_reported"]
     (row,) = await meter.rows()
     assert (row.usage_source, row.prompt_tokens, row.completion_tokens) == (
-        "upstream", entry["prompt_tokens"], 5)
+        "upstream",
+        entry["prompt_tokens"],
+        5,
+    )
 
 
 async def test_usage_chunk_kept_when_asked(meter: Meter) -> None:
     """A client that set include_usage gets the usage-only chunk, with the billed numbers."""
-    _, chunks = await _stream_text(meter, 5, stream_options={"include_usage": True},
-                                   extra_body={"simulate": {"usage": "last"}})
+    _, chunks = await _stream_text(
+        meter, 5, stream_options={"include_usage": True}, extra_body={"simulate": {"usage": "last"}}
+    )
     (entry,) = meter.sim.billed.entries
     assert len(chunks) == 6 and chunks[-1].choices == []
     usage = chunks[-1].usage
@@ -83,8 +95,9 @@ async def test_tenant_key_never_upstream(meter: Meter) -> None:
     """Every upstream request carries the operator key; no header holds a tenant key."""
     acme, globex = meter.openai("acme"), meter.openai("globex")
     await globex.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=2)
-    await acme.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=2,
-                                       extra_headers={"X-Meter-Feature": "chat"})
+    await acme.chat.completions.create(
+        model=CHAT_MODEL, messages=MESSAGES, max_tokens=2, extra_headers={"X-Meter-Feature": "chat"}
+    )
     await _stream_text(meter, 2)
     await acme.completions.create(model=LANGUAGE_MODEL, prompt="x", max_tokens=2)
     await acme.embeddings.create(model=EMBEDDING_MODEL, input="x")
@@ -95,8 +108,7 @@ async def test_tenant_key_never_upstream(meter: Meter) -> None:
         assert set(headers) <= UPSTREAM_HEADERS, set(headers) - UPSTREAM_HEADERS
         for key in meter.keys.values():
             assert all(key not in v for v in headers.values())
-    assert {e["authorization"] for e in meter.sim.billed.entries} == {
-        f"Bearer {meter.operator_key}"}
+    assert {e["authorization"] for e in meter.sim.billed.entries} == {f"Bearer {meter.operator_key}"}
     assert len(await meter.rows()) == 5
 
 
@@ -124,9 +136,17 @@ async def _settled_entry(meter: Meter) -> dict[str, Any]:
 
 async def test_client_abort_records_billed_usage(meter: Meter) -> None:
     """A client that leaves mid-stream: the proxy reads on (grace) and records what was billed."""
-    request_id = await _leave_after(meter, 3, {
-        "model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 60, "stream": True,
-        "simulate": {"chunk_delay_ms": 10}})
+    request_id = await _leave_after(
+        meter,
+        3,
+        {
+            "model": CHAT_MODEL,
+            "messages": MESSAGES,
+            "max_tokens": 60,
+            "stream": True,
+            "simulate": {"chunk_delay_ms": 10},
+        },
+    )
     (row,) = await meter.wait_terminal(1)
     entry = await _settled_entry(meter)
     assert row.request_id == request_id
@@ -138,18 +158,26 @@ async def test_client_abort_records_billed_usage(meter: Meter) -> None:
 
 async def test_client_abort_past_grace_is_estimated(start_meter: StartMeter) -> None:
     """If the upstream outlasts the grace period, the row is an estimate, flagged, near the bill."""
+
     def short_grace(config: Any) -> Any:
         return replace(config, upstream=replace(config.upstream, client_abort_grace=0.3))
 
     async with start_meter(change=short_grace) as meter:
-        await _leave_after(meter, 3, {
-            "model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 1000, "stream": True,
-            "simulate": {"chunk_delay_ms": 10}})
+        await _leave_after(
+            meter,
+            3,
+            {
+                "model": CHAT_MODEL,
+                "messages": MESSAGES,
+                "max_tokens": 1000,
+                "stream": True,
+                "simulate": {"chunk_delay_ms": 10},
+            },
+        )
         (row,) = await meter.wait_terminal(1)
         entry = await _settled_entry(meter)
         assert 3 <= entry["completion_tokens"] < 1000  # the proxy hung up on the upstream
-        assert (row.status, row.usage_source, row.stream_complete) == (
-            "client_aborted", "estimated", False)
+        assert (row.status, row.usage_source, row.stream_complete) == ("client_aborted", "estimated", False)
         assert row.prompt_tokens == entry["prompt_tokens"]
         assert row.completion_tokens is not None
         # counted from the chunks the proxy received: at most the billed ones, a few short

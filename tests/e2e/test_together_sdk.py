@@ -16,15 +16,17 @@ ATTRIBUTION = {"X-Meter-Feature": "summarize", "X-Meter-Environment": "prod"}
 
 @pytest.fixture
 async def together(meter: Meter) -> AsyncIterator[AsyncTogether]:
-    async with AsyncTogether(api_key=meter.keys["acme"], base_url=meter.origin,
-                             max_retries=0, timeout=20) as client:
+    async with AsyncTogether(
+        api_key=meter.keys["acme"], base_url=meter.origin, max_retries=0, timeout=20
+    ) as client:
         yield client
 
 
 async def test_chat_non_stream(meter: Meter, together: AsyncTogether) -> None:
     """A together chat answer passes through; its row and cost header match the bill."""
     raw = await together.chat.completions.with_raw_response.create(
-        model=CHAT_MODEL, messages=MESSAGES, max_tokens=4, extra_headers=ATTRIBUTION)
+        model=CHAT_MODEL, messages=MESSAGES, max_tokens=4, extra_headers=ATTRIBUTION
+    )
     r = await raw.parse()
     (entry,) = meter.sim.billed.entries
     assert r.id == entry["id"] and r.choices[0].message is not None
@@ -35,7 +37,12 @@ async def test_chat_non_stream(meter: Meter, together: AsyncTogether) -> None:
     assert raw.headers["x-request-id"] == row.request_id
     assert raw.headers["x-meter-cost-usd"] == meter.cost_text(CHAT_MODEL, entry["prompt_tokens"], 4)
     assert (row.status, row.tenant, row.model, row.endpoint, row.stream) == (
-        "ok", "acme", CHAT_MODEL, "chat", False)
+        "ok",
+        "acme",
+        CHAT_MODEL,
+        "chat",
+        False,
+    )
     assert (row.feature, row.environment, row.usage_source) == ("summarize", "prod", "upstream")
     assert (row.prompt_tokens, row.completion_tokens) == (entry["prompt_tokens"], 4)
     assert row.cost_pusd == meter.cost(CHAT_MODEL, entry["prompt_tokens"], 4)
@@ -44,17 +51,18 @@ async def test_chat_non_stream(meter: Meter, together: AsyncTogether) -> None:
 async def test_chat_stream(meter: Meter, together: AsyncTogether) -> None:
     """A together chat stream parses through the proxy (cost comment included); row = bill."""
     raw = await together.chat.completions.with_raw_response.create(
-        model=CHAT_MODEL, messages=MESSAGES, max_tokens=6, stream=True, extra_headers=ATTRIBUTION)
+        model=CHAT_MODEL, messages=MESSAGES, max_tokens=6, stream=True, extra_headers=ATTRIBUTION
+    )
     chunks = [c async for c in await raw.parse()]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
-        "Hello from the simulated together upstream")
+        "Hello from the simulated together upstream"
+    )
     (entry,) = meter.sim.billed.entries
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
     assert entry["body"]["stream_options"] == {"include_usage": True}
     (row,) = await meter.rows()
     assert raw.headers["x-request-id"] == row.request_id
-    assert (row.status, row.stream, row.stream_complete, row.usage_source) == (
-        "ok", True, True, "upstream")
+    assert (row.status, row.stream, row.stream_complete, row.usage_source) == ("ok", True, True, "upstream")
     assert (row.feature, row.environment) == ("summarize", "prod")
     assert (row.prompt_tokens, row.completion_tokens) == (entry["prompt_tokens"], 6)
     assert row.cost_pusd == meter.cost(CHAT_MODEL, entry["prompt_tokens"], 6)
@@ -62,8 +70,9 @@ async def test_chat_stream(meter: Meter, together: AsyncTogether) -> None:
 
 async def test_embeddings(meter: Meter, together: AsyncTogether) -> None:
     """together embeddings pass through; the row is estimated: prompt tokens only, output 0."""
-    r = await together.embeddings.create(model=EMBEDDING_MODEL, input=["a meter", "a bill"],
-                                         extra_headers=ATTRIBUTION)
+    r = await together.embeddings.create(
+        model=EMBEDDING_MODEL, input=["a meter", "a bill"], extra_headers=ATTRIBUTION
+    )
     assert [d.index for d in r.data] == [0, 1] and len(r.data[0].embedding) == 8
     (entry,) = meter.sim.billed.entries
     (row,) = await meter.rows()
@@ -74,9 +83,11 @@ async def test_embeddings(meter: Meter, together: AsyncTogether) -> None:
 
 async def test_project_models_list(meter: Meter) -> None:
     """Together(project_id=...).models.list() works: GET /v2/projects/p/models is passed on."""
+
     def list_models() -> list[str]:
-        with Together(api_key=meter.keys["acme"], base_url=meter.origin, project_id="p",
-                      max_retries=0, timeout=20) as client:
+        with Together(
+            api_key=meter.keys["acme"], base_url=meter.origin, project_id="p", max_retries=0, timeout=20
+        ) as client:
             return [f"{m.project_id}:{m.id}" for m in client.models.list()]
 
     listed = await asyncio.to_thread(list_models)
@@ -89,11 +100,10 @@ async def test_project_models_list(meter: Meter) -> None:
 
 async def test_models_bare_array_byte_for_byte(meter: Meter) -> None:
     """GET /v1/models through the proxy is the upstream's bare JSON array, byte for byte."""
-    status, headers, proxied = await post_raw(meter.base_url + "/models", None, meter.auth(),
-                                              method="GET")
-    dstatus, _, direct = await post_raw(meter.sim.url + "/models", None,
-                                        {"Authorization": f"Bearer {meter.operator_key}"},
-                                        method="GET")
+    status, headers, proxied = await post_raw(meter.base_url + "/models", None, meter.auth(), method="GET")
+    dstatus, _, direct = await post_raw(
+        meter.sim.url + "/models", None, {"Authorization": f"Bearer {meter.operator_key}"}, method="GET"
+    )
     assert (status, dstatus) == (200, 200)
     assert proxied == direct
     models = orjson.loads(proxied)
