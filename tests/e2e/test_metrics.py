@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 from collections import Counter
 from dataclasses import replace
 from decimal import Decimal
@@ -12,6 +14,7 @@ from typing import Any
 import orjson
 
 from proxy.app import Proxy
+from proxy.config import Config
 from proxy.ledger import LedgerRow, now_us, period_of
 from proxy.pricing import format_usd
 from proxy.usage import Tokenizer
@@ -24,6 +27,7 @@ from .support import (
     MESSAGES,
     SMALL_CHAT_MODEL,
     Meter,
+    StartMeter,
     error_of,
     post_raw,
     usd,
@@ -241,3 +245,33 @@ async def test_contract_metric_families(meter: Meter) -> None:
     }
     for name in ("together_meter_cost_usd_total", "together_meter_spend_month_to_date_usd"):
         assert abs(Decimal(totals[name]) - cost) <= cost * Decimal("1e-12"), name
+
+
+async def test_readyz_fails_when_the_ledger_cannot_be_written(meter: Meter) -> None:
+    """/readyz is 503 once the ledger is not writable, and requests get 503 with nothing sent."""
+    assert (await meter.admin_get("/readyz"))[0] == 200
+    await meter.proxy.ledger.close()  # the writer is gone: nothing can be committed
+    status, body = await meter.admin_get("/readyz")
+    assert status == 503 and json.loads(body)["ledger_writable"] is False
+    before = len(meter.sim.billed.entries)
+    status, _, body = await post_raw(
+        meter.base_url + "/chat/completions",
+        {"model": CHAT_MODEL, "messages": MESSAGES},
+        meter.auth("acme"),
+    )
+    assert status == 503 and error_of(body)["code"] == "not_ready"
+    assert len(meter.sim.billed.entries) == before
+
+
+async def test_prices_sync_time_is_a_gauge(start_meter: StartMeter) -> None:
+    """The price table's synced_at is exported as the last-sync timestamp gauge."""
+    synced = "2026-11-20T08:30:00+00:00"
+
+    def with_sync(config: Config) -> Config:
+        table = replace(config.prices, extra={**config.prices.extra, "synced_at": synced})
+        return replace(config, prices=table)
+
+    async with start_meter(change=with_sync) as m:
+        samples = await m.metric_samples()
+    gauge = samples["together_meter_prices_last_sync_timestamp_seconds"]
+    assert list(gauge.values()) == [dt.datetime.fromisoformat(synced).timestamp()]
