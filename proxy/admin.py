@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hmac
 import re
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .errors import AuthenticationError, BadRequest, MeterError, NotFound
-from .ledger import now_us, period_of
+from .budgets import Budget, projected_month_end
+from .errors import AuthenticationError, BadRequest, ConfigError, MeterError, NotFound
+from .ledger import now_us
 from .metrics import build_registry, render
 from .pricing import format_usd
 
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from .app import Proxy
 
 PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -33,23 +37,63 @@ def _error(exc: MeterError) -> web.Response:
     return web.Response(body=exc.body_bytes(), status=exc.status, content_type="application/json")
 
 
+def _usd(pusd: int | None) -> str | None:
+    return None if pusd is None else format_usd(pusd)
+
+
+def budget_view(budget: Budget, spent: int, reserved: int, period_projection: int) -> dict[str, Any]:
+    """One budget as the admin API shows it (money as exact decimal strings)."""
+    return {
+        "budget_usd": format_usd(budget.monthly_pusd),
+        "hard_limit": budget.hard_limit,
+        "alert_at": [float(t) for t in budget.alert_at],
+        "spent_usd": format_usd(spent),
+        "reserved_usd": format_usd(reserved),
+        "remaining_usd": format_usd(budget.monthly_pusd - spent - reserved),
+        "used_ratio": float(spent / budget.monthly_pusd) if budget.monthly_pusd else None,
+        "projected_month_end_usd": format_usd(period_projection),
+    }
+
+
 def build_admin_app(proxy: Proxy) -> web.Application:
     registry = build_registry(proxy.metrics)
 
-    def operator(request: web.Request) -> None:
-        token = proxy.secrets.admin_token
-        header = request.headers.get("Authorization", "")
-        presented = header[7:] if header.lower().startswith("bearer ") else ""
-        if not token:
-            raise AuthenticationError(
-                f"The admin API is disabled: set {proxy.config.admin_token_env} to enable it."
-            )
-        if not hmac.compare_digest(presented.encode(), token.encode()):
-            raise AuthenticationError("An operator token is required for /admin.")
+    def operator(handler: Handler) -> Handler:
+        """Only with the operator token; a tenant key (or nothing) gets 401."""
+
+        async def guarded(request: web.Request) -> web.Response:
+            token = proxy.secrets.admin_token
+            header = request.headers.get("Authorization", "")
+            presented = header[7:] if header.lower().startswith("bearer ") else ""
+            if not token:
+                return _error(
+                    AuthenticationError(
+                        f"The admin API is disabled: set {proxy.config.admin_token_env} to enable it."
+                    )
+                )
+            if not hmac.compare_digest(presented.encode(), token.encode()):
+                return _error(AuthenticationError("An operator token is required for /admin."))
+            try:
+                return await handler(request)
+            except MeterError as exc:
+                return _error(exc)
+
+        return guarded
+
+    def current_period() -> str:
+        period = proxy.periods.of(now_us())
+        if proxy.budgets.period != period:
+            proxy.budgets.roll(period)  # a new month began: spend starts at zero
+        return period
+
+    def period_param(request: web.Request) -> str:
+        period = request.query.get("period") or current_period()
+        if not PERIOD_RE.match(period):
+            raise BadRequest(f"period must look like 2026-11, got {period!r}")
+        return period
 
     async def metrics(request: web.Request) -> web.Response:
-        if proxy.metrics.spend_period != period_of(now_us()):
-            await proxy.refresh_spend()  # a new month began: the gauge starts from the ledger
+        current_period()
         return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(request: web.Request) -> web.Response:
@@ -64,14 +108,10 @@ def build_admin_app(proxy: Proxy) -> web.Application:
         )
 
     async def spend(request: web.Request) -> web.Response:
-        try:
-            operator(request)
-        except MeterError as exc:
-            return _error(exc)
-        period = request.query.get("period") or period_of(now_us())
-        if not PERIOD_RE.match(period):
-            return _error(BadRequest(f"period must look like 2026-11, got {period!r}"))
-        totals = await proxy.ledger.spend_by_tenant(period)
+        period = period_param(request)
+        totals: dict[str, int] = {}
+        for tenant, _, cost in await proxy.ledger.period_costs(period):
+            totals[tenant] = totals.get(tenant, 0) + cost
         return _json(
             {
                 "period": period,
@@ -79,18 +119,75 @@ def build_admin_app(proxy: Proxy) -> web.Application:
             }
         )
 
+    async def budgets(request: web.Request) -> web.Response:
+        """Every tenant: budget, spent, reserved, remaining, projected month end."""
+        period = current_period()
+        book = proxy.budgets
+        now = time.time()
+        snap = book.snapshot()
+        tenants: dict[str, Any] = {}
+        for name in sorted(proxy.config.tenants):
+            spent = book.spent_all.get(name, 0)
+            entry: dict[str, Any] = {
+                "spent_usd": format_usd(spent),
+                "projected_month_end_usd": format_usd(projected_month_end(spent, period, book.periods, now)),
+                "budget": None,
+                "feature_budgets": {},
+            }
+            for (tenant, feature), (budget, b_spent, reserved) in snap.items():
+                if tenant != name:
+                    continue
+                view = budget_view(
+                    budget, b_spent, reserved, projected_month_end(b_spent, period, book.periods, now)
+                )
+                if feature is None:
+                    entry["budget"] = view
+                else:
+                    entry["feature_budgets"][feature] = view
+            tenants[name] = entry
+        start, end = book.periods.bounds(period)
+        return _json(
+            {
+                "period": period,
+                "timezone": book.periods.timezone,
+                "period_start": start,
+                "period_end": end,
+                "projection": "linear: spend so far / elapsed share of the period",
+                "tenants": tenants,
+            }
+        )
+
+    async def tenant_usage(request: web.Request) -> web.Response:
+        """One tenant's period broken down by model, feature and environment."""
+        tenant = request.match_info["tenant"]
+        if tenant not in proxy.config.tenants:
+            raise NotFound(f"Unknown tenant {tenant!r}")
+        period = period_param(request)
+        rows = await proxy.ledger.usage(period, tenant)
+        for r in rows:
+            r["cost_usd"] = _usd(r.pop("cost_pusd"))
+            r.pop("tenant", None)
+        total = sum(int(r["requests"]) for r in rows)
+        return _json({"tenant": tenant, "period": period, "requests": total, "breakdown": rows})
+
+    async def reload(request: web.Request) -> web.Response:
+        try:
+            result = await proxy.reload()
+        except ConfigError as exc:
+            raise BadRequest(f"config reload failed, the running config stays: {exc}") from None
+        return _json(result)
+
     async def not_found(request: web.Request) -> web.Response:
-        if request.path.startswith("/admin"):
-            try:
-                operator(request)
-            except MeterError as exc:
-                return _error(exc)
         return _error(NotFound(f"Unknown admin URL: {request.path}"))
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/admin/spend", spend)
+    app.router.add_get("/admin/spend", operator(spend))
+    app.router.add_get("/admin/budgets", operator(budgets))
+    app.router.add_get("/admin/tenants/{tenant}/usage", operator(tenant_usage))
+    app.router.add_post("/admin/reload", operator(reload))
+    app.router.add_route("*", "/admin/{tail:.*}", operator(not_found))
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

@@ -8,18 +8,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from .admin import build_admin_app
 from .auth import KeyStore
+from .budgets import BudgetBook
 from .config import Config
-from .errors import MethodNotAllowed, NotFound
-from .ledger import Ledger, now_us, period_of
+from .errors import ConfigError, MethodNotAllowed, NotFound
+from .ledger import Ledger, LedgerRow, now_us
 from .ledger.sqlite import SQLiteLedger
 from .metrics import Metrics
+from .notify import Notifier
 from .relay import ENDPOINTS, Relay, error_response
 from .upstream import UpstreamClient
 from .usage import Tokenizer
@@ -46,16 +51,22 @@ class Proxy:
         *,
         tokenizer: Tokenizer | None = None,
         ledger: Ledger | None = None,
+        loader: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
         self.secrets = secrets
+        self._loader = loader  # reads the config again for SIGHUP / POST /admin/reload
+        self.periods = config.budgets.periods
+        self.budgets = BudgetBook(config.budget_map(), self.periods)
         self.metrics = Metrics(config.attribution, config.prices.models)
+        self.metrics.budgets = self.budgets
         self.ledger: Ledger = ledger or SQLiteLedger(
             config.ledger.path,
             synchronous=config.ledger.synchronous,
             on_commit=self.metrics.on_commit,
-            on_terminal=self.metrics.record,
+            on_terminal=self._on_terminal,
         )
+        self.notifier = Notifier(config.notify, self.ledger)
         self.upstream = UpstreamClient(config.upstream, secrets.together_key)
         self.relay = Relay(
             config,
@@ -64,6 +75,7 @@ class Proxy:
             self.ledger,
             self.metrics,
             tokenizer or Tokenizer.load(),
+            self.budgets,
         )
         self.public_app = self._build_public_app()
         self.admin_app = build_admin_app(self)
@@ -83,15 +95,56 @@ class Proxy:
         app.router.add_route("*", "/{tail:.*}", _not_found)
         return app
 
-    async def refresh_spend(self) -> None:
-        """Month-to-date gauge from the ledger (I7: recomputed, not remembered)."""
-        period = period_of(now_us())
-        self.metrics.set_spend(period, await self.ledger.spend_by_tenant(period))
+    def _on_terminal(self, row: LedgerRow) -> None:
+        """A row became terminal (committed): count it, settle its budget, notify crossings."""
+        self.metrics.record(row)
+        crossings = self.budgets.settle(row)
+        if crossings:
+            self.notifier.enqueue(crossings, self._hard_limits())
+
+    async def load_spend(self) -> None:
+        """Spend of the current period from the ledger (I7: recomputed, not remembered).
+
+        Called at start, before any traffic; later month changes roll over in memory.
+        """
+        period = self.periods.of(now_us())
+        self.budgets.reset(period, await self.ledger.period_costs(period))
+        for tenant, feature, threshold in await self.ledger.notifications(period):
+            self.budgets.mark_notified(tenant, feature, [Decimal(threshold)])
+        self.notifier.enqueue(self.budgets.due(), self._hard_limits())
+
+    def _hard_limits(self) -> dict[tuple[str, str | None], bool]:
+        return {k: b.hard_limit for k, b in self.config.budget_map().items()}
+
+    async def reload(self) -> dict[str, object]:
+        """Re-read the config: keys, tenants, budgets and prices change without a restart."""
+        if self._loader is None:
+            raise ConfigError(self.config.file, "", "this proxy was started without a config file")
+        new = self._loader()  # ConfigError propagates: the running config stays
+        restart = [
+            name
+            for name in ("listen", "admin", "upstream", "ledger", "limits", "attribution")
+            if getattr(new, name) != getattr(self.config, name)
+        ]
+        if new.budgets.timezone != self.config.budgets.timezone:
+            restart.append("budgets.timezone")
+        self.config = replace(new, **{n: getattr(self.config, n) for n in restart if "." not in n})
+        self.relay.reconfigure(self.config, KeyStore(self.config.key_index()))
+        self.budgets.configure(self.config.budget_map())
+        self.notifier.settings = self.config.notify
+        self.metrics.set_models(self.config.prices.models)
+        self.notifier.enqueue(self.budgets.due(), self._hard_limits())
+        if restart:
+            log.warning("config reloaded; these sections need a restart to change: %s", restart)
+        else:
+            log.info("config reloaded from %s", self.config.file)
+        return {"reloaded": True, "tenants": len(self.config.tenants), "restart_required": restart}
 
     async def start(self) -> None:
         await self.ledger.open()
         await self.upstream.start()
-        await self.refresh_spend()
+        await self.notifier.start()
+        await self.load_spend()
         synced = self.config.prices.extra.get("synced_at")
         if synced is not None:
             self.metrics.prices_last_sync = _timestamp(synced)
@@ -121,12 +174,15 @@ class Proxy:
         self._runners.clear()
         await self.upstream.close()
         await self.ledger.close()
+        await self.notifier.stop()
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        reloads: set[asyncio.Task[None]] = set()
+        loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(reloads, self._reload_logged()))
         await self.start()
         try:
             await stop.wait()
@@ -135,6 +191,18 @@ class Proxy:
                 "shutting down: draining in-flight requests (up to %.0f s)", self.config.limits.drain_timeout
             )
             await self.stop()
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("config reload failed, keeping the running config: %s", exc)
+
+
+def _spawn(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 async def _not_found(request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from .auth import digest, new_key
-from .config import load_config
+from .config import Config, load_config
 from .errors import ConfigError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -43,13 +43,16 @@ def _use_uvloop() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import Proxy, Secrets, with_overrides
 
-    config = with_overrides(
-        load_config(args.config),
-        upstream=args.upstream,
-        port=args.port,
-        admin_port=args.admin_port,
-        ledger_path=args.ledger,
-    )
+    def load() -> Config:
+        return with_overrides(
+            load_config(args.config),
+            upstream=args.upstream,
+            port=args.port,
+            admin_port=args.admin_port,
+            ledger_path=args.ledger,
+        )
+
+    config = load()
     key = os.environ.get("TOGETHER_API_KEY", "")
     if not key:
         print(
@@ -67,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     secrets = Secrets(key, os.environ.get(config.admin_token_env) or None)
     _use_uvloop()
-    asyncio.run(Proxy(config, secrets).run_until_signalled())
+    asyncio.run(Proxy(config, secrets, loader=load).run_until_signalled())
     return EXIT_OK
 
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from .budgets import Budget, Periods
 from .errors import ConfigError
-from .pricing import PriceTable, load_price_table
+from .pricing import PUSD_PER_USD, PriceTable, load_price_table
 
 DEFAULT_UPSTREAM = "https://api.together.xyz/v1"
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -70,6 +73,30 @@ class Tenant:
     name: str
     key_digests: tuple[str, ...] = ()
     models: tuple[str, ...] | None = None  # allow-list; None = every priced model
+    budget: Budget | None = None
+    feature_budgets: Mapping[str, Budget] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSettings:
+    """How periods are cut and how big a reservation is when a request gives no max_tokens."""
+
+    timezone: str = "UTC"
+    default_max_output_tokens: int = 4096
+    max_output_tokens: Mapping[str, int] = field(default_factory=dict)  # per model
+
+    @property
+    def periods(self) -> Periods:
+        return Periods(self.timezone)
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """The built-in budget webhook (for teams without Alertmanager)."""
+
+    webhook_url: str | None = None
+    timeout: float = 5.0
+    max_attempts: int = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +114,18 @@ class Config:
     keys_file: str | None
     unpriced_models: str = "reject"  # reject (400 model_not_priced) | forward (cost unknown)
     admin_token_env: str = "TOGETHER_METER_ADMIN_TOKEN"
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    budgets: BudgetSettings = field(default_factory=BudgetSettings)
+    notify: Notify = field(default_factory=Notify)
+
+    def budget_map(self) -> dict[tuple[str, str | None], Budget]:
+        """(tenant, None) for tenant budgets, (tenant, feature) for feature budgets."""
+        out: dict[tuple[str, str | None], Budget] = {}
+        for t in self.tenants.values():
+            if t.budget is not None:
+                out[(t.name, None)] = t.budget
+            for feature, b in t.feature_budgets.items():
+                out[(t.name, feature)] = b
+        return out
 
     def key_index(self) -> dict[str, str]:
         """SHA-256 hex digest -> tenant name, for every configured key."""
@@ -192,7 +230,7 @@ def _tenants(r: _Reader) -> dict[str, Tenant]:
         if not isinstance(name, str) or not TENANT_RE.match(name):
             raise r.err(str(name), "tenant names use letters, digits, '.', '_', '-' (<= 64)")
         t = r.section(name)
-        t.check_keys({"keys_sha256", "models", "description"})
+        t.check_keys({"keys_sha256", "models", "description", "budget", "feature_budgets"})
         digests = t.str_list("keys_sha256") or ()
         for d in digests:
             if not DIGEST_RE.match(d):
@@ -201,8 +239,41 @@ def _tenants(r: _Reader) -> dict[str, Tenant]:
                     "each entry must be a lower-case SHA-256 hex digest "
                     "(together-meter keys create prints one)",
                 )
-        tenants[name] = Tenant(name, digests, t.str_list("models"))
+        budget = _budget(t.section("budget")) if t.data.get("budget") is not None else None
+        fb = t.section("feature_budgets")
+        feature_budgets = {}
+        for feature in fb.data:
+            if not isinstance(feature, str) or not LABEL_VALUE_RE.match(feature):
+                raise fb.err(str(feature), "feature names use letters, digits, . _ : / - (<= 64)")
+            feature_budgets[feature] = _budget(fb.section(feature))
+        tenants[name] = Tenant(name, digests, t.str_list("models"), budget, feature_budgets)
     return tenants
+
+
+def _budget(r: _Reader) -> Budget:
+    r.check_keys({"monthly_usd", "hard_limit", "alert_at"})
+    raw = r.data.get("monthly_usd")
+    if raw is None:
+        raise r.err("monthly_usd", "missing (USD per calendar month)")
+    try:
+        if isinstance(raw, bool):
+            raise InvalidOperation
+        amount = Decimal(repr(raw)) if isinstance(raw, float) else Decimal(str(raw))
+        pusd = amount * PUSD_PER_USD
+        if not amount.is_finite() or amount < 0 or pusd != pusd.to_integral_value():
+            raise InvalidOperation
+    except InvalidOperation:
+        raise r.err("monthly_usd", f"must be a number of USD >= 0, got {raw!r}") from None
+    hard = r.data.get("hard_limit", False)
+    if not isinstance(hard, bool):
+        raise r.err("hard_limit", f"must be true or false, got {hard!r}")
+    alert_raw = r.data.get("alert_at", [0.5, 0.8, 1.0])
+    if not isinstance(alert_raw, list) or not all(
+        isinstance(x, int | float) and not isinstance(x, bool) and 0 < x <= 10 for x in alert_raw
+    ):
+        raise r.err("alert_at", f"must be a list of budget fractions in (0, 10], got {alert_raw!r}")
+    alert_at = tuple(sorted({Decimal(repr(float(x))) for x in alert_raw}))
+    return Budget(int(pusd), hard, alert_at)
 
 
 def _keys_file(path: Path, tenants: dict[str, Tenant]) -> dict[str, Tenant]:
@@ -225,7 +296,7 @@ def _keys_file(path: Path, tenants: dict[str, Tenant]) -> dict[str, Tenant]:
         if not isinstance(tenant, str) or tenant not in tenants:
             raise ConfigError(file, f"keys[{i}].tenant", f"unknown tenant {tenant!r}")
         merged[tenant].append(entry["sha256"])
-    return {n: Tenant(n, tuple(dict.fromkeys(merged[n])), t.models) for n, t in tenants.items()}
+    return {n: replace(t, key_digests=tuple(dict.fromkeys(merged[n]))) for n, t in tenants.items()}
 
 
 TOP_KEYS = {
@@ -240,7 +311,33 @@ TOP_KEYS = {
     "keys_file",
     "unpriced_models",
     "admin_token_env",
+    "budgets",
+    "notify",
 }
+
+
+def _budget_settings(r: _Reader, prices: PriceTable) -> BudgetSettings:
+    r.check_keys({"timezone", "default_max_output_tokens", "max_output_tokens"})
+    tz = r.text("timezone", "UTC") or "UTC"
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise r.err("timezone", f"unknown time zone {tz!r} (an IANA name like Europe/Berlin)") from None
+    caps = r.section("max_output_tokens")
+    per_model = {}
+    for model in caps.data:
+        if model not in prices:
+            raise caps.err(str(model), "model has no price")
+        per_model[model] = caps.int(model, 0, 1, 10_000_000)
+    return BudgetSettings(tz, r.int("default_max_output_tokens", 4096, 1, 10_000_000), per_model)
+
+
+def _notify(r: _Reader) -> Notify:
+    r.check_keys({"webhook_url", "timeout", "max_attempts"})
+    url = r.text("webhook_url", None)
+    if url is not None and not re.match(r"^https?://[^/\s]+", url):
+        raise r.err("webhook_url", f"must be an http(s) URL, got {url!r}")
+    return Notify(url, r.num("timeout", 5.0), r.int("max_attempts", 6, 1, 100))
 
 
 def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
@@ -304,6 +401,8 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
         unpriced_models=r.choice("unpriced_models", "reject", ("reject", "forward")),
         admin_token_env=r.text("admin_token_env", "TOGETHER_METER_ADMIN_TOKEN")
         or "TOGETHER_METER_ADMIN_TOKEN",
+        budgets=_budget_settings(r.section("budgets"), prices),
+        notify=_notify(r.section("notify")),
     )
 
 

@@ -21,6 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
+from .budgets import BudgetBook
 from .config import Attribution
 from .ledger import LedgerRow
 
@@ -118,8 +119,7 @@ class Metrics:
         self.in_flight = 0
         self.upstream_errors: dict[str, int] = {}
         self.prices_last_sync: float | None = None
-        self.spend_mtd: dict[str, int] = {}
-        self.spend_period = ""
+        self.budgets: BudgetBook | None = None  # month-to-date spend and budget gauges
         self.request_duration = Histogram(
             PREFIX + "request_duration_seconds",
             "Time from request received to its ledger row committed (the end of the response "
@@ -171,8 +171,6 @@ class Metrics:
         if row.cost_pusd is not None:
             k3 = (row.tenant, model, feature, env)
             self.cost_pusd[k3] = self.cost_pusd.get(k3, 0) + row.cost_pusd
-            if row.period == self.spend_period:
-                self.spend_mtd[row.tenant] = self.spend_mtd.get(row.tenant, 0) + row.cost_pusd
         if row.usage_source == "estimated" or (
             row.usage_source == "none" and row.status not in ("rejected", "upstream_error")
         ):
@@ -191,10 +189,9 @@ class Metrics:
         self.ledger_commits += 1
         self.ledger_write.observe((), seconds)
 
-    def set_spend(self, period: str, spend: dict[str, int]) -> None:
-        """Reset the month-to-date gauge from the ledger (at start and at a month change)."""
-        self.spend_period = period
-        self.spend_mtd = dict(spend)
+    def set_models(self, models: Iterable[str]) -> None:
+        """Priced models after a config reload (others are labelled `other`)."""
+        self._models = frozenset(models)
 
     # -- rendering ----------------------------------------------------------------------------
 
@@ -248,14 +245,8 @@ class Metrics:
             "Admitted requests (row begun) not yet recorded.",
             value=self.in_flight,
         )
-        g = GaugeMetricFamily(
-            PREFIX + "spend_month_to_date_usd",
-            "Spend this calendar month (UTC), from the ledger.",
-            labels=("tenant",),
-        )
-        for tenant, p in sorted(self.spend_mtd.items()):
-            g.add_metric([tenant], p / 1e12)
-        yield g
+        if self.budgets is not None:
+            yield from budget_gauges(self.budgets)
         if self.prices_last_sync is not None:
             yield GaugeMetricFamily(
                 PREFIX + "prices_last_sync_timestamp_seconds",
@@ -264,6 +255,44 @@ class Metrics:
             )
         for h in (self.request_duration, self.ttft, self.upstream_duration, self.overhead, self.ledger_write):
             yield h.collect()
+
+
+def budget_gauges(book: BudgetBook) -> Iterator[Metric]:
+    """Month-to-date spend per tenant and the state of each tenant-wide budget."""
+    spend = GaugeMetricFamily(
+        PREFIX + "spend_month_to_date_usd",
+        "Spend in the current budget period (calendar month), recomputed from the ledger at start.",
+        labels=("tenant",),
+    )
+    for tenant, p in sorted(book.spent_all.items()):
+        spend.add_metric([tenant], p / 1e12)
+    yield spend
+    names = {
+        "budget_usd": "Monthly budget of the tenant.",
+        "budget_remaining_usd": "Budget minus spend minus reservations (negative: overspent).",
+        "budget_reserved_usd": "Cost reserved by the tenant's requests in flight.",
+        "budget_hard_limit": "1 if requests are refused at the budget, 0 if it only alerts.",
+        "budget_period_end_timestamp_seconds": "Unix time when the current budget period ends.",
+    }
+    fams = {n: GaugeMetricFamily(PREFIX + n, doc, labels=("tenant",)) for n, doc in names.items()}
+    thresholds = GaugeMetricFamily(
+        PREFIX + "budget_alert_threshold_ratio",
+        "A configured alert threshold, as a fraction of the budget.",
+        labels=("tenant", "threshold"),
+    )
+    end = book.periods.bounds(book.period)[1] if book.period else 0.0
+    for (tenant, feature), (budget, spent, reserved) in sorted(book.snapshot().items(), key=str):
+        if feature is not None:
+            continue  # feature budgets: see GET /admin/budgets
+        fams["budget_usd"].add_metric([tenant], budget.monthly_pusd / 1e12)
+        fams["budget_remaining_usd"].add_metric([tenant], (budget.monthly_pusd - spent - reserved) / 1e12)
+        fams["budget_reserved_usd"].add_metric([tenant], reserved / 1e12)
+        fams["budget_hard_limit"].add_metric([tenant], 1.0 if budget.hard_limit else 0.0)
+        fams["budget_period_end_timestamp_seconds"].add_metric([tenant], end)
+        for t in budget.alert_at:
+            thresholds.add_metric([tenant, str(t)], float(t))
+    yield from fams.values()
+    yield thresholds
 
 
 class _Adapter:

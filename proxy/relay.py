@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from .auth import KeyStore, Principal
+from .budgets import BudgetBook
 from .config import LABEL_VALUE_RE, Config
 from .errors import (
     BodyTooLarge,
@@ -32,7 +33,7 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from .ledger import Ledger, LedgerRow, LedgerUnavailable, now_us, period_of
+from .ledger import Ledger, LedgerRow, LedgerUnavailable, now_us
 from .metrics import Metrics
 from .pricing import SERVERLESS, Rates, cost_pusd, format_usd
 from .sse import SSEError, SSEFramer
@@ -140,6 +141,7 @@ class Relay:
         ledger: Ledger,
         metrics: Metrics,
         tokenizer: Tokenizer,
+        budgets: BudgetBook | None = None,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -147,8 +149,20 @@ class Relay:
         self.ledger = ledger
         self.metrics = metrics
         self.tokenizer = tokenizer
+        self.budgets = budgets or BudgetBook({}, config.budgets.periods)
         self.accepting = True
-        self._inflight: set[asyncio.Task[Any]] = set()
+        self._period_cache = (-1, "")
+
+    def reconfigure(self, config: Config, keys: KeyStore) -> None:
+        """A reloaded config: new keys, tenants and prices for the requests that follow."""
+        self.config, self.keys = config, keys
+
+    def _period(self, ts_us: int) -> str:
+        """The budget period a request started in (cached per second: it is on the hot path)."""
+        second = ts_us // 1_000_000
+        if second != self._period_cache[0]:
+            self._period_cache = (second, self.budgets.periods.of(ts_us))
+        return self._period_cache[1]
 
     # -- the request path ------------------------------------------------------------------
 
@@ -163,14 +177,20 @@ class Relay:
         except MeterError as exc:
             return error_response(exc, request_id)
         started = now_us()
-        model = ""
+        period = self._period(started)
+        model, feature, environment = "", None, None
         try:
             call = parse_call(endpoint, await self._read_body(request))
             model = call.model
             rates = self._rates(principal, call.model)
             feature, environment = attribution(request, call)
+            reserved = self._reserve(call, rates)
+            # admit: the budget check and the reservation are one synchronous step
+            self.budgets.admit(principal.tenant, feature, period, reserved or 0)
         except MeterError as exc:
-            await self._record_rejected(principal, request_id, endpoint, model, started, exc)
+            await self._record_rejected(
+                principal, request_id, endpoint, model, feature, environment, started, exc
+            )
             return error_response(exc, request_id)
         row = LedgerRow(
             request_id,
@@ -183,12 +203,13 @@ class Relay:
             environment,
             call.stream,
             started,
-            period_of(started),
-            reserved_pusd=self._reserve(call, rates),
+            period,
+            reserved_pusd=reserved,
         )
         try:
             await self.ledger.begin(row)
         except LedgerUnavailable:
+            self.budgets.release(principal.tenant, feature, reserved or 0)
             return error_response(NotReady("The ledger is not writable; nothing was forwarded."), request_id)
         self.metrics.overhead.observe((endpoint,), time.perf_counter() - t0)
         meter = _Recorder(self, row, rates, t0)
@@ -223,17 +244,32 @@ class Relay:
         return rates
 
     def _reserve(self, call: Call, rates: Rates | None) -> int | None:
-        """Upper bound of the request's cost: every body byte a token, plus max output."""
+        """Upper bound of the request's cost: every body byte a token, plus max output.
+
+        Without max_tokens the output bound is the configured cap for the model (budgets.
+        max_output_tokens, else default_max_output_tokens): an assumption, not a guarantee.
+        """
         if rates is None:
             return None
         prompt_bound = len(call.raw)  # a BPE token is at least one byte of the text
         if call.endpoint == "embeddings":
             return prompt_bound * rates.input
-        out = call.max_tokens if call.max_tokens is not None else (rates.context_length or DEFAULT_MAX_OUTPUT)
+        out = call.max_tokens
+        if out is None:
+            caps = self.config.budgets
+            out = caps.max_output_tokens.get(call.model, caps.default_max_output_tokens)
         return prompt_bound * rates.input + out * rates.output
 
     async def _record_rejected(
-        self, principal: Principal, request_id: str, endpoint: str, model: str, started: int, exc: MeterError
+        self,
+        principal: Principal,
+        request_id: str,
+        endpoint: str,
+        model: str,
+        feature: str | None,
+        environment: str | None,
+        started: int,
+        exc: MeterError,
     ) -> None:
         """An authenticated request we refused: one row, nothing forwarded, nothing billed."""
         final = LedgerRow(
@@ -243,11 +279,11 @@ class Relay:
             model,
             endpoint,
             SERVERLESS,
-            None,
-            None,
+            feature,
+            environment,
             False,
             started,
-            period_of(started),
+            self._period(started),
             status="rejected",
             finished_us=now_us(),
             error_code=exc.code,

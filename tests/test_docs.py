@@ -11,6 +11,7 @@ import pytest
 
 import proxy.config
 import proxy.pricing
+from proxy.budgets import Budget, BudgetBook, Periods
 from proxy.config import load_config
 from proxy.ledger import LedgerRow, now_us, period_of
 from proxy.metrics import Histogram, Metrics
@@ -100,7 +101,10 @@ def _exercised_metrics() -> Metrics:
     metrics = Metrics(config.attribution, config.prices.models)
     started = now_us()
     period = period_of(started)
-    metrics.set_spend(period, {})
+    budget = Budget(100 * 10**12, hard_limit=True)
+    book = BudgetBook({("acme", None): budget, ("acme", "search"): budget}, Periods())
+    book.reset(period, [("acme", None, 2)])
+    metrics.budgets = book
     metrics.record(
         LedgerRow(
             "req_test",

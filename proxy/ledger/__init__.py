@@ -182,6 +182,16 @@ class Ledger(Protocol):
 
     async def spend_by_tenant(self, period: str) -> dict[str, int]: ...
 
+    async def period_costs(self, period: str) -> list[tuple[str, str | None, int]]: ...
+
+    async def usage(self, period: str, tenant: str | None = None) -> list[dict[str, Any]]: ...
+
+    async def notifications(self, period: str) -> list[tuple[str, str | None, str]]: ...
+
+    async def record_notification(
+        self, tenant: str, feature: str | None, period: str, threshold: str
+    ) -> bool: ...
+
 
 __all__ = [
     "COLUMNS",

@@ -55,6 +55,14 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_period_tenant ON requests (period, tenant);
 CREATE INDEX IF NOT EXISTS requests_in_flight ON requests (status) WHERE status = '{IN_FLIGHT}';
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS notifications (
+    tenant TEXT NOT NULL,
+    feature TEXT NOT NULL,
+    period TEXT NOT NULL,
+    threshold TEXT NOT NULL,
+    sent_us INTEGER NOT NULL,
+    PRIMARY KEY (tenant, feature, period, threshold)
+);
 """
 
 _PLACEHOLDERS = ", ".join("?" for _ in COLUMNS)
@@ -324,6 +332,69 @@ class SQLiteLedger:
             if cost is not None and r["status"] != IN_FLIGHT:
                 spend[r["tenant"]] = spend.get(r["tenant"], 0) + cost
         return spend
+
+    async def period_costs(self, period: str) -> list[tuple[str, str | None, int]]:
+        """(tenant, feature, cost) of the period's terminal rows, summed per tenant and feature."""
+        found = await asyncio.to_thread(
+            self._read,
+            "SELECT tenant, feature, SUM(cost_pusd) AS cost FROM requests "
+            "WHERE period = ? AND status != ? AND cost_pusd IS NOT NULL GROUP BY tenant, feature",
+            (period, IN_FLIGHT),
+        )
+        return [(r["tenant"], r["feature"], int(r["cost"])) for r in found]
+
+    async def usage(self, period: str, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Per tenant, model, feature and environment: requests, tokens, cost, flagged rows."""
+        where, params = "period = ? AND status != ?", [period, IN_FLIGHT]
+        if tenant is not None:
+            where += " AND tenant = ?"
+            params.append(tenant)
+        found = await asyncio.to_thread(
+            self._read,
+            "SELECT tenant, model, feature, environment, COUNT(*) AS requests, "
+            "TOTAL(prompt_tokens) AS input_tokens, TOTAL(completion_tokens) AS output_tokens, "
+            "SUM(cost_pusd) AS cost_pusd, SUM(usage_source = 'estimated') AS estimated, "
+            "SUM(cost_pusd IS NULL AND status != 'rejected') AS cost_unknown, "
+            "SUM(status = 'rejected') AS rejected "
+            f"FROM requests WHERE {where} GROUP BY tenant, model, feature, environment "
+            "ORDER BY tenant, model, feature, environment",
+            tuple(params),
+        )
+        out = []
+        for r in found:
+            d = dict(r)
+            d["input_tokens"], d["output_tokens"] = int(d["input_tokens"]), int(d["output_tokens"])
+            d["cost_pusd"] = int(d["cost_pusd"] or 0)
+            out.append(d)
+        return out
+
+    async def notifications(self, period: str) -> list[tuple[str, str | None, str]]:
+        """(tenant, feature, threshold) already delivered in `period`."""
+        found = await asyncio.to_thread(
+            self._read,
+            "SELECT tenant, feature, threshold FROM notifications WHERE period = ?",
+            (period,),
+        )
+        return [(r["tenant"], r["feature"] or None, r["threshold"]) for r in found]
+
+    async def record_notification(
+        self, tenant: str, feature: str | None, period: str, threshold: str
+    ) -> bool:
+        """Remember a delivered notification; False if it was already recorded."""
+
+        def write() -> bool:
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                conn.execute("PRAGMA busy_timeout=5000")
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO notifications VALUES (?, ?, ?, ?, ?)",
+                    (tenant, feature or "", period, threshold, now_us()),
+                )
+                return cur.rowcount == 1
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(write)
 
     async def integrity_ok(self) -> bool:
         found = await asyncio.to_thread(self._read, "PRAGMA integrity_check")

@@ -1,0 +1,164 @@
+"""Budgets end to end: hard limits under a concurrent burst, reservations, restart, admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.budgets import Budget
+from proxy.config import Config
+from proxy.pricing import PriceTable, Rates
+
+from .support import MESSAGES, Meter, StartMeter, error_of
+
+FLAT = "test/flat-rate"  # $0 per 1M input, $1 per 1M output: a request's reservation = max_tokens
+PER_REQUEST_TOKENS = 1000  # 1000 output tokens at $1/1M = $0.001 = 1 % of the budget below
+BUDGET = Budget(100_000_000_000, hard_limit=True)  # $0.10 in pico-USD
+
+
+def flat_budget(config: Config, budget: Budget = BUDGET) -> Config:
+    """Add the flat-rate model and give acme a budget of exactly 100 such requests."""
+    models = dict(config.prices.models)
+    models[FLAT] = Rates(0, 1_000_000, 0, 500_000)
+    prices = PriceTable(models, config.prices.batch_discount, config.prices.source)
+    tenants = dict(config.tenants)
+    tenants["acme"] = replace(tenants["acme"], budget=budget)
+    return replace(config, prices=prices, tenants=tenants)
+
+
+async def post(session: aiohttp.ClientSession, meter: Meter, body: dict[str, Any]) -> tuple[int, bytes]:
+    async with session.post(meter.base_url + "/chat/completions", data=orjson.dumps(body),
+                            headers={**meter.auth("acme"), "Content-Type": "application/json"}) as r:
+        return r.status, await r.read()
+
+
+async def budgets_view(meter: Meter) -> dict[str, Any]:
+    status, body = await meter.admin_get("/admin/budgets", {"Authorization": f"Bearer {meter.admin_token}"})
+    assert status == 200, body
+    return json.loads(body)
+
+
+async def test_500_simultaneous_requests_at_1_percent_admit_exactly_100(start_meter: StartMeter) -> None:
+    """A burst of 500 requests each reserving 1 % of a hard budget: exactly 100 go upstream."""
+    async with start_meter(change=flat_budget) as meter:
+        # every admitted request is held upstream for 2 s, so all 500 are decided while the
+        # first 100 are still in flight: only the reservations can stop the overspend
+        body = {
+            "model": FLAT,
+            "messages": MESSAGES,
+            "max_tokens": PER_REQUEST_TOKENS,
+            "simulate": {"delay_ms": 2000, "completion_tokens": 10},
+        }
+        barrier = asyncio.Barrier(500)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as s:
+
+            async def one() -> tuple[int, bytes]:
+                await barrier.wait()
+                return await post(s, meter, body)
+
+            results = await asyncio.gather(*(one() for _ in range(500)))
+        statuses = [status for status, _ in results]
+        assert statuses.count(200) == 100
+        assert statuses.count(429) == 400
+        refused = error_of(next(b for s, b in results if s == 429))
+        assert refused["type"] == "insufficient_quota" and refused["code"] == "budget_exceeded"
+        assert meter.proxy.budgets.period in refused["message"] and "remaining" in refused["message"]
+        assert len(meter.sim.billed.entries) == 100  # nothing refused was forwarded
+        rows = await meter.rows()
+        assert sorted({r.status for r in rows}) == ["ok", "rejected"]
+        assert sum(r.status == "ok" for r in rows) == 100
+        assert {r.error_code for r in rows if r.status == "rejected"} == {"budget_exceeded"}
+        view = (await budgets_view(meter))["tenants"]["acme"]["budget"]
+        assert view["reserved_usd"] == "0"  # every reservation settled
+        spent = sum(r.cost_pusd or 0 for r in rows)
+        assert Decimal(view["spent_usd"]) == Decimal(spent) / 10**12
+        assert spent == 100 * 10 * 1_000_000  # settled at the actual 10 tokens, not the reservation
+
+
+async def test_reservations_return_to_zero_after_mixed_outcomes(start_meter: StartMeter) -> None:
+    """After ok, upstream-error, cut-stream and client-disconnect requests nothing stays reserved."""
+    big = Budget(10**15, hard_limit=True)  # $1000: never refuses here
+    async with start_meter(change=lambda c: flat_budget(c, big)) as meter:
+        base = {"model": FLAT, "messages": MESSAGES, "max_tokens": 50}
+        async with aiohttp.ClientSession() as s:
+            outcomes = await asyncio.gather(
+                post(s, meter, base),
+                post(s, meter, base | {"stream": True}),
+                post(s, meter, base | {"simulate": {"status": 500}}),
+                post(s, meter, base | {"stream": True, "simulate": {"cut_after_chunks": 3}}),
+                return_exceptions=True,
+            )
+            # a client that leaves mid-stream
+            async with s.post(
+                meter.base_url + "/chat/completions",
+                data=orjson.dumps(base | {"stream": True, "simulate": {"chunk_delay_ms": 50}}),
+                headers={**meter.auth("acme"), "Content-Type": "application/json"},
+            ) as r:
+                await r.content.readline()
+        assert [o[0] for o in outcomes if isinstance(o, tuple)][:3] == [200, 200, 500]
+        rows = await meter.wait_terminal(5)
+        assert {r.status for r in rows} >= {"ok", "upstream_error", "upstream_aborted", "client_aborted"}
+        book = meter.proxy.budgets
+        assert book.snapshot()[("acme", None)][2] == 0  # reserved
+        assert book.spent_all["acme"] == sum(r.cost_pusd or 0 for r in rows)
+
+
+async def test_spend_and_budget_gauges_survive_a_restart(start_meter: StartMeter) -> None:
+    """After a restart the month-to-date and remaining gauges are recomputed from the ledger."""
+    async with start_meter(change=flat_budget) as meter:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                status, _ = await post(s, meter, {"model": FLAT, "messages": MESSAGES, "max_tokens": 20})
+                assert status == 200
+        before = await meter.metric_samples()
+        await meter.restart()
+        after = await meter.metric_samples()
+        for name in (
+            "together_meter_spend_month_to_date_usd",
+            "together_meter_budget_usd",
+            "together_meter_budget_remaining_usd",
+            "together_meter_budget_reserved_usd",
+        ):
+            assert after[name] == before[name], name
+        spend = after["together_meter_spend_month_to_date_usd"][(("tenant", "acme"),)]
+        assert spend == 3 * 20 / 1e6
+        remaining = after["together_meter_budget_remaining_usd"][(("tenant", "acme"),)]
+        assert abs(remaining - (0.10 - 3 * 20 / 1e6)) < 1e-12
+        thresholds = after["together_meter_budget_alert_threshold_ratio"]
+        assert sorted(thresholds.values()) == [0.5, 0.8, 1.0]
+
+
+async def test_admin_usage_breaks_a_period_down_and_needs_the_operator_token(meter: Meter) -> None:
+    """GET /admin/tenants/{t}/usage sums the ledger by model/feature/environment; tenant keys get 401."""
+    client = meter.openai("acme")
+    for feature in ("chat", "search", "search"):
+        await client.chat.completions.create(
+            model="meta-llama/Llama-3.3-70B-Instruct-Turbo",
+            messages=MESSAGES,
+            max_tokens=5,
+            extra_headers={"X-Meter-Feature": feature, "X-Meter-Environment": "prod"},
+        )
+    status, _ = await meter.admin_get("/admin/tenants/acme/usage", meter.auth("acme"))
+    assert status == 401
+    status, body = await meter.admin_get(
+        "/admin/tenants/acme/usage", {"Authorization": f"Bearer {meter.admin_token}"}
+    )
+    assert status == 200
+    data = json.loads(body)
+    by_feature = {r["feature"]: r for r in data["breakdown"]}
+    assert by_feature["search"]["requests"] == 2 and by_feature["chat"]["requests"] == 1
+    rows = await meter.rows()
+    assert sum(Decimal(r["cost_usd"]) for r in data["breakdown"]) == Decimal(
+        sum(r.cost_pusd or 0 for r in rows)
+    ) / 10**12
+    status, body = await meter.admin_get(
+        "/admin/tenants/acme/usage?period=2026-13", {"Authorization": f"Bearer {meter.admin_token}"}
+    )
+    assert status == 400
