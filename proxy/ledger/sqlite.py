@@ -231,6 +231,10 @@ class SQLiteLedger:
                 passive = None
                 last_checkpoint = loop.time()
                 await asyncio.to_thread(self._checkpoint, "RESTART", self._conn)
+            if self._pending and not self._closing:
+                # one more turn of the loop lets the handlers that are about to write join
+                # this transaction: fewer, larger commits under load, ~10 µs more when idle
+                await asyncio.sleep(0)
             if not self._pending:
                 if self._closing:
                     if passive is not None:
