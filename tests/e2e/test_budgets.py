@@ -162,3 +162,32 @@ async def test_admin_usage_breaks_a_period_down_and_needs_the_operator_token(met
         "/admin/tenants/acme/usage?period=2026-13", {"Authorization": f"Bearer {meter.admin_token}"}
     )
     assert status == 400
+
+
+async def test_reload_changes_budgets_without_dropping_traffic(start_meter: StartMeter) -> None:
+    """POST /admin/reload applies a new budget; a stream in flight during the reload completes."""
+    async with start_meter(change=flat_budget) as meter:
+        tight = flat_budget(meter.proxy.config, Budget(500_000_000, hard_limit=True))  # $0.0005
+        meter.proxy._loader = lambda: tight
+        body = {"model": FLAT, "messages": MESSAGES, "max_tokens": PER_REQUEST_TOKENS}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                meter.base_url + "/chat/completions",
+                data=orjson.dumps(body | {"stream": True, "simulate": {"chunk_delay_ms": 20}}),
+                headers={**meter.auth("acme"), "Content-Type": "application/json"},
+            ) as stream:
+                first = await stream.content.readline()
+                assert first.startswith(b"data: ")
+                async with s.post(
+                    meter.admin + "/admin/reload", headers={"Authorization": f"Bearer {meter.admin_token}"}
+                ) as r:
+                    assert r.status == 200
+                    assert (await r.json())["restart_required"] == []
+                rest = await stream.read()
+                assert rest.rstrip().endswith(b"data: [DONE]")
+            # $0.001 per request no longer fits in a $0.0005 budget
+            status, refused = await post(s, meter, body)
+        assert status == 429 and error_of(refused)["code"] == "budget_exceeded"
+        view = (await budgets_view(meter))["tenants"]["acme"]["budget"]
+        assert view["budget_usd"] == "0.0005"
+        assert view["reserved_usd"] == "0"
