@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hmac
 import re
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .budgets import Budget, projected_month_end
 from .errors import AuthenticationError, BadRequest, ConfigError, MeterError, NotFound
-from .ledger import now_us
 from .metrics import build_registry, render
 from .pricing import format_usd
 
@@ -81,7 +79,7 @@ def build_admin_app(proxy: Proxy) -> web.Application:
         return guarded
 
     def current_period() -> str:
-        period = proxy.periods.of(now_us())
+        period = proxy.periods.of(proxy.clock())
         if proxy.budgets.period != period:
             proxy.budgets.roll(period)  # a new month began: spend starts at zero
         return period
@@ -123,7 +121,7 @@ def build_admin_app(proxy: Proxy) -> web.Application:
         """Every tenant: budget, spent, reserved, remaining, projected month end."""
         period = current_period()
         book = proxy.budgets
-        now = time.time()
+        now = proxy.clock() / 1e6
         snap = book.snapshot()
         tenants: dict[str, Any] = {}
         for name in sorted(proxy.config.tenants):

@@ -52,6 +52,7 @@ class Proxy:
         tokenizer: Tokenizer | None = None,
         ledger: Ledger | None = None,
         loader: Callable[[], Config] | None = None,
+        clock: Callable[[], int] = now_us,
     ) -> None:
         self.config = config
         self.secrets = secrets
@@ -76,7 +77,9 @@ class Proxy:
             self.metrics,
             tokenizer or Tokenizer.load(),
             self.budgets,
+            clock,
         )
+        self.clock = clock
         self.public_app = self._build_public_app()
         self.admin_app = build_admin_app(self)
         self._runners: list[web.AppRunner] = []
@@ -107,7 +110,7 @@ class Proxy:
 
         Called at start, before any traffic; later month changes roll over in memory.
         """
-        period = self.periods.of(now_us())
+        period = self.periods.of(self.clock())
         self.budgets.reset(period, await self.ledger.period_costs(period))
         for tenant, feature, threshold in await self.ledger.notifications(period):
             self.budgets.mark_notified(tenant, feature, [Decimal(threshold)])

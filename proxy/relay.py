@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,7 @@ class Relay:
         metrics: Metrics,
         tokenizer: Tokenizer,
         budgets: BudgetBook | None = None,
+        clock: Callable[[], int] = now_us,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -151,6 +153,7 @@ class Relay:
         self.tokenizer = tokenizer
         self.budgets = budgets or BudgetBook({}, config.budgets.periods)
         self.accepting = True
+        self.clock = clock  # µs since the epoch; injectable so tests can cross a month boundary
         self._period_cache = (-1, "")
 
     def reconfigure(self, config: Config, keys: KeyStore) -> None:
@@ -176,7 +179,7 @@ class Relay:
                 raise NotReady("The proxy is shutting down; retry on another instance.")
         except MeterError as exc:
             return error_response(exc, request_id)
-        started = now_us()
+        started = self.clock()
         period = self._period(started)
         model, feature, environment = "", None, None
         try:

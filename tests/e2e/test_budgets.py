@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from dataclasses import replace
 from decimal import Decimal
@@ -33,8 +34,11 @@ def flat_budget(config: Config, budget: Budget = BUDGET) -> Config:
 
 
 async def post(session: aiohttp.ClientSession, meter: Meter, body: dict[str, Any]) -> tuple[int, bytes]:
-    async with session.post(meter.base_url + "/chat/completions", data=orjson.dumps(body),
-                            headers={**meter.auth("acme"), "Content-Type": "application/json"}) as r:
+    async with session.post(
+        meter.base_url + "/chat/completions",
+        data=orjson.dumps(body),
+        headers={**meter.auth("acme"), "Content-Type": "application/json"},
+    ) as r:
         return r.status, await r.read()
 
 
@@ -155,9 +159,10 @@ async def test_admin_usage_breaks_a_period_down_and_needs_the_operator_token(met
     by_feature = {r["feature"]: r for r in data["breakdown"]}
     assert by_feature["search"]["requests"] == 2 and by_feature["chat"]["requests"] == 1
     rows = await meter.rows()
-    assert sum(Decimal(r["cost_usd"]) for r in data["breakdown"]) == Decimal(
-        sum(r.cost_pusd or 0 for r in rows)
-    ) / 10**12
+    assert (
+        sum(Decimal(r["cost_usd"]) for r in data["breakdown"])
+        == Decimal(sum(r.cost_pusd or 0 for r in rows)) / 10**12
+    )
     status, body = await meter.admin_get(
         "/admin/tenants/acme/usage?period=2026-13", {"Authorization": f"Bearer {meter.admin_token}"}
     )
@@ -191,3 +196,34 @@ async def test_reload_changes_budgets_without_dropping_traffic(start_meter: Star
         view = (await budgets_view(meter))["tenants"]["acme"]["budget"]
         assert view["budget_usd"] == "0.0005"
         assert view["reserved_usd"] == "0"
+
+
+async def test_month_rollover_with_an_injected_clock(start_meter: StartMeter) -> None:
+    """Requests belong to the period they started in; a new month's spend starts from zero."""
+    nov_end = int(dt.datetime(2026, 11, 30, 23, 59, 58, tzinfo=dt.UTC).timestamp() * 1e6)
+    dec_start = int(dt.datetime(2026, 12, 1, 0, 0, 2, tzinfo=dt.UTC).timestamp() * 1e6)
+    now = [nov_end]
+    async with start_meter(change=flat_budget) as meter:
+        meter.proxy.clock = meter.proxy.relay.clock = lambda: now[0]
+        body = {"model": FLAT, "messages": MESSAGES, "max_tokens": PER_REQUEST_TOKENS}
+        async with aiohttp.ClientSession() as s:
+            assert (await post(s, meter, body))[0] == 200
+            # started in November, still running when December begins
+            slow = asyncio.ensure_future(post(s, meter, body | {"simulate": {"delay_ms": 800}}))
+            await asyncio.sleep(0.3)
+            now[0] = dec_start
+            assert (await post(s, meter, body))[0] == 200
+            assert (await slow)[0] == 200
+        rows = await meter.wait_terminal(3)
+        assert sorted(r.period for r in rows) == ["2026-11", "2026-11", "2026-12"]
+        per_request = PER_REQUEST_TOKENS * 1_000_000  # pico-USD at $1 per 1M output tokens
+        assert meter.proxy.budgets.period == "2026-12"
+        assert meter.proxy.budgets.spent_all == {"acme": per_request}  # only December's request
+        samples = await meter.metric_samples()
+        acme = (("tenant", "acme"),)
+        assert samples["together_meter_spend_month_to_date_usd"][acme] == per_request / 1e12
+        assert samples["together_meter_budget_reserved_usd"][acme] == 0
+        remaining = samples["together_meter_budget_remaining_usd"][acme]
+        assert abs(remaining - (BUDGET.monthly_pusd - per_request) / 1e12) < 1e-12
+        end = samples["together_meter_budget_period_end_timestamp_seconds"][acme]
+        assert end == dt.datetime(2027, 1, 1, tzinfo=dt.UTC).timestamp()
