@@ -178,7 +178,9 @@ async def test_reload_changes_budgets_without_dropping_traffic(start_meter: Star
         async with aiohttp.ClientSession() as s:
             async with s.post(
                 meter.base_url + "/chat/completions",
-                data=orjson.dumps(body | {"stream": True, "simulate": {"chunk_delay_ms": 20}}),
+                data=orjson.dumps(
+                    body | {"stream": True, "max_tokens": 30, "simulate": {"chunk_delay_ms": 20}}
+                ),
                 headers={**meter.auth("acme"), "Content-Type": "application/json"},
             ) as stream:
                 first = await stream.content.readline()
