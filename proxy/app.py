@@ -129,9 +129,11 @@ class Proxy:
             for name in ("listen", "admin", "upstream", "ledger", "limits", "attribution")
             if getattr(new, name) != getattr(self.config, name)
         ]
-        if new.budgets.timezone != self.config.budgets.timezone:
+        keep: dict[str, Any] = {n: getattr(self.config, n) for n in restart}
+        if new.budgets.timezone != self.periods.timezone:  # periods are cut at start only
             restart.append("budgets.timezone")
-        self.config = replace(new, **{n: getattr(self.config, n) for n in restart if "." not in n})
+            keep["budgets"] = replace(new.budgets, timezone=self.periods.timezone)
+        self.config = replace(new, **keep)
         self.relay.reconfigure(self.config, KeyStore(self.config.key_index()))
         self.budgets.configure(self.config.budget_map())
         self.notifier.settings = self.config.notify

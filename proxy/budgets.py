@@ -27,6 +27,7 @@ class BudgetExceeded(MeterError):
     status = 429
     type = "insufficient_quota"
     code = "budget_exceeded"
+    retryable = False  # retrying cannot help before the next period or a bigger budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +149,7 @@ class BudgetBook:
                 left = max(acc.remaining, 0)
                 raise BudgetExceeded(
                     f"Monthly budget exceeded for '{scope}' in period {self.period}: "
-                    f"budget ${format_usd(b.monthly_pusd, 2)}, remaining ${format_usd(left, 6)}, "
+                    f"budget ${format_usd(b.monthly_pusd)}, remaining ${format_usd(left, 6)}, "
                     f"this request may cost up to ${format_usd(amount, 6)}."
                 )
         for key in keys:

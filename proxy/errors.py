@@ -31,6 +31,7 @@ class MeterError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "internal_error"
+    retryable: bool | None = None  # False: tell SDKs not to retry (x-should-retry: false)
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

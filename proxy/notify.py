@@ -3,7 +3,8 @@
 Crossings are queued by the request path and delivered by one background task, retried with
 exponential backoff; nothing on the request path ever waits for a webhook. A delivery is
 recorded in the ledger (table `notifications`) only once the receiver answered 2xx, so a
-notification lost to a crash is sent again after the restart, and never twice once delivered.
+notification lost to a crash is sent again after the restart: delivery is at least once (a crash
+between the receiver's 2xx and the ledger write sends it once more).
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class Notifier:
                 crossing, hard = await self._queue.get()
                 try:
                     await self._deliver(session, crossing, hard)
+                except Exception:  # e.g. the ledger could not record it: keep serving the queue
+                    self.failed += 1
+                    log.exception(
+                        "budget webhook for %s threshold %s failed", crossing.tenant, crossing.threshold
+                    )
                 finally:
                     self._queue.task_done()
 
@@ -101,6 +107,7 @@ class Notifier:
                     data=body,
                     headers={"Content-Type": "application/json"},
                     allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=self.settings.timeout),  # follows reloads
                 ) as resp:
                     if 200 <= resp.status < 300:
                         await self.store.record_notification(c.tenant, c.feature, c.period, str(c.threshold))

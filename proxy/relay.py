@@ -49,7 +49,6 @@ ENDPOINTS = {
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
 }
-DEFAULT_MAX_OUTPUT = 4096  # reservation bound when neither max_tokens nor context is known
 JSON_CT = "application/json"
 
 
@@ -62,7 +61,7 @@ class Call:
     stream: bool
     body: dict[str, Any]
     wants_usage: bool  # the client asked for stream usage itself
-    max_tokens: int | None
+    max_tokens: int | None  # output bound across all `n` choices, if the request gave one
     raw: bytes  # forwarded as is unless we must add stream_options
 
 
@@ -89,9 +88,18 @@ def parse_call(endpoint: str, raw: bytes) -> Call:
         raise InvalidField("'stream' must be a boolean.")
     if endpoint == "embeddings" and stream:
         raise InvalidField("'stream' is not supported for embeddings.")
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 0):
-        raise InvalidField("'max_tokens' must be a non-negative integer.")
+    max_tokens = None
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (type(value) is not int or value < 0):
+            raise InvalidField(f"'{name}' must be a non-negative integer.")
+        if value is not None and max_tokens is None:
+            max_tokens = value
+    n = body.get("n")
+    if n is not None and (type(n) is not int or not 1 <= n <= 128):
+        raise InvalidField("'n' must be an integer between 1 and 128.")
+    if max_tokens is not None and n is not None:
+        max_tokens *= n  # n choices: up to n times the output
     if endpoint == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
@@ -127,7 +135,9 @@ def attribution(request: web.Request, call: Call) -> tuple[str | None, str | Non
 
 
 def error_response(exc: MeterError, request_id: str | None = None) -> web.Response:
-    headers = {"x-request-id": request_id} if request_id else None
+    headers = {"x-request-id": request_id} if request_id else {}
+    if exc.retryable is False:
+        headers["x-should-retry"] = "false"  # the openai SDK would otherwise retry a 429
     return web.Response(status=exc.status, body=exc.body_bytes(), content_type=JSON_CT, headers=headers)
 
 
@@ -261,6 +271,7 @@ class Relay:
         if out is None:
             caps = self.config.budgets
             out = caps.max_output_tokens.get(call.model, caps.default_max_output_tokens)
+            out *= call.body.get("n") or 1
         return prompt_bound * rates.input + out * rates.output
 
     async def _record_rejected(

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from proxy.budgets import Budget
 from proxy.config import Config
@@ -229,3 +230,20 @@ async def test_month_rollover_with_an_injected_clock(start_meter: StartMeter) ->
         assert abs(remaining - (BUDGET.monthly_pusd - per_request) / 1e12) < 1e-12
         end = samples["together_meter_budget_period_end_timestamp_seconds"][acme]
         assert end == dt.datetime(2027, 1, 1, tzinfo=dt.UTC).timestamp()
+
+
+async def test_openai_sdk_does_not_retry_a_budget_refusal(start_meter: StartMeter) -> None:
+    """429 budget_exceeded says x-should-retry: false, so the SDK (2 retries by default) sends once."""
+    from openai import AsyncOpenAI, RateLimitError
+
+    async with start_meter(change=lambda c: flat_budget(c, Budget(0, hard_limit=True))) as meter:
+        client = AsyncOpenAI(base_url=meter.base_url, api_key=meter.keys["acme"], max_retries=2)
+        try:
+            with pytest.raises(RateLimitError) as caught:
+                await client.chat.completions.create(model=FLAT, messages=MESSAGES, max_tokens=5)
+        finally:
+            await client.close()
+        assert caught.value.code == "budget_exceeded"
+        rows = await meter.rows()
+        assert [r.status for r in rows] == ["rejected"]  # one attempt, not three
+        assert meter.sim.billed.entries == []
