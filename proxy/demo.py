@@ -135,6 +135,23 @@ def _spend_table(rows: list[LedgerRow]) -> Table:
     return t
 
 
+def _budget_table(proxy: Proxy) -> Table:
+    t = Table(title=f"Budgets, period {proxy.budgets.period} ({proxy.periods.timezone})")
+    for col in ("tenant", "feature", "budget USD", "limit", "spent USD", "reserved", "remaining USD"):
+        t.add_column(col, justify="left" if col in ("tenant", "feature", "limit") else "right")
+    for (tenant, feature), (budget, spent, reserved) in sorted(proxy.budgets.snapshot().items(), key=str):
+        t.add_row(
+            tenant,
+            feature or "(all)",
+            format_usd(budget.monthly_pusd),
+            "hard" if budget.hard_limit else "soft",
+            format_usd(spent),
+            format_usd(reserved),
+            format_usd(budget.monthly_pusd - spent - reserved),
+        )
+    return t
+
+
 async def run_demo(config_path: str, *, keep_running: bool = False, requests: int = 40) -> int:
     from openai import AsyncOpenAI
 
@@ -164,6 +181,7 @@ async def run_demo(config_path: str, *, keep_running: bool = False, requests: in
             await c.close()
         rows = await proxy.ledger.rows()
         console.print(_spend_table(rows))
+        console.print(_budget_table(proxy))
         billed = sim.billed.totals()
         ledger_upstream: dict[str, list[int]] = {}
         for r in rows:
