@@ -18,6 +18,9 @@ PID=""
 cleanup() { [[ -n "$PID" ]] && kill "$PID" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT INT TERM
 
+if ss -Hltn "sport = :18300" | grep -q .; then
+  echo "port 18300 is busy: stop whatever listens there first (ss -ltnp 'sport = :18300')" >&2; exit 1
+fi
 # the proxy gets core 1 alone, like the other proxies bench_all.sh starts
 TOGETHER_API_KEY=fake-together-key taskset -c "$PROXY_CPUS" "$METER" --log-level WARNING serve \
   --config "$HERE/config.yaml" --ledger "$WORK/ledger.db" >"$OUT/together-meter.log" 2>&1 &

@@ -314,6 +314,13 @@ class Relay:
         except MeterError as exc:
             await meter.fail(exc)
             return error_response(exc, meter.row.request_id)
+        return await self._respond_whole(request, call, meter, up)
+
+    async def _respond_whole(
+        self, request: web.Request, call: Call, meter: _Recorder, up: UpstreamResponse
+    ) -> web.Response:
+        """Read the upstream's answer whole, meter it, pass it on (also a stream request's
+        answer when the upstream replies without SSE, e.g. with an error)."""
         try:
             async with up:
                 data = await self._read_upstream(up)
@@ -407,23 +414,9 @@ class Relay:
         except MeterError as exc:
             await meter.fail(exc)
             return error_response(exc, meter.row.request_id)
+        if up.status != 200 or up.content_type != "text/event-stream":
+            return await self._respond_whole(request, call, meter, up)
         async with up:
-            if up.status != 200 or up.content_type != "text/event-stream":
-                try:
-                    data = await self._read_upstream(up)
-                except MeterError as exc:
-                    await meter.broke_off(exc, up.status)
-                    return error_response(exc, meter.row.request_id)
-                if up.status != 200:
-                    await meter.upstream_error(up.status)
-                    return self._passthrough(up, data, meter.row.request_id)
-                usage, upstream_id = self._usage_of_body(call, data)
-                await meter.finish("ok", usage, 200, upstream_id, client_gone=False, complete=True)
-                return web.Response(
-                    body=data,
-                    headers={"x-request-id": meter.row.request_id, "x-meter-cost-usd": meter.cost_text},
-                    content_type=up.content_type or JSON_CT,
-                )
             return await self._relay_events(request, call, meter, up)
 
     async def _relay_events(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 IN_FLIGHT = "in_flight"
@@ -111,9 +111,6 @@ class LedgerRow:
             self.upstream_id,
         )
 
-    def with_(self, **changes: Any) -> LedgerRow:
-        return replace(self, **changes)
-
     def terminal(
         self,
         status: str,
@@ -206,8 +203,6 @@ class Ledger(Protocol):
     async def writable(self) -> bool: ...
 
     async def rows(self, where: str = "", params: tuple[Any, ...] = ()) -> list[LedgerRow]: ...
-
-    async def spend_by_tenant(self, period: str) -> dict[str, int]: ...
 
     async def period_costs(self, period: str) -> list[tuple[str, str | None, int]]: ...
 

@@ -323,20 +323,6 @@ class SQLiteLedger:
         found = await asyncio.to_thread(self._read, sql, params)
         return [LedgerRow.from_mapping(r) for r in found]
 
-    async def spend_by_tenant(self, period: str) -> dict[str, int]:
-        """Month-to-date spend per tenant in pico-USD, summed exactly in Python."""
-        found = await asyncio.to_thread(
-            self._read,
-            "SELECT tenant, cost_pusd, reserved_pusd, status FROM requests WHERE period = ?",
-            (period,),
-        )
-        spend: dict[str, int] = {}
-        for r in found:
-            cost = r["cost_pusd"]
-            if cost is not None and r["status"] != IN_FLIGHT:
-                spend[r["tenant"]] = spend.get(r["tenant"], 0) + cost
-        return spend
-
     async def period_costs(self, period: str) -> list[tuple[str, str | None, int]]:
         """(tenant, feature, cost) of the period's terminal rows, summed per tenant and feature."""
         found = await asyncio.to_thread(
