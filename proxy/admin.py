@@ -19,6 +19,17 @@ from .budgets import Budget, projected_month_end
 from .errors import AuthenticationError, BadRequest, ConfigError, MeterError, NotFound
 from .metrics import build_registry, render
 from .pricing import format_usd
+from .report import (
+    ReportError,
+    build_report,
+    estimate_view,
+    forecast,
+    params_from_mapping,
+    parse_window,
+    plan_estimates,
+    report_csv,
+    report_view,
+)
 
 if TYPE_CHECKING:
     from .app import Proxy
@@ -168,6 +179,44 @@ def build_admin_app(proxy: Proxy) -> web.Application:
         total = sum(int(r["requests"]) for r in rows)
         return _json({"tenant": tenant, "period": period, "requests": total, "breakdown": rows})
 
+    async def report(request: web.Request) -> web.Response:
+        """The month's cost report grouped by `by`, as JSON (with the forecast) or CSV."""
+        q = request.query
+        month = q.get("month") or current_period()
+        fmt = q.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise BadRequest(f"format must be json or csv, got {fmt!r}")
+        if not PERIOD_RE.match(month):
+            raise BadRequest(f"month must look like 2026-11, got {month!r}")
+        rows = await proxy.ledger.rows("WHERE period = ?", (month,))
+        periods = proxy.config.budgets.periods
+        tenant = q.get("tenant") or None
+        try:
+            built = build_report(rows, month, q.get("by", "model"), tenant, periods)
+        except ReportError as exc:
+            raise BadRequest(str(exc)) from None
+        if fmt == "csv":
+            return web.Response(text=report_csv(built), content_type="text/csv")
+        return _json(report_view(built, forecast(rows, month, proxy.clock() / 1e6, periods, tenant)))
+
+    async def estimate(request: web.Request) -> web.Response:
+        """Serverless / Batch / Dedicated estimates; the body holds the CLI's parameters."""
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            raise BadRequest("the body must be a JSON object") from None
+        try:
+            params = params_from_mapping(body)
+            now = proxy.clock()
+            rows = []
+            if params.from_ledger:
+                since = now - parse_window(params.window) * 1_000_000
+                rows = await proxy.ledger.rows("WHERE started_us >= ?", (since,))
+            found = plan_estimates(proxy.config.prices, params, rows, now)
+        except ReportError as exc:
+            raise BadRequest(str(exc)) from None
+        return _json({"estimates": [estimate_view(e) for e in found]})
+
     async def reload(request: web.Request) -> web.Response:
         try:
             result = await proxy.reload()
@@ -186,6 +235,8 @@ def build_admin_app(proxy: Proxy) -> web.Application:
     app.router.add_get("/admin/budgets", operator(budgets))
     app.router.add_get("/admin/tenants/{tenant}/usage", operator(tenant_usage))
     app.router.add_post("/admin/reload", operator(reload))
+    app.router.add_get("/admin/report", operator(report))
+    app.router.add_post("/admin/estimate", operator(estimate))
     app.router.add_route("*", "/admin/{tail:.*}", operator(not_found))
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

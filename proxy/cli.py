@@ -19,6 +19,7 @@ import yaml
 from .auth import digest, new_key
 from .config import Config, load_config
 from .errors import ConfigError
+from .report import ReportError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DEFAULT_CONFIG = "config/example.yaml"
@@ -139,6 +140,18 @@ def cmd_prices(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report_cli import run_report
+
+    return run_report(load_config(args.config), args.ledger, args.month, args.tenant, args.by, args.format)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .report_cli import params_from_args, run_estimate
+
+    return run_estimate(load_config(args.config), args.ledger, params_from_args(args), args.format)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -196,6 +209,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ps.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
     ps.set_defaults(func=cmd_prices)
+
+    r = sub.add_parser("report", help="monthly cost report from the ledger, with a month-end forecast")
+    r.add_argument("--config", default=DEFAULT_CONFIG)
+    r.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
+    r.add_argument("--month", required=True, help="period, like 2026-11")
+    r.add_argument("--tenant")
+    r.add_argument("--by", choices=("model", "tenant", "feature", "environment", "day"), default="model")
+    r.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    r.set_defaults(func=cmd_report)
+
+    e = sub.add_parser("estimate", help="cost per request and per month: Serverless, Batch, Dedicated")
+    e.add_argument("--config", default=DEFAULT_CONFIG)
+    e.add_argument("--ledger", help="ledger file for --from-ledger (default: ledger.path)")
+    e.add_argument("--model")
+    e.add_argument("--requests-per-month", type=int)
+    e.add_argument("--input-tokens", type=int, help="T_in: input tokens per request")
+    e.add_argument("--output-tokens", type=int, help="T_out: output tokens per request")
+    e.add_argument("--from-ledger", action="store_true", help="measure T_in, T_out and volume")
+    e.add_argument("--window", default="7d", help="measuring window for --from-ledger: 7d, 24h")
+    e.add_argument("--feature")
+    e.add_argument("--tenant")
+    e.add_argument("--dedicated-monthly-usd")
+    e.add_argument("--gpu-hourly-usd")
+    e.add_argument("--gpus", type=int)
+    e.add_argument("--hours-per-month")
+    e.add_argument("--compare", help="comma-separated models priced at the same traffic")
+    e.add_argument("--format", choices=("table", "json"), default="table")
+    e.set_defaults(func=cmd_estimate)
     return p
 
 
@@ -206,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,252 @@
+"""Report, forecast and estimate arithmetic (proxy/report.py), without a server or a ledger file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.budgets import Periods
+from proxy.ledger import IN_FLIGHT, LedgerRow
+from proxy.pricing import PriceTable, Rates, load_price_table
+from proxy.report import (
+    GROUPINGS,
+    EstimateParams,
+    ReportError,
+    blended_rate,
+    break_even_tokens,
+    build_report,
+    dedicated_monthly_pusd,
+    estimate,
+    forecast,
+    given_traffic,
+    measured_traffic,
+    params_from_mapping,
+    parse_window,
+    plan_estimates,
+    report_csv,
+    report_view,
+    summary,
+)
+from tests.test_docs import ROOT
+
+SEED_MODEL = "arcee-ai/maestro-reasoning"
+PRICES = load_price_table(ROOT / "config" / "prices.yaml")
+NOV_START_US = 1_793_491_200_000_000  # 2026-11-01T00:00:00Z
+DAY_US = 86_400_000_000
+STATUSES = ("ok", "ok", "ok", "rejected", "upstream_error", "client_aborted", IN_FLIGHT)
+
+
+def row(i: int, **kw: object) -> LedgerRow:
+    base: dict[str, object] = {
+        "request_id": f"req_{i}",
+        "tenant": "acme",
+        "key_id": "k",
+        "model": SEED_MODEL,
+        "endpoint": "chat",
+        "mode": "serverless",
+        "feature": None,
+        "environment": None,
+        "stream": False,
+        "started_us": NOV_START_US + i,
+        "period": "2026-11",
+        "status": "ok",
+    }
+    base.update(kw)
+    return LedgerRow(**base)  # type: ignore[arg-type]
+
+
+@st.composite
+def ledgers(draw: st.DrawFn) -> list[LedgerRow]:
+    n = draw(st.integers(0, 40))
+    out = []
+    for i in range(n):
+        tokens = draw(st.one_of(st.none(), st.tuples(st.integers(0, 10**6), st.integers(0, 10**6))))
+        out.append(
+            row(
+                i,
+                tenant=draw(st.sampled_from(["acme", "globex", "initech"])),
+                model=draw(st.sampled_from([SEED_MODEL, "m/b", "m/c"])),
+                feature=draw(st.sampled_from([None, "chat", "search"])),
+                environment=draw(st.sampled_from([None, "prod", "dev"])),
+                started_us=NOV_START_US + draw(st.integers(0, 29 * DAY_US)),
+                status=draw(st.sampled_from(STATUSES)),
+                prompt_tokens=None if tokens is None else tokens[0],
+                completion_tokens=None if tokens is None else tokens[1],
+                usage_source=draw(st.sampled_from(["upstream", "estimated", "none"])),
+                cost_pusd=draw(st.one_of(st.none(), st.integers(0, 10**15))),
+            )
+        )
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(ledgers(), st.sampled_from(GROUPINGS))
+def test_report_totals_equal_the_sum_of_rows_exactly(rows: list[LedgerRow], by: str) -> None:
+    """For every grouping, groups and total sum exactly to the terminal rows; in-flight is excluded."""
+    report = build_report(rows, "2026-11", by)
+    terminal = [r for r in rows if r.status != IN_FLIGHT]
+    cost = sum(r.cost_pusd for r in terminal if r.cost_pusd is not None)
+    assert report.total.requests == len(terminal) == sum(g.requests for g in report.groups)
+    assert report.total.input_tokens == sum(r.prompt_tokens or 0 for r in terminal)
+    assert report.total.output_tokens == sum(r.completion_tokens or 0 for r in terminal)
+    assert report.total.cost_pusd == cost == sum(g.cost_pusd for g in report.groups)
+    assert sum(g.input_tokens for g in report.groups) == report.total.input_tokens
+    unknown = [r for r in terminal if r.cost_pusd is None and r.status != "rejected"]
+    assert report.total.cost_unknown == len(unknown) == sum(g.cost_unknown for g in report.groups)
+    assert report.total.estimated == sum(r.usage_source == "estimated" for r in terminal)
+    assert report.total.rejected == sum(r.cost_pusd is None and r.status == "rejected" for r in terminal)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ledgers(), st.sampled_from(GROUPINGS))
+def test_csv_and_json_parse_back_to_the_same_numbers(rows: list[LedgerRow], by: str) -> None:
+    """CSV lines and JSON groups carry the exact integer counts and decimal costs of the report."""
+    report = build_report(rows, "2026-11", by)
+    view = json.loads(json.dumps(report_view(report)))
+    lines = list(csv.DictReader(io.StringIO(report_csv(report))))
+    assert len(lines) == len(report.groups) + 1
+    for g, js, line in zip(
+        [*report.groups, report.total], [*view["groups"], view["total"]], lines, strict=True
+    ):
+        assert js["requests"] == int(line["requests"]) == g.requests
+        assert js["input_tokens"] == int(line["input_tokens"]) == g.input_tokens
+        assert js["output_tokens"] == int(line["output_tokens"]) == g.output_tokens
+        assert Decimal(js["cost_usd"]) == Decimal(line["cost_usd"]) == Decimal(g.cost_pusd).scaleb(-12)
+        assert int(line["cost_unknown"]) == js["cost_unknown"] == g.cost_unknown
+    total = Decimal(view["total"]["cost_usd"])
+    assert sum((Decimal(g["cost_usd"]) for g in view["groups"]), Decimal(0)) == total
+
+
+def test_report_keeps_other_months_and_tenants_out_and_groups_by_day() -> None:
+    """Only the month's rows (and the tenant's, if given) count; `day` groups by local date."""
+    rows = [
+        row(1, cost_pusd=10),
+        row(2, cost_pusd=20, tenant="globex"),
+        row(3, cost_pusd=40, period="2026-10"),
+        row(4, cost_pusd=80, started_us=NOV_START_US + DAY_US),
+    ]
+    report = build_report(rows, "2026-11", "day", tenant="acme")
+    assert [(g.key, g.cost_pusd) for g in report.groups] == [("2026-11-01", 10), ("2026-11-02", 80)]
+    berlin = build_report(rows, "2026-11", "day", periods=Periods("America/New_York"))
+    assert berlin.groups[0].key == "2026-10-31"
+    with pytest.raises(ReportError):
+        build_report(rows, "2026-13", "model")
+    with pytest.raises(ReportError):
+        build_report(rows, "2026-11", "colour")
+
+
+def test_share_and_averages_are_exact() -> None:
+    """Shares and averages come from exact integer ratios, rounded half-up only for display."""
+    rows = [
+        row(1, cost_pusd=1, prompt_tokens=1, completion_tokens=2),
+        row(2, cost_pusd=2, prompt_tokens=2, completion_tokens=2, model="m/b"),
+    ]
+    view = report_view(build_report(rows, "2026-11", "model"))
+    assert [(g["key"], g["share"]) for g in view["groups"]] == [("m/b", "0.6667"), (SEED_MODEL, "0.3333")]
+    assert view["total"]["avg_input_tokens"] == "1.5"
+    assert view["total"]["avg_cost_usd"] == "0.000000000002"  # 1.5 pico-USD rounds half-up
+
+
+def test_forecast_is_a_linear_run_rate_over_the_elapsed_month() -> None:
+    """Ten days into a 30-day month, $1 spent projects to $3; outside the month there is none."""
+    rows = [row(1, cost_pusd=10**12), row(2, cost_pusd=None, status="rejected")]
+    now = NOV_START_US / 1e6 + 10 * 86_400
+    fc = forecast(rows, "2026-11", now)
+    assert fc is not None
+    assert fc.lines == (("acme", SEED_MODEL, 10**12, 3 * 10**12),)
+    assert "10.00 of 30.00 days" in fc.window
+    assert forecast(rows, "2026-10", now) is None
+
+
+def test_seed_example_exactly() -> None:
+    """maestro-reasoning, 3,000 in / 1,000 out, 2M requests: $0.0060, $12,000 Serverless, $6,000 Batch."""
+    rates = PRICES.get(SEED_MODEL)
+    assert rates is not None
+    e = estimate(SEED_MODEL, rates, given_traffic(3000, 1000, 2_000_000))
+    assert e.per_request == 6_000_000_000  # pico-USD
+    assert e.monthly == 12_000 * 10**12
+    assert e.monthly_batch == 6_000 * 10**12
+    assert summary(e) == (
+        "arcee-ai/maestro-reasoning at $0.90/$3.30, 3,000 in / 1,000 out, 2,000,000 requests/month -> "
+        "$0.0060 per request, $12,000 per month Serverless, $6,000 Batch"
+    )
+
+
+def test_break_even_is_dedicated_monthly_over_the_blended_rate() -> None:
+    """$5,000/month over $1.50/1M blended (3:1 of $0.90/$3.30) -> 3,333,333,334 tokens (ceil)."""
+    rates = Rates(900_000, 3_300_000, 450_000, 1_650_000)
+    blended = blended_rate(rates, Fraction(3000), Fraction(1000))
+    assert blended == Fraction(3_000_000, 2)  # pico-USD per token == $1.50 per 1M
+    assert break_even_tokens(5_000 * 10**12, blended) == 3_333_333_334
+    flat = Rates(1_000_000, 1_000_000, 0, 0)  # $1 per 1M either way
+    assert break_even_tokens(2_000 * 10**12, blended_rate(flat, Fraction(1), Fraction(1))) == 2 * 10**9
+    assert break_even_tokens(1, Fraction(0)) is None
+
+
+def test_dedicated_effective_rate_and_gpu_hours() -> None:
+    """GPU hourly x GPUs x hours is the monthly cost; effective $/1M = monthly / monthly tokens."""
+    monthly = dedicated_monthly_pusd(None, Decimal("3.99"), 2, Decimal("730"))
+    assert monthly == 5_825_400_000_000_000  # $5,825.40
+    rates = PRICES.get(SEED_MODEL)
+    assert rates is not None
+    e = estimate(SEED_MODEL, rates, given_traffic(3000, 1000, 2_000_000), dedicated_pusd=5_000 * 10**12)
+    assert e.dedicated is not None
+    assert e.dedicated.usd_per_mtok == Decimal("0.625")  # $5,000 / 8,000M tokens
+    assert e.dedicated.cheaper == "dedicated"
+    with pytest.raises(ReportError):
+        dedicated_monthly_pusd(None, Decimal(1), None, None)
+
+
+def test_measured_traffic_scales_the_window_to_30_days() -> None:
+    """7 days of 70 requests -> 300 requests a month; averages over rows with usage only."""
+    rows = [row(i, prompt_tokens=100 + i % 2, completion_tokens=10) for i in range(70)]
+    rows.append(row(99, status="rejected"))  # no usage: not counted
+    t = measured_traffic(rows, parse_window("7d"), "7d")
+    assert t is not None
+    assert t.requests_per_month == 300
+    assert t.input_tokens == Fraction(201, 2)
+    assert t.output_tokens == 10
+    assert parse_window("24h") == 86_400
+    with pytest.raises(ReportError):
+        parse_window("7 weeks")
+
+
+def test_plan_estimates_compares_models_on_the_same_traffic() -> None:
+    """--compare prices the same T_in, T_out and volume on each model."""
+    params = params_from_mapping(
+        {
+            "model": SEED_MODEL,
+            "requests_per_month": 2_000_000,
+            "input_tokens": 3000,
+            "output_tokens": 1000,
+            "compare": "deepseek-ai/DeepSeek-V3",
+        }
+    )
+    found = plan_estimates(PRICES, params)
+    assert [e.model for e in found] == [SEED_MODEL, "deepseek-ai/DeepSeek-V3"]
+    assert found[1].monthly == 10_000 * 10**12  # $1.25 / $1.25 per 1M
+    with pytest.raises(ReportError):
+        plan_estimates(PRICES, EstimateParams(model=SEED_MODEL))
+    with pytest.raises(ReportError):
+        params_from_mapping({"model": SEED_MODEL, "requests_per_month": -1})
+    with pytest.raises(ReportError):
+        plan_estimates(PriceTable({}), params)
+
+
+def test_plan_estimates_from_the_ledger_one_per_model() -> None:
+    """From the ledger without a model, each priced model in the window gets its own estimate."""
+    now = NOV_START_US + 7 * DAY_US
+    rows = [row(i, prompt_tokens=3000, completion_tokens=1000) for i in range(7)]
+    rows.append(row(8, model="deepseek-ai/DeepSeek-V3", prompt_tokens=10, completion_tokens=10))
+    rows.append(row(9, started_us=NOV_START_US - DAY_US, prompt_tokens=1, completion_tokens=1))  # too old
+    found = plan_estimates(PRICES, EstimateParams(from_ledger=True, window="7d"), rows, now)
+    assert [e.model for e in found] == ["arcee-ai/maestro-reasoning", "deepseek-ai/DeepSeek-V3"]
+    assert found[0].traffic.requests_per_month == 30
+    assert found[0].monthly == 30 * 6_000_000_000

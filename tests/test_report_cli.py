@@ -1,0 +1,175 @@
+"""`together-meter report` and `estimate`, run as subprocesses against a ledger written in tmp_path."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from decimal import Decimal
+from pathlib import Path
+
+from proxy.ledger import LedgerRow, now_us, period_of
+from proxy.ledger.sqlite import SQLiteLedger
+from tests.test_cli import ROOT, run_cli
+
+CONFIG = str(ROOT / "config" / "example.yaml")
+SEED = "arcee-ai/maestro-reasoning"
+V3 = "deepseek-ai/DeepSeek-V3"
+
+
+def _row(i: int, started: int, **kw: object) -> LedgerRow:
+    base: dict[str, object] = {
+        "request_id": f"req_{i}",
+        "tenant": "acme",
+        "key_id": "k",
+        "model": SEED,
+        "endpoint": "chat",
+        "mode": "serverless",
+        "feature": "chat",
+        "environment": "prod",
+        "stream": False,
+        "started_us": started,
+        "period": period_of(started),
+        "status": "ok",
+        "finished_us": started + 1000,
+        "prompt_tokens": 3000,
+        "completion_tokens": 1000,
+        "usage_source": "upstream",
+        "cost_pusd": 6_000_000_000,
+    }
+    base.update(kw)
+    return LedgerRow(**base)  # type: ignore[arg-type]
+
+
+async def write_ledger(path: Path) -> tuple[str, list[LedgerRow]]:
+    """Six recent rows: 3 acme seed-model, 1 globex V3, 1 estimated, 1 unknown cost; 1 in flight."""
+    started = now_us() - 3_600_000_000  # an hour ago: inside the current month unless it just began
+    rows = [
+        _row(1, started),
+        _row(2, started + 1),
+        _row(3, started + 2, feature="search"),
+        _row(4, started + 3, tenant="globex", model=V3, cost_pusd=5_000_000_000),
+        _row(5, started + 4, usage_source="estimated", cost_pusd=6_000_000_001),
+        _row(6, started + 5, model="x/unpriced", cost_pusd=None),
+    ]
+    ledger = SQLiteLedger(path)
+    await ledger.open()
+    for r in rows:
+        assert await ledger.record(r)
+    await ledger.begin(_row(7, started + 6, status="in_flight", cost_pusd=None, prompt_tokens=None))
+    await ledger.close()
+    return rows[0].period, rows
+
+
+async def test_report_json_totals_equal_the_ledger(tmp_path: Path) -> None:
+    """JSON totals are the exact sums of the terminal rows; flagged rows are counted apart."""
+    month, rows = await write_ledger(tmp_path / "l.db")
+    code, out, err = await run_cli(
+        "report", "--config", CONFIG, "--ledger", str(tmp_path / "l.db"), "--month", month, "--format", "json"
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    total = data["total"]
+    assert total["requests"] == 6
+    assert total["input_tokens"] == 18_000
+    assert Decimal(total["cost_usd"]) == Decimal(sum(r.cost_pusd or 0 for r in rows)).scaleb(-12)
+    assert (total["estimated_usage"], total["cost_unknown"]) == (1, 1)
+    assert {g["key"] for g in data["groups"]} == {SEED, V3, "x/unpriced"}
+
+
+async def test_report_csv_by_tenant_and_table(tmp_path: Path) -> None:
+    """CSV by tenant parses back; the table names the groups and the forecast window."""
+    month, _ = await write_ledger(tmp_path / "l.db")
+    base = ("report", "--config", CONFIG, "--ledger", str(tmp_path / "l.db"), "--month", month)
+    code, out, err = await run_cli(*base, "--by", "tenant", "--format", "csv")
+    assert code == 0, err
+    lines = {r["tenant"]: r for r in csv.DictReader(io.StringIO(out))}
+    assert lines["globex"]["cost_usd"] == "0.005"
+    assert lines["total"]["requests"] == "6"
+    code, out, err = await run_cli(*base, "--tenant", "acme")
+    assert code == 0, err
+    assert SEED in out and "globex" not in out.split("Month-end forecast")[0]
+    if time.gmtime().tm_mday > 1 or time.gmtime().tm_hour > 1:
+        assert "Month-end forecast" in out and "run rate over" in out
+
+
+async def test_estimate_seed_example_prints_exact_numbers() -> None:
+    """The seed: $0.0060 per request, $12,000 per month Serverless, $6,000 Batch."""
+    code, out, err = await run_cli(
+        "estimate",
+        "--config",
+        CONFIG,
+        "--model",
+        SEED,
+        "--requests-per-month",
+        "2000000",
+        "--input-tokens",
+        "3000",
+        "--output-tokens",
+        "1000",
+    )
+    assert code == 0, err
+    assert (
+        "arcee-ai/maestro-reasoning at $0.90/$3.30, 3,000 in / 1,000 out, 2,000,000 requests/month -> "
+        "$0.0060 per request, $12,000 per month Serverless, $6,000 Batch"
+    ) in out
+
+
+async def test_estimate_from_ledger_with_dedicated_json(tmp_path: Path) -> None:
+    """Measured over 7 days and scaled to 30; Dedicated gives effective $/1M and break-even."""
+    await write_ledger(tmp_path / "l.db")
+    code, out, err = await run_cli(
+        "estimate",
+        "--config",
+        CONFIG,
+        "--ledger",
+        str(tmp_path / "l.db"),
+        "--from-ledger",
+        "--window",
+        "7d",
+        "--model",
+        SEED,
+        "--tenant",
+        "acme",
+        "--dedicated-monthly-usd",
+        "1.5",
+        "--compare",
+        V3,
+        "--format",
+        "json",
+    )
+    assert code == 0, err
+    first, second = json.loads(out)["estimates"]
+    assert first["traffic"]["input_tokens"] == "3000"
+    assert first["traffic"]["requests_per_month"] == "17.143"  # 4 requests x 30 / 7, shown to 3 places
+    assert first["dedicated"]["break_even_monthly_tokens"] == 1_000_000  # $1.5 / $1.50 per 1M
+    assert second["model"] == V3
+
+
+async def test_bad_arguments_exit_2(tmp_path: Path) -> None:
+    """A bad month, missing estimate inputs, an unknown model or a missing ledger: exit 2."""
+    await write_ledger(tmp_path / "l.db")
+    ledger = str(tmp_path / "l.db")
+    for args in (
+        ("report", "--config", CONFIG, "--ledger", ledger, "--month", "2026-13"),
+        ("report", "--config", CONFIG, "--ledger", str(tmp_path / "none.db"), "--month", "2026-11"),
+        ("report", "--config", CONFIG, "--month", "2026-11", "--by", "colour"),
+        ("estimate", "--config", CONFIG, "--model", SEED),
+        (
+            "estimate",
+            "--config",
+            CONFIG,
+            "--model",
+            "no/such",
+            "--requests-per-month",
+            "1",
+            "--input-tokens",
+            "1",
+            "--output-tokens",
+            "1",
+        ),
+        ("estimate", "--config", CONFIG, "--from-ledger", "--ledger", ledger, "--window", "7w"),
+    ):
+        code, _, err = await run_cli(*args)
+        assert code == 2, (args, err)
