@@ -16,20 +16,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .budgets import Budget, projected_month_end
+from .chargeback import CHARGEBACK_NOTES, chargeback_csv, chargeback_view, chargebacks
 from .errors import AuthenticationError, BadRequest, ConfigError, MeterError, NotFound
+from .estimate import estimate_view, params_from_mapping, parse_window, plan_estimates
 from .metrics import build_registry, render
 from .pricing import format_usd
-from .report import (
-    ReportError,
-    build_report,
-    estimate_view,
-    forecast,
-    params_from_mapping,
-    parse_window,
-    plan_estimates,
-    report_csv,
-    report_view,
-)
+from .report import ReportError, build_report, forecast, report_csv, report_view
 
 if TYPE_CHECKING:
     from .app import Proxy
@@ -217,6 +209,22 @@ def build_admin_app(proxy: Proxy) -> web.Application:
             raise BadRequest(str(exc)) from None
         return _json({"estimates": [estimate_view(e) for e in found]})
 
+    async def chargeback(request: web.Request) -> web.Response:
+        """Each dedicated endpoint's month spread over tenants by token share (JSON or CSV)."""
+        q = request.query
+        month = q.get("month") or current_period()
+        fmt = q.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise BadRequest(f"format must be json or csv, got {fmt!r}")
+        if not PERIOD_RE.match(month):
+            raise BadRequest(f"month must look like 2026-11, got {month!r}")
+        rows = await proxy.ledger.rows("WHERE period = ?", (month,))
+        found = chargebacks(rows, month, proxy.config.dedicated_endpoints)
+        views = [chargeback_view(cb, q.get("tenant") or None) for cb in found]
+        if fmt == "csv":
+            return web.Response(text=chargeback_csv(views), content_type="text/csv")
+        return _json({"period": month, "endpoints": views, "notes": CHARGEBACK_NOTES})
+
     async def reload(request: web.Request) -> web.Response:
         try:
             result = await proxy.reload()
@@ -237,6 +245,7 @@ def build_admin_app(proxy: Proxy) -> web.Application:
     app.router.add_post("/admin/reload", operator(reload))
     app.router.add_get("/admin/report", operator(report))
     app.router.add_post("/admin/estimate", operator(estimate))
+    app.router.add_get("/admin/chargeback", operator(chargeback))
     app.router.add_route("*", "/admin/{tail:.*}", operator(not_found))
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .admin import build_admin_app
 from .auth import KeyStore
+from .batches import BatchGateway, BatchTracker
 from .budgets import BudgetBook
 from .config import Config
 from .errors import ConfigError, MethodNotAllowed, NotFound
@@ -80,6 +81,13 @@ class Proxy:
             clock,
         )
         self.clock = clock
+        self.batch_tracker = BatchTracker(
+            self.ledger,
+            self.upstream,
+            lambda: self.config,
+            self.periods,
+            self.relay.tokenizer,
+        )
         self.public_app = self._build_public_app()
         self.admin_app = build_admin_app(self)
         self._runners: list[web.AppRunner] = []
@@ -95,6 +103,7 @@ class Proxy:
             app.router.add_post(path, self.relay.handle)
         app.router.add_get("/v1/models", self.relay.models)
         app.router.add_get("/v2/projects/{project}/models", self.relay.models)
+        BatchGateway(self.relay, self.batch_tracker.store, self.batch_tracker).add_routes(app)
         app.router.add_route("*", "/{tail:.*}", _not_found)
         return app
 
@@ -150,6 +159,7 @@ class Proxy:
         await self.upstream.start()
         await self.notifier.start()
         await self.load_spend()
+        await self.batch_tracker.start()  # picks up batches a previous run left unrecorded
         synced = self.config.prices.extra.get("synced_at")
         if synced is not None:
             self.metrics.prices_last_sync = _timestamp(synced)
@@ -177,6 +187,7 @@ class Proxy:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        await self.batch_tracker.stop()
         await self.upstream.close()
         await self.ledger.close()
         await self.notifier.stop()
@@ -219,7 +230,7 @@ async def _not_found(request: web.Request) -> web.Response:
         NotFound(
             f"Unknown request URL: {request.method} {request.path}. "
             "together-meter serves /v1/chat/completions, "
-            "/v1/completions, /v1/embeddings and /v1/models."
+            "/v1/completions, /v1/embeddings, /v1/models, /v1/files and /v1/batches."
         )
     )
 

@@ -141,8 +141,10 @@ def cmd_prices(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report_cli import run_report
+    from .report_cli import run_chargeback, run_report
 
+    if args.chargeback:
+        return run_chargeback(load_config(args.config), args.ledger, args.month, args.tenant, args.format)
     return run_report(load_config(args.config), args.ledger, args.month, args.tenant, args.by, args.format)
 
 
@@ -217,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tenant")
     r.add_argument("--by", choices=("model", "tenant", "feature", "environment", "day"), default="model")
     r.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    r.add_argument(
+        "--chargeback",
+        action="store_true",
+        help="spread each configured dedicated endpoint's monthly cost over tenants by token share",
+    )
     r.set_defaults(func=cmd_report)
 
     e = sub.add_parser("estimate", help="cost per request and per month: Serverless, Batch, Dedicated")

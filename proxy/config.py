@@ -100,6 +100,23 @@ class Notify:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchSettings:
+    """How the proxy follows together.ai Batch jobs its tenants created (docs/batches.md)."""
+
+    poll_interval: float = 30.0  # seconds between two looks at the unfinished batches
+
+
+@dataclass(frozen=True, slots=True)
+class DedicatedEndpoint:
+    """A dedicated endpoint shared by tenants; its cost is charged back by token share."""
+
+    name: str
+    model: str
+    monthly_pusd: int
+    basis: str  # how the monthly cost was given, e.g. "monthly_usd 2000" or "hourly_usd 3.2 x 730 h"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     file: str
     listen: Listen
@@ -116,6 +133,8 @@ class Config:
     admin_token_env: str = "TOGETHER_METER_ADMIN_TOKEN"
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
     notify: Notify = field(default_factory=Notify)
+    batches: BatchSettings = field(default_factory=BatchSettings)
+    dedicated_endpoints: tuple[DedicatedEndpoint, ...] = ()
 
     def budget_map(self) -> dict[tuple[str, str | None], Budget]:
         """(tenant, None) for tenant budgets, (tenant, feature) for feature budgets."""
@@ -313,6 +332,8 @@ TOP_KEYS = {
     "admin_token_env",
     "budgets",
     "notify",
+    "batches",
+    "dedicated_endpoints",
 }
 
 
@@ -338,6 +359,62 @@ def _notify(r: _Reader) -> Notify:
     if url is not None and not re.match(r"^https?://[^/\s]+", url):
         raise r.err("webhook_url", f"must be an http(s) URL, got {url!r}")
     return Notify(url, r.num("timeout", 5.0), r.int("max_attempts", 6, 1, 100))
+
+
+def _usd_amount(r: _Reader, name: str) -> Decimal | None:
+    """An exact decimal USD amount >= 0 (floats through their repr), or None if absent."""
+    raw = r.data.get(name)
+    if raw is None:
+        return None
+    try:
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise InvalidOperation
+        amount = Decimal(repr(raw)) if isinstance(raw, float) else Decimal(str(raw))
+        if not amount.is_finite() or amount < 0:
+            raise InvalidOperation
+    except InvalidOperation:
+        raise r.err(name, f"must be a number >= 0, got {raw!r}") from None
+    return amount
+
+
+def _dedicated(r: _Reader, prices: PriceTable, forward_unpriced: bool) -> tuple[DedicatedEndpoint, ...]:
+    out: list[DedicatedEndpoint] = []
+    for name in r.data:
+        if not isinstance(name, str) or not TENANT_RE.match(name):
+            raise r.err(str(name), "endpoint names use letters, digits, '.', '_', '-' (<= 64)")
+        e = r.section(name)
+        e.check_keys({"model", "monthly_usd", "hourly_usd", "hours_per_month"})
+        model = e.text("model", None)
+        if not model:
+            raise e.err("model", "missing (the together.ai model id the endpoint serves)")
+        if model not in prices and not forward_unpriced:
+            raise e.err("model", f"model {model!r} has no price (its Serverless equivalent is needed)")
+        monthly, hourly = _usd_amount(e, "monthly_usd"), _usd_amount(e, "hourly_usd")
+        hours = _usd_amount(e, "hours_per_month")
+        if (monthly is None) == (hourly is None):
+            raise e.err("monthly_usd", "give exactly one of monthly_usd or hourly_usd")
+        if monthly is not None:
+            if hours is not None:
+                raise e.err("hours_per_month", "only with hourly_usd")
+            value, basis, key = monthly, f"monthly_usd {monthly}", "monthly_usd"
+        else:
+            assert hourly is not None
+            hours = Decimal(730) if hours is None else hours
+            if not 0 < hours <= 744:
+                raise e.err("hours_per_month", f"must be in (0, 744], got {hours}")
+            value, basis, key = hourly * hours, f"hourly_usd {hourly} x {hours} h", "hourly_usd"
+        pusd = value * PUSD_PER_USD
+        if pusd != pusd.to_integral_value():
+            raise e.err(key, "must come to a whole number of pico-USD per month")
+        if any(d.model == model for d in out):
+            raise e.err("model", f"model {model!r} already has a dedicated endpoint (tokens cannot be split)")
+        out.append(DedicatedEndpoint(name, model, int(pusd), basis))
+    return tuple(out)
+
+
+def _batch_settings(r: _Reader) -> BatchSettings:
+    r.check_keys({"poll_interval"})
+    return BatchSettings(r.num("poll_interval", 30.0))
 
 
 def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
@@ -403,6 +480,10 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
         or "TOGETHER_METER_ADMIN_TOKEN",
         budgets=_budget_settings(r.section("budgets"), prices),
         notify=_notify(r.section("notify")),
+        batches=_batch_settings(r.section("batches")),
+        dedicated_endpoints=_dedicated(
+            r.section("dedicated_endpoints"), prices, r.data.get("unpriced_models") == "forward"
+        ),
     )
 
 

@@ -1,4 +1,4 @@
-"""`report` and `estimate`: read the ledger, call proxy/report.py, print a table, CSV or JSON."""
+"""`report` and `estimate`: read the ledger, call report.py / estimate.py, print a table, CSV or JSON."""
 
 from __future__ import annotations
 
@@ -6,28 +6,25 @@ import asyncio
 import json
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from .chargeback import CHARGEBACK_NOTES, chargeback_csv, chargeback_view, chargebacks
 from .config import Config
-from .ledger import LedgerRow
-from .ledger.sqlite import SQLiteLedger
-from .report import (
+from .estimate import (
     Estimate,
     EstimateParams,
-    Report,
-    ReportError,
-    build_report,
     estimate_view,
-    forecast,
     money,
     parse_window,
     per_request_money,
     plan_estimates,
-    report_csv,
-    report_view,
     summary,
 )
+from .ledger import LedgerRow
+from .ledger.sqlite import SQLiteLedger
+from .report import Report, ReportError, build_report, forecast, report_csv, report_view
 
 
 def read_rows(path: str, where: str = "", params: tuple[Any, ...] = ()) -> list[LedgerRow]:
@@ -100,6 +97,57 @@ def print_report(report: Report, fc: Any) -> None:
         console.print(f)
 
 
+def run_chargeback(config: Config, ledger: str | None, month: str, tenant: str | None, fmt: str) -> int:
+    """Each dedicated endpoint's month charged back to tenants (`report --chargeback`)."""
+    if not config.dedicated_endpoints:
+        raise ReportError(f"no dedicated_endpoints in {config.file}: nothing to charge back")
+    rows = read_rows(ledger or config.ledger.path, "WHERE period = ?", (month,))
+    views = [chargeback_view(cb, tenant) for cb in chargebacks(rows, month, config.dedicated_endpoints)]
+    if fmt == "json":
+        print(json.dumps({"period": month, "endpoints": views, "notes": CHARGEBACK_NOTES}, indent=2))
+    elif fmt == "csv":
+        sys.stdout.write(chargeback_csv(views))
+    else:
+        print_chargeback(views)
+    return 0
+
+
+def print_chargeback(views: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    console = _console()
+    for v in views:
+        cost = f"{_usd(v['monthly_usd'])} ({v['basis']})"
+        t = Table(title=f"{v['endpoint']} ({v['model']}), {v['period']}: {cost}")
+        t.add_column("tenant", no_wrap=True)
+        for h in ("requests", "tokens", "share", "charge", "eff. $/1M tok", "serverless", "serverless $/1M"):
+            t.add_column(h, justify="right", no_wrap=True)
+        total = {"tenant": "total", "share": "1" if v["tokens"] else None, "charge_usd": v["monthly_usd"]}
+        lines = [*v["tenants"]]
+        if v["unallocated_usd"] != "0":
+            lines.append({"tenant": "unallocated (no tokens)", "charge_usd": v["unallocated_usd"]})
+        for line in [*lines, {**v, **total}]:
+            share = line.get("share")
+            t.add_row(
+                line["tenant"],
+                "-" if line.get("requests") is None else f"{line['requests']:,}",
+                "-" if line.get("tokens") is None else f"{line['tokens']:,}",
+                "-" if share is None else f"{Decimal(share) * 100:.2f}%",
+                _usd(line["charge_usd"]),
+                _usd(line.get("effective_usd_per_mtok"), 4),
+                _usd(line.get("serverless_usd")),
+                _usd(line.get("serverless_usd_per_mtok"), 4),
+                end_section=line is lines[-1],
+            )
+        console.print(t)
+    console.print("share: tokens (in + out) / all the model's tokens in the month; charges sum to the cost")
+
+
+def _usd(value: str | None, places: int = 2) -> str:
+    """'$1,234.57' from an exact decimal string; '-' for None."""
+    return "-" if value is None else f"${Decimal(value):,.{places}f}"
+
+
 def run_estimate(config: Config, ledger: str | None, params: EstimateParams, fmt: str) -> int:
     rows: list[LedgerRow] = []
     now_us = time.time_ns() // 1000
@@ -150,7 +198,7 @@ def print_estimates(found: list[Estimate]) -> None:
 
 
 def params_from_args(args: Any) -> EstimateParams:
-    from .report import parse_decimal
+    from .estimate import parse_decimal
 
     def dec(name: str) -> Any:
         v = getattr(args, name)

@@ -9,6 +9,12 @@ A `"simulate"` object in a request body (proxies forward it untouched) steers th
 `completion_tokens`, `cut_after_chunks`, `error_event_after_chunks` (a count above the stream's
 length acts after its last content chunk, before [DONE]), `malformed_usage`
 (negative|string|huge), `crlf`, `split_writes`.
+
+The Files and Batches API (`/v1/files/upload`, `/v1/batches`, `/v1/files/{id}/content`) runs
+batches of chat completions: a job completes `batch_delay_ms` after its creation (option, or
+`simulate.batch_delay_ms` in the create body) when it is next looked at; each input line's
+`body.simulate` takes `status`, `completion_tokens` and `usage: none`. Lines are billed with
+`"mode": "batch"`.
 """
 
 from __future__ import annotations
@@ -98,6 +104,7 @@ class SimulatorOptions:
     usage: str = "finish"  # default usage placement for streams, one of USAGE_PLACEMENTS
     prices: dict[str, tuple[str, str]] | None = None  # model -> (input, output) USD per 1M
     max_billed: int | None = None  # keep about this many BilledLog entries (benchmarks); None: all
+    batch_delay_ms: float = 0.0  # a batch job completes this long after its creation
 
 
 class BilledLog:
@@ -142,6 +149,8 @@ class _State:
         self._enc: Any = None
         self._ids = itertools.count(1)
         self._prefix = f"sim-{int(time.time()):x}"  # ids stay unique across restarts
+        self.files: dict[str, _File] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
 
     def next_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
@@ -188,6 +197,30 @@ class _State:
 
 
 _STATE: web.AppKey[_State] = web.AppKey("simulator_state", _State)
+
+
+@dataclass(slots=True)
+class _File:
+    """An uploaded batch input file or a batch's output file."""
+
+    id: str
+    filename: str
+    purpose: str
+    content: bytes
+    created_at: int
+
+    def info(self) -> dict[str, Any]:
+        """together.ai's file object (types/file_response.py)."""
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.content),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "FileType": "jsonl",
+            "purpose": self.purpose,
+            "processing_status": "COMPLETED",
+        }
 
 
 def _price(text: str) -> str:
@@ -575,6 +608,200 @@ async def _project_models(request: web.Request) -> web.Response:
     return web.Response(body=_dumps({"data": data, "next_cursor": None}), content_type="application/json")
 
 
+# -- Files and Batches API ------------------------------------------------------------------
+
+
+async def _file_upload(request: web.Request) -> web.Response:
+    """POST /v1/files/upload: multipart `file` + `purpose`; answers the file object."""
+    if not _authorized(request):
+        return _unauthorized()
+    if not request.content_type.startswith("multipart/"):
+        return _error(400, "Expected a multipart/form-data body with 'file' and 'purpose'.")
+    form = await request.post()
+    upload, purpose = form.get("file"), form.get("purpose", "batch-api")
+    if not isinstance(upload, web.FileField) or not isinstance(purpose, str):
+        return _error(400, "The form needs a 'file' part (and optionally 'purpose').")
+    state = request.app[_STATE]
+    f = _File(f"file-{state.next_id()}", upload.filename, purpose, upload.file.read(), int(time.time()))
+    state.files[f.id] = f
+    return web.Response(body=_dumps(f.info()), content_type="application/json")
+
+
+def _file_of(request: web.Request) -> _File | web.Response:
+    if not _authorized(request):
+        return _unauthorized()
+    f = request.app[_STATE].files.get(request.match_info["file_id"])
+    return f if f is not None else _error(404, "File not found.", "not_found")
+
+
+async def _file_info(request: web.Request) -> web.Response:
+    f = _file_of(request)
+    return (
+        f
+        if isinstance(f, web.Response)
+        else web.Response(body=_dumps(f.info()), content_type="application/json")
+    )
+
+
+async def _file_content(request: web.Request) -> web.Response:
+    f = _file_of(request)
+    return (
+        f
+        if isinstance(f, web.Response)
+        else web.Response(body=f.content, content_type="application/octet-stream")
+    )
+
+
+async def _files(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return _unauthorized()
+    data = [f.info() for f in request.app[_STATE].files.values()]
+    return web.Response(body=_dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+async def _batch_create(request: web.Request) -> web.Response:
+    """POST /v1/batches {input_file_id, endpoint, completion_window[, simulate.batch_delay_ms]}."""
+    if not _authorized(request):
+        return _unauthorized()
+    try:
+        body = _loads(await request.read())
+    except ValueError:
+        return _error(400, "Request body is not valid JSON.")
+    if not isinstance(body, dict):
+        return _error(400, "Request body must be a JSON object.")
+    state = request.app[_STATE]
+    source = state.files.get(str(body.get("input_file_id")))
+    if source is None:
+        return _error(400, "input_file_id does not name an uploaded file.", "invalid_input_file")
+    endpoint = body.get("endpoint", "/v1/chat/completions")
+    if endpoint != "/v1/chat/completions":
+        return _error(400, "The simulator runs batches of /v1/chat/completions only.")
+    sim: dict[str, Any] = body["simulate"] if isinstance(body.get("simulate"), dict) else {}
+    now = time.time()
+    job = {
+        "id": f"batch-{state.next_id()}",
+        "status": "VALIDATING",
+        "endpoint": endpoint,
+        "input_file_id": source.id,
+        "file_size_bytes": len(source.content),
+        "created_at": _iso(now),
+        "job_deadline": _iso(now + 86400),
+        "progress": 0.0,
+        "output_file_id": None,
+        "error_file_id": None,
+        "completed_at": None,
+        "user_id": "user-simulator",
+    }
+    state.batches[job["id"]] = {
+        "job": job,
+        "due": now + _ms(sim, "batch_delay_ms", state.options.batch_delay_ms),
+    }
+    return web.Response(body=_dumps({"job": job, "warning": None}), content_type="application/json")
+
+
+def _advance(app: web.Application, batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch's job object as of now: run it (and bill it) once its delay has passed."""
+    job: dict[str, Any] = batch["job"]
+    if job["status"] == "COMPLETED":
+        return job
+    if time.time() < batch["due"]:
+        job["status"] = "IN_PROGRESS"
+        return job
+    state = app[_STATE]
+    source = state.files[job["input_file_id"]]
+    out_lines = []
+    for line in source.content.splitlines():
+        if not line.strip():
+            continue
+        out_lines.append(_dumps(_batch_line(app, job["id"], _loads(line))))
+    out = _File(
+        f"file-{state.next_id()}",
+        f"{job['id']}-output.jsonl",
+        "batch-output",
+        b"\n".join(out_lines) + b"\n",
+        int(time.time()),
+    )
+    state.files[out.id] = out
+    job.update(status="COMPLETED", output_file_id=out.id, progress=100.0, completed_at=_iso(time.time()))
+    return job
+
+
+def _batch_line(app: web.Application, batch_id: str, line: Any) -> dict[str, Any]:
+    """One output line: a chat completion for the input line's body (billed), or its error."""
+    state = app[_STATE]
+    custom_id = line.get("custom_id") if isinstance(line, dict) else None
+    body = line.get("body") if isinstance(line, dict) else None
+    rid = state.next_id()
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+        bad = {"error": {"message": "'messages' must be a non-empty array.", "type": "invalid_request_error"}}
+        return {"id": rid, "custom_id": custom_id, "response": {"status_code": 400, "body": bad}}
+    sim: dict[str, Any] = body["simulate"] if isinstance(body.get("simulate"), dict) else {}
+    status = _int(sim, "status")
+    if status is not None and status != 200:
+        err: dict[str, Any] = {"error": {"message": "simulated error", "type": "server_error", "code": None}}
+        return {"id": rid, "custom_id": custom_id, "response": {"status_code": status, "body": err}}
+    model = str(body.get("model", ""))
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    max_tokens = max_tokens if type(max_tokens) is int else None
+    wanted = _int(sim, "completion_tokens")
+    n = wanted if wanted is not None else max_tokens
+    n = min(max(DEFAULT_COMPLETION_TOKENS if n is None else n, 0), MAX_COMPLETION_TOKENS)
+    prompt = state.prompt_tokens("chat", body)
+    answer: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "length" if max_tokens is not None and n >= max_tokens else "stop",
+                "message": {"role": "assistant", "content": _text(0, n)},
+                "logprobs": None,
+            }
+        ],
+    }
+    if sim.get("usage") != "none":
+        answer["usage"] = _usage(prompt, n, None)
+    app[BILLED].record(
+        {
+            "id": rid,
+            "path": "/v1/chat/completions",
+            "model": model,
+            "mode": "batch",
+            "batch_id": batch_id,
+            "custom_id": custom_id,
+            "stream": False,
+            "prompt_tokens": prompt,
+            "completion_tokens": n,
+            "usage_reported": "usage" in answer,
+            "body": body,
+        }
+    )
+    return {"id": rid, "custom_id": custom_id, "response": {"status_code": 200, "body": answer}}
+
+
+async def _batch_get(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return _unauthorized()
+    batch = request.app[_STATE].batches.get(request.match_info["batch_id"])
+    if batch is None:
+        return _error(404, "Batch not found.", "not_found")
+    return web.Response(body=_dumps(_advance(request.app, batch)), content_type="application/json")
+
+
+async def _batch_list(request: web.Request) -> web.Response:
+    """GET /v1/batches: a bare array of job objects (the SDK's BatchListResponse)."""
+    if not _authorized(request):
+        return _unauthorized()
+    jobs = [_advance(request.app, b) for b in request.app[_STATE].batches.values()]
+    return web.Response(body=_dumps(jobs), content_type="application/json")
+
+
 async def _health(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
@@ -613,6 +840,13 @@ def create_app(options: SimulatorOptions | None = None) -> web.Application:
     r.add_post("/v1/embeddings", _embeddings)
     r.add_get("/v1/models", _models)
     r.add_get("/v2/projects/{project_id}/models", _project_models)
+    r.add_post("/v1/files/upload", _file_upload)
+    r.add_get("/v1/files", _files)
+    r.add_get("/v1/files/{file_id}", _file_info)
+    r.add_get("/v1/files/{file_id}/content", _file_content)
+    r.add_post("/v1/batches", _batch_create)
+    r.add_get("/v1/batches", _batch_list)
+    r.add_get("/v1/batches/{batch_id}", _batch_get)
     r.add_get("/health", _health)
     r.add_get("/_sim/billed", _billed)
     r.add_post("/_sim/reset", _reset)

@@ -316,3 +316,12 @@ def test_junk_at_any_key_raises_only_config_error(
 ) -> None:
     """Junk at any key of a valid config gives a Config or a ConfigError, never another exception."""
     parse_or_config_error(with_value(".".join(path), value), prices_dir)
+
+
+def test_batches_poll_interval(tmp_path: Path) -> None:
+    """`batches.poll_interval` defaults to 30 s, is read as given, and must be > 0."""
+    assert load_config(write_config(tmp_path, BASE)).batches.poll_interval == 30.0
+    config = load_config(write_config(tmp_path, with_value("batches.poll_interval", 2.5)))
+    assert config.batches.poll_interval == 2.5
+    err = config_error(tmp_path, with_value("batches.poll_interval", 0))
+    assert_names(err, tmp_path / "meter.yaml", "batches.poll_interval", "greater than 0")

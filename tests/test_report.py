@@ -1,4 +1,4 @@
-"""Report, forecast and estimate arithmetic (proxy/report.py), without a server or a ledger file."""
+"""Report, forecast and estimate arithmetic (proxy/report.py, proxy/estimate.py), without a server."""
 
 from __future__ import annotations
 
@@ -13,27 +13,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.budgets import Periods
-from proxy.ledger import IN_FLIGHT, LedgerRow
-from proxy.pricing import PriceTable, Rates, load_price_table
-from proxy.report import (
-    GROUPINGS,
+from proxy.estimate import (
     EstimateParams,
-    ReportError,
     blended_rate,
     break_even_tokens,
-    build_report,
     dedicated_monthly_pusd,
     estimate,
-    forecast,
     given_traffic,
     measured_traffic,
     params_from_mapping,
     parse_window,
     plan_estimates,
-    report_csv,
-    report_view,
     summary,
 )
+from proxy.ledger import IN_FLIGHT, LedgerRow
+from proxy.pricing import PriceTable, Rates, load_price_table
+from proxy.report import GROUPINGS, ReportError, build_report, forecast, report_csv, report_view
 from tests.test_docs import ROOT
 
 SEED_MODEL = "arcee-ai/maestro-reasoning"

@@ -173,3 +173,39 @@ async def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     ):
         code, _, err = await run_cli(*args)
         assert code == 2, (args, err)
+
+
+async def test_report_chargeback_splits_a_dedicated_endpoint(tmp_path: Path) -> None:
+    """`report --chargeback` prints, as JSON, CSV and a table, charges that add up to the endpoint's cost."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"prices: {ROOT / 'config' / 'prices.yaml'}\n"
+        f"ledger: {{path: {tmp_path / 'l.db'}}}\n"
+        "tenants: {acme: {}, globex: {}}\n"
+        f"dedicated_endpoints:\n  reasoning: {{model: {SEED}, hourly_usd: 1.5, hours_per_month: 720}}\n",
+        encoding="utf-8",
+    )
+    month, _ = await write_ledger(tmp_path / "l.db")  # acme: 4 seed-model rows with usage, 16,000 tokens
+    base = ("report", "--config", str(config), "--month", month, "--chargeback")
+    code, out, err = await run_cli(*base, "--format", "json")
+    assert code == 0, err
+    (ep,) = json.loads(out)["endpoints"]
+    assert (ep["endpoint"], ep["model"], ep["monthly_usd"], ep["tokens"]) == (
+        "reasoning",
+        SEED,
+        "1080",
+        16_000,
+    )
+    (acme,) = ep["tenants"]
+    assert (acme["tenant"], acme["share"], acme["charge_usd"]) == ("acme", "1", "1080")
+    assert acme["effective_usd_per_mtok"] == "67500"
+    assert Decimal(acme["serverless_usd"]) == Decimal("0.024000000001")
+    code, out, err = await run_cli(*base, "--format", "csv")
+    assert code == 0, err
+    lines = {r["tenant"]: r for r in csv.DictReader(io.StringIO(out))}
+    assert lines["acme"]["charge_usd"] == lines["total"]["charge_usd"] == "1080"
+    code, out, err = await run_cli(*base)
+    assert code == 0, err
+    assert "reasoning" in out and "$1,080.00" in out and "$67,500.0000" in out
+    code, _, err = await run_cli("report", "--config", CONFIG, "--month", month, "--chargeback")
+    assert code == 2 and "no dedicated_endpoints" in err

@@ -162,6 +162,21 @@ class LedgerRow:
         return cls(**values)
 
 
+@dataclass(frozen=True, slots=True)
+class BatchJob:
+    """A together.ai Batch job created through the proxy: who pays for it, how far it got."""
+
+    batch_id: str
+    tenant: str
+    key_id: str
+    feature: str | None
+    environment: str | None
+    created_us: int
+    status: str  # the upstream's last known status (VALIDATING, IN_PROGRESS, COMPLETED, ...)
+    output_file_id: str | None = None
+    recorded_us: int | None = None  # when its rows went into the ledger; None: still followed
+
+
 def now_us() -> int:
     return time.time_ns() // 1000
 
@@ -214,11 +229,21 @@ class Ledger(Protocol):
         self, tenant: str, feature: str | None, period: str, threshold: str
     ) -> bool: ...
 
+    async def add_batch(self, batch: BatchJob) -> bool:
+        """Remember a batch job a tenant created; False if it was already known."""
+
+    async def update_batch(
+        self, batch_id: str, status: str, output_file_id: str | None, recorded_us: int | None
+    ) -> bool: ...
+
+    async def batches(self, *, unrecorded: bool = False) -> list[BatchJob]: ...
+
 
 __all__ = [
     "COLUMNS",
     "IN_FLIGHT",
     "TERMINAL_STATUSES",
+    "BatchJob",
     "Ledger",
     "LedgerRow",
     "LedgerUnavailable",

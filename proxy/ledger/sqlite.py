@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import COLUMNS, IN_FLIGHT, LedgerRow, LedgerUnavailable, now_us
+from . import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, now_us
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -63,6 +63,18 @@ CREATE TABLE IF NOT EXISTS notifications (
     sent_us INTEGER NOT NULL,
     PRIMARY KEY (tenant, feature, period, threshold)
 );
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    feature TEXT,
+    environment TEXT,
+    created_us INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    output_file_id TEXT,
+    recorded_us INTEGER
+);
+CREATE INDEX IF NOT EXISTS batches_open ON batches (recorded_us) WHERE recorded_us IS NULL;
 """
 
 _PLACEHOLDERS = ", ".join("?" for _ in COLUMNS)
@@ -385,6 +397,51 @@ class SQLiteLedger:
                 conn.close()
 
         return await asyncio.to_thread(write)
+
+    # -- batch jobs (proxy/batches.py) ------------------------------------------------------
+
+    async def add_batch(self, batch: BatchJob) -> bool:
+        """Remember which tenant created a batch; False if it was already known."""
+        return await asyncio.to_thread(
+            self._write_one,
+            "INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                batch.batch_id,
+                batch.tenant,
+                batch.key_id,
+                batch.feature,
+                batch.environment,
+                batch.created_us,
+                batch.status,
+                batch.output_file_id,
+                batch.recorded_us,
+            ),
+        )
+
+    async def update_batch(
+        self, batch_id: str, status: str, output_file_id: str | None, recorded_us: int | None
+    ) -> bool:
+        return await asyncio.to_thread(
+            self._write_one,
+            "UPDATE batches SET status = ?, output_file_id = ?, recorded_us = ? WHERE batch_id = ?",
+            (status, output_file_id, recorded_us, batch_id),
+        )
+
+    async def batches(self, *, unrecorded: bool = False) -> list[BatchJob]:
+        """Known batches (oldest first); only those not yet recorded if `unrecorded`."""
+        where = "WHERE recorded_us IS NULL " if unrecorded else ""
+        found = await asyncio.to_thread(
+            self._read, f"SELECT * FROM batches {where}ORDER BY created_us, batch_id"
+        )
+        return [BatchJob(**dict(r)) for r in found]
+
+    def _write_one(self, sql: str, params: tuple[Any, ...]) -> bool:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            return conn.execute(sql, params).rowcount == 1
+        finally:
+            conn.close()
 
     async def integrity_ok(self) -> bool:
         found = await asyncio.to_thread(self._read, "PRAGMA integrity_check")

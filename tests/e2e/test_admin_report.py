@@ -5,13 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
-from .support import CHAT_MODEL, MESSAGES, SMALL_CHAT_MODEL, Meter, error_of
+from proxy.config import Config, DedicatedEndpoint
+
+from .support import CHAT_MODEL, MESSAGES, SMALL_CHAT_MODEL, Meter, StartMeter, error_of
 
 
 async def admin_post(meter: Meter, path: str, body: Any, token: str) -> tuple[int, bytes]:
@@ -90,3 +94,45 @@ async def test_bad_parameters_400_and_tenant_key_401(meter: Meter) -> None:
     assert status == 401
     status, _ = await admin_post(meter, "/admin/estimate", {}, meter.keys["acme"])
     assert status == 401
+
+
+def with_shared_endpoint(config: Config) -> Config:
+    """$1,000/month for CHAT_MODEL, shared by whoever calls it."""
+    endpoint = DedicatedEndpoint("shared-70b", CHAT_MODEL, 1000 * 10**12, "monthly_usd 1000")
+    return replace(config, dedicated_endpoints=(endpoint,))
+
+
+async def test_chargeback_spreads_the_endpoint_by_token_share(start_meter: StartMeter) -> None:
+    """GET /admin/chargeback: each tenant pays its token share; charges add up to the monthly cost."""
+    async with start_meter(change=with_shared_endpoint) as meter:
+        rows = await traffic(meter)
+        month = rows[0].period
+        auth = {"Authorization": f"Bearer {meter.admin_token}"}
+        status, body = await meter.admin_get(f"/admin/chargeback?month={month}", auth)
+        assert status == 200, body
+        (ep,) = json.loads(body)["endpoints"]
+        used = [r for r in rows if r.model == CHAT_MODEL]
+        tokens = {
+            t: sum((r.prompt_tokens or 0) + (r.completion_tokens or 0) for r in used if r.tenant == t)
+            for t in ("acme", "globex")
+        }
+        assert ep["tokens"] == sum(tokens.values()) > 0
+        got = {t["tenant"]: t for t in ep["tenants"]}
+        assert {t: got[t]["tokens"] for t in got} == tokens
+        assert sum(Decimal(t["charge_usd"]) for t in ep["tenants"]) == 1000
+        assert sum(Decimal(t["share"]) for t in ep["tenants"]) == pytest.approx(1, abs=Decimal("1e-5"))
+        for t, n in tokens.items():
+            exact = Decimal(1000) * n / sum(tokens.values())
+            assert abs(Decimal(got[t]["charge_usd"]) - exact) <= Decimal("1e-12")
+            serverless = sum(r.cost_pusd or 0 for r in used if r.tenant == t)
+            assert Decimal(got[t]["serverless_usd"]) == Decimal(serverless).scaleb(-12)
+        status, body = await meter.admin_get(
+            f"/admin/chargeback?month={month}&format=csv&tenant=globex", auth
+        )
+        assert status == 200, body
+        lines = [r["tenant"] for r in csv.DictReader(io.StringIO(body.decode()))]
+        assert lines == ["globex", "total"]
+        status, body = await meter.admin_get("/admin/chargeback?month=2026-13", auth)
+        assert status == 400 and error_of(body)["type"] == "invalid_request_error"
+        status, _ = await meter.admin_get("/admin/chargeback", meter.auth("acme"))
+        assert status == 401
