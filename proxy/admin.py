@@ -2,6 +2,8 @@
 
 It binds to 127.0.0.1 by default and is never served on the public port. /admin/* needs the
 operator token (`Authorization: Bearer $TOGETHER_METER_ADMIN_TOKEN`); a tenant key gets 401.
+The spend page at /admin/ is static HTML + JS with no data in it, so it is served without the
+token; its script asks /admin/budgets with the token the operator gives it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hmac
 import re
 from collections.abc import Awaitable, Callable
+from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -28,6 +31,22 @@ if TYPE_CHECKING:
 
 PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 Handler = Callable[[web.Request], Awaitable[web.Response]]
+# the spend page's files in proxy/static, by the name they are served under in /admin/
+PAGE_FILES = {
+    "": ("admin.html", "text/html"),
+    "admin.js": ("admin.js", "text/javascript"),
+    "admin.css": ("admin.css", "text/css"),
+}
+PAGE_HEADERS = {
+    # the page talks only to this listener and loads nothing from anywhere else
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -54,6 +73,22 @@ def budget_view(budget: Budget, spent: int, reserved: int, period_projection: in
         "used_ratio": float(spent / budget.monthly_pusd) if budget.monthly_pusd else None,
         "projected_month_end_usd": format_usd(period_projection),
     }
+
+
+def page_handlers() -> dict[str, Handler]:
+    """Handlers serving the spend page's static files (read once, when the app is built)."""
+    static = files("proxy") / "static"
+    handlers: dict[str, Handler] = {}
+    for name, (filename, content_type) in PAGE_FILES.items():
+        body = (static / filename).read_bytes()
+
+        async def serve(
+            request: web.Request, body: bytes = body, content_type: str = content_type
+        ) -> web.Response:
+            return web.Response(body=body, content_type=content_type, charset="utf-8", headers=PAGE_HEADERS)
+
+        handlers[name] = serve
+    return handlers
 
 
 def build_admin_app(proxy: Proxy) -> web.Application:
@@ -235,10 +270,16 @@ def build_admin_app(proxy: Proxy) -> web.Application:
     async def not_found(request: web.Request) -> web.Response:
         return _error(NotFound(f"Unknown admin URL: {request.path}"))
 
+    async def to_page(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/admin/")  # the page's relative URLs need the slash
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/admin", to_page)
+    for name, serve in page_handlers().items():  # the spend page: no data, no token needed
+        app.router.add_get("/admin/" + name, serve)
     app.router.add_get("/admin/spend", operator(spend))
     app.router.add_get("/admin/budgets", operator(budgets))
     app.router.add_get("/admin/tenants/{tenant}/usage", operator(tenant_usage))
