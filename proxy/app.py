@@ -184,8 +184,15 @@ class Proxy:
     async def stop(self) -> None:
         """Stop taking requests, let in-flight ones finish (drain timeout), close the ledger."""
         self.relay.accepting = False
-        for runner in self._runners:
-            await runner.cleanup()
+        # aiohttp waits drain_timeout for handlers, then cancels them bare: we stop them first
+        # so a cut stream still gets its error event and its `shutdown_aborted` row
+        loop = asyncio.get_running_loop()
+        abort = loop.call_later(self.config.limits.drain_timeout, self.relay.abort_in_flight)
+        try:
+            for runner in self._runners:
+                await runner.cleanup()
+        finally:
+            abort.cancel()
         self._runners.clear()
         await self.batch_tracker.stop()
         await self.upstream.close()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .errors import AuthenticationError
+from .errors import AuthenticationError, RateLimited
 
 KEY_PREFIX = "tm-"
 
@@ -58,3 +59,47 @@ class KeyStore:
         if entry is None or not hmac.compare_digest(presented, entry[1]):
             raise AuthenticationError("Incorrect API key provided.")
         return Principal(entry[0], presented[:8])
+
+
+class FailureLimiter:
+    """Counts failed authentications per client address in fixed one-minute windows.
+
+    A peer over the limit is refused before any key lookup until its window ends. Memory is
+    bounded: at most `max_peers` addresses are tracked; the oldest entry goes first.
+    """
+
+    __slots__ = ("_clock", "_peers", "limit", "max_peers", "window")
+
+    def __init__(
+        self,
+        limit: int,
+        *,
+        window: float = 60.0,
+        max_peers: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit, self.window, self.max_peers, self._clock = limit, window, max_peers, clock
+        self._peers: dict[str, tuple[float, int]] = {}  # peer -> (window start, failures)
+
+    def __len__(self) -> int:
+        """Peers with recent failures (0: nothing to check)."""
+        return len(self._peers)
+
+    def check(self, peer: str) -> None:
+        """Raise RateLimited if `peer` used up its failures in the current window."""
+        entry = self._peers.get(peer)
+        if self.limit and entry is not None and entry[1] >= self.limit:
+            if self._clock() - entry[0] < self.window:
+                raise RateLimited("Too many failed authentications from this address; retry later.")
+            del self._peers[peer]
+
+    def failed(self, peer: str) -> None:
+        if not self.limit:
+            return
+        now = self._clock()
+        start, count = self._peers.pop(peer, (now, 0))
+        if now - start >= self.window:
+            start, count = now, 0
+        if len(self._peers) >= self.max_peers:
+            del self._peers[next(iter(self._peers))]
+        self._peers[peer] = (start, count + 1)

@@ -101,7 +101,7 @@ class BatchGateway:
         request_id = new_request_id()
         creating = request.method == "POST" and request.path == "/v1/batches"
         try:
-            principal = relay.keys.authenticate(request.headers.get("Authorization"))
+            principal = relay.authenticate(request)
             if not relay.accepting:
                 raise NotReady("The proxy is shutting down; retry on another instance.")
             body, ctype = None, JSON_CT

@@ -57,6 +57,8 @@ class Limits:
     max_event_bytes: int = 8 * 1024 * 1024
     max_response_bytes: int = 64 * 1024 * 1024
     drain_timeout: float = 30.0
+    auth_failures_per_minute: int = 30  # per client address; 0 turns the limit off
+    body_timeout: float = 10.0  # the whole request body must arrive within this
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,12 +434,23 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
         synchronous=ledger_r.choice("synchronous", "normal", ("normal", "full")),
     )
     lim = r.section("limits")
-    lim.check_keys({"max_body_bytes", "max_event_bytes", "max_response_bytes", "drain_timeout"})
+    lim.check_keys(
+        {
+            "max_body_bytes",
+            "max_event_bytes",
+            "max_response_bytes",
+            "drain_timeout",
+            "auth_failures_per_minute",
+            "body_timeout",
+        }
+    )
     limits = Limits(
         max_body_bytes=lim.int("max_body_bytes", 4 * 1024 * 1024, 1024, 1 << 30),
         max_event_bytes=lim.int("max_event_bytes", 8 * 1024 * 1024, 1024, 1 << 30),
         max_response_bytes=lim.int("max_response_bytes", 64 * 1024 * 1024, 1024, 1 << 31),
         drain_timeout=lim.num("drain_timeout", 30.0),
+        auth_failures_per_minute=lim.int("auth_failures_per_minute", 30, 0, 1_000_000),
+        body_timeout=lim.num("body_timeout", 10.0),
     )
     att = r.section("attribution")
     att.check_keys({"features", "environments", "max_label_values"})

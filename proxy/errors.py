@@ -9,6 +9,7 @@ MeterError                      rendered as {"error": {"message", "type", "code"
 ├── ModelNotAllowed             403 permission_error / model_not_allowed
 ├── NotFound                    404 invalid_request_error / unknown_url
 ├── MethodNotAllowed            405 invalid_request_error / method_not_allowed
+├── BodyTimeout                 408 invalid_request_error / request_timeout
 ├── BodyTooLarge                413 invalid_request_error / request_too_large
 ├── RateLimited                 429 rate_limit_error / too_many_auth_failures
 ├── NotReady                    503 server_error / not_ready
@@ -92,6 +93,12 @@ class BodyTooLarge(MeterError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class BodyTimeout(MeterError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class RateLimited(MeterError):

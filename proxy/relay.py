@@ -20,10 +20,12 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .auth import KeyStore, Principal
+from .auth import FailureLimiter, KeyStore, Principal
 from .budgets import BudgetBook
 from .config import LABEL_VALUE_RE, Config
 from .errors import (
+    AuthenticationError,
+    BodyTimeout,
     BodyTooLarge,
     InvalidField,
     InvalidJSON,
@@ -163,12 +165,24 @@ class Relay:
         self.tokenizer = tokenizer
         self.budgets = budgets or BudgetBook({}, config.budgets.periods)
         self.accepting = True
+        self._admitted: set[asyncio.Task[Any]] = set()  # handlers `abort_in_flight` may stop
         self.clock = clock  # µs since the epoch; injectable so tests can cross a month boundary
         self._period_cache = (-1, "")
+        self.auth_failures = FailureLimiter(config.limits.auth_failures_per_minute)
 
     def reconfigure(self, config: Config, keys: KeyStore) -> None:
         """A reloaded config: new keys, tenants and prices for the requests that follow."""
         self.config, self.keys = config, keys
+
+    def abort_in_flight(self) -> int:
+        """The drain timeout ran out: stop every admitted request still running (shutdown).
+
+        Streams end with an SSE error event and a `shutdown_aborted` row; see `_relay_events`.
+        """
+        tasks = [t for t in self._admitted if not t.done()]
+        for task in tasks:
+            task.cancel("shutdown")
+        return len(tasks)
 
     def _period(self, ts_us: int) -> str:
         """The budget period a request started in (cached per second: it is on the hot path)."""
@@ -184,7 +198,7 @@ class Relay:
         request_id = new_request_id()
         endpoint = ENDPOINTS[request.path]
         try:
-            principal = self.keys.authenticate(request.headers.get("Authorization"))
+            principal = self.authenticate(request)
             if not self.accepting:
                 raise NotReady("The proxy is shutting down; retry on another instance.")
         except MeterError as exc:
@@ -227,22 +241,49 @@ class Relay:
         self.metrics.overhead.observe((endpoint,), time.perf_counter() - t0)
         meter = _Recorder(self, row, rates, t0)
         self.metrics.in_flight += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._admitted.add(task)
         try:
             if call.stream:
                 return await self._stream(request, call, meter)
             return await self._unary(request, call, meter)
         finally:
+            self._admitted.discard(task)
             self.metrics.in_flight -= 1
             await meter.ensure_finished()
+
+    def authenticate(self, request: web.Request) -> Principal:
+        """The caller's tenant; a peer with too many recent failures is refused before lookup."""
+        # no failures tracked (the usual case): skip the peer-address lookup entirely
+        peer = (request.remote or "") if self.auth_failures else ""
+        if peer:
+            self.auth_failures.check(peer)
+        try:
+            values = request.headers.getall("Authorization", [])
+            if len(values) > 1:
+                raise AuthenticationError("Send exactly one Authorization header.")
+            return self.keys.authenticate(values[0] if values else None)
+        except AuthenticationError:
+            self.auth_failures.failed(peer or request.remote or "")
+            raise
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.")
         try:
-            return await request.read()
+            if request.content.is_eof():  # the usual case: the body came with the headers
+                return await request.read()
+            # a deadline for the whole body: a client trickling bytes cannot hold a slot forever
+            async with asyncio.timeout(self.config.limits.body_timeout):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.") from None
+        except TimeoutError:
+            raise BodyTimeout(
+                f"The request body did not arrive within {self.config.limits.body_timeout:g} s."
+            ) from None
 
     def _rates(self, principal: Principal, model: str) -> Rates | None:
         tenant = self.config.tenants[principal.tenant]
@@ -462,6 +503,9 @@ class Relay:
                     window.reschedule(min(deadline, loop.time() + cfg.idle_timeout))
         except TimeoutError:
             status = "upstream_timeout"  # idle gap, total deadline, or the abort grace ran out
+        except asyncio.CancelledError:  # shutdown: the drain timeout ran out mid-stream
+            await self._abort_stream(request, call, meter, sm, resp, client_gone)
+            raise
         except (UpstreamStreamError, SSEError) as exc:
             log.warning("upstream stream broke off: %s", type(exc).__name__)
         if sm.error_event and status != "ok":
@@ -499,6 +543,31 @@ class Relay:
                 await resp.write_eof()
         return resp
 
+    async def _abort_stream(
+        self,
+        request: web.Request,
+        call: Call,
+        meter: _Recorder,
+        sm: StreamMeter,
+        resp: web.StreamResponse,
+        client_gone: bool,
+    ) -> None:
+        """Record a stream cut by shutdown (usage seen, else estimated), then tell the client.
+
+        The client gets a terminal error event and never a `[DONE]`: its answer is incomplete.
+        """
+        usage = sm.usage or self._estimate_stream(call, sm)
+        await asyncio.shield(
+            meter.finish("shutdown_aborted", usage, 200, sm.upstream_id, client_gone=False, complete=False)
+        )
+        if client_gone or _client_gone(request):
+            return
+        err = NotReady("The proxy shut down before the stream was complete.", code="shutdown")
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError, TimeoutError):
+            async with asyncio.timeout(1.0):  # a client that stopped reading cannot hold shutdown
+                await resp.write(b"data: " + err.body_bytes() + b"\n\n")
+                await resp.write_eof()
+
     def _estimate_stream(self, call: Call, sm: StreamMeter) -> Usage:
         prompt = estimate_prompt_tokens(call.endpoint, call.body, self.tokenizer)
         text, extra_bytes = sm.received_text()
@@ -511,7 +580,7 @@ class Relay:
         """GET /v1/models (a bare array on together.ai) and /v2/... listings, passed through."""
         request_id = new_request_id()
         try:
-            self.keys.authenticate(request.headers.get("Authorization"))
+            self.authenticate(request)
             up = await self.upstream.request(
                 "GET", request.path, body=None, incoming=request.headers, query=request.query_string
             )

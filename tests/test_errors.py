@@ -19,6 +19,7 @@ DOCUMENTED = {
     "ModelNotAllowed": (403, "permission_error", "model_not_allowed"),
     "NotFound": (404, "invalid_request_error", "unknown_url"),
     "MethodNotAllowed": (405, "invalid_request_error", "method_not_allowed"),
+    "BodyTimeout": (408, "invalid_request_error", "request_timeout"),
     "BodyTooLarge": (413, "invalid_request_error", "request_too_large"),
     "RateLimited": (429, "rate_limit_error", "too_many_auth_failures"),
     "NotReady": (503, "server_error", "not_ready"),
