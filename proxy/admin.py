@@ -215,7 +215,7 @@ def build_admin_app(proxy: Proxy) -> web.Application:
             raise BadRequest(f"format must be json or csv, got {fmt!r}")
         if not PERIOD_RE.match(month):
             raise BadRequest(f"month must look like 2026-11, got {month!r}")
-        rows = await proxy.ledger.rows("WHERE period = ?", (month,))
+        rows = await proxy.ledger.rows(period=month)
         periods = proxy.config.budgets.periods
         tenant = q.get("tenant") or None
         try:
@@ -238,7 +238,7 @@ def build_admin_app(proxy: Proxy) -> web.Application:
             rows = []
             if params.from_ledger:
                 since = now - parse_window(params.window) * 1_000_000
-                rows = await proxy.ledger.rows("WHERE started_us >= ?", (since,))
+                rows = await proxy.ledger.rows(since_us=since)
             found = plan_estimates(proxy.config.prices, params, rows, now)
         except ReportError as exc:
             raise BadRequest(str(exc)) from None
@@ -253,7 +253,7 @@ def build_admin_app(proxy: Proxy) -> web.Application:
             raise BadRequest(f"format must be json or csv, got {fmt!r}")
         if not PERIOD_RE.match(month):
             raise BadRequest(f"month must look like 2026-11, got {month!r}")
-        rows = await proxy.ledger.rows("WHERE period = ?", (month,))
+        rows = await proxy.ledger.rows(period=month)
         found = chargebacks(rows, month, proxy.config.dedicated_endpoints)
         views = [chargeback_view(cb, q.get("tenant") or None) for cb in found]
         if fmt == "csv":

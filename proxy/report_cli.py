@@ -27,13 +27,13 @@ from .ledger.sqlite import SQLiteLedger
 from .report import Report, ReportError, build_report, forecast, report_csv, report_view
 
 
-def read_rows(path: str, where: str = "", params: tuple[Any, ...] = ()) -> list[LedgerRow]:
+def read_rows(path: str, *, period: str | None = None, since_us: int | None = None) -> list[LedgerRow]:
     """The ledger's rows, read-only; a missing file is a usage error, not an empty report."""
     if not Path(path).exists():
         raise ReportError(f"no ledger at {path} (set ledger.path or pass --ledger)")
 
     async def read() -> list[LedgerRow]:
-        return await SQLiteLedger(path).rows(where, params)
+        return await SQLiteLedger(path).rows(period=period, since_us=since_us)
 
     return asyncio.run(read())
 
@@ -46,7 +46,7 @@ def _console() -> Any:
 
 def run_report(config: Config, ledger: str | None, month: str, tenant: str | None, by: str, fmt: str) -> int:
     path = ledger or config.ledger.path
-    rows = read_rows(path, "WHERE period = ?", (month,))
+    rows = read_rows(path, period=month)
     periods = config.budgets.periods
     report = build_report(rows, month, by, tenant, periods)
     fc = forecast(rows, month, time.time(), periods, tenant)
@@ -101,7 +101,7 @@ def run_chargeback(config: Config, ledger: str | None, month: str, tenant: str |
     """Each dedicated endpoint's month charged back to tenants (`report --chargeback`)."""
     if not config.dedicated_endpoints:
         raise ReportError(f"no dedicated_endpoints in {config.file}: nothing to charge back")
-    rows = read_rows(ledger or config.ledger.path, "WHERE period = ?", (month,))
+    rows = read_rows(ledger or config.ledger.path, period=month)
     views = [chargeback_view(cb, tenant) for cb in chargebacks(rows, month, config.dedicated_endpoints)]
     if fmt == "json":
         print(json.dumps({"period": month, "endpoints": views, "notes": CHARGEBACK_NOTES}, indent=2))
@@ -153,7 +153,7 @@ def run_estimate(config: Config, ledger: str | None, params: EstimateParams, fmt
     now_us = time.time_ns() // 1000
     if params.from_ledger:
         since = now_us - parse_window(params.window) * 1_000_000
-        rows = read_rows(ledger or config.ledger.path, "WHERE started_us >= ?", (since,))
+        rows = read_rows(ledger or config.ledger.path, since_us=since)
     found = plan_estimates(config.prices, params, rows, now_us)
     if fmt == "json":
         print(json.dumps({"estimates": [estimate_view(e) for e in found]}, indent=2))

@@ -217,7 +217,8 @@ class Ledger(Protocol):
 
     async def writable(self) -> bool: ...
 
-    async def rows(self, where: str = "", params: tuple[Any, ...] = ()) -> list[LedgerRow]: ...
+    async def rows(self, *, period: str | None = None, since_us: int | None = None) -> list[LedgerRow]:
+        """Rows oldest first: all, or those of one period, or those started at or after `since_us`."""
 
     async def period_costs(self, period: str) -> list[tuple[str, str | None, int]]: ...
 

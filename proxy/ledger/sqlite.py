@@ -330,9 +330,18 @@ class SQLiteLedger:
         finally:
             conn.close()
 
-    async def rows(self, where: str = "", params: tuple[Any, ...] = ()) -> list[LedgerRow]:
-        sql = f"SELECT {', '.join(COLUMNS)} FROM requests {where} ORDER BY started_us"
-        found = await asyncio.to_thread(self._read, sql, params)
+    async def rows(self, *, period: str | None = None, since_us: int | None = None) -> list[LedgerRow]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if period is not None:
+            clauses.append("period = ?")
+            params.append(period)
+        if since_us is not None:
+            clauses.append("started_us >= ?")
+            params.append(since_us)
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+        sql = f"SELECT {', '.join(COLUMNS)} FROM requests {where}ORDER BY started_us, request_id"
+        found = await asyncio.to_thread(self._read, sql, tuple(params))
         return [LedgerRow.from_mapping(r) for r in found]
 
     async def period_costs(self, period: str) -> list[tuple[str, str | None, int]]:
