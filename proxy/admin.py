@@ -219,7 +219,8 @@ def build_admin_app(proxy: Proxy) -> web.Application:
         periods = proxy.config.budgets.periods
         tenant = q.get("tenant") or None
         try:
-            built = build_report(rows, month, q.get("by", "model"), tenant, periods)
+            pruned = await proxy.ledger.aggregates(month)  # rows `db prune` folded
+            built = build_report(rows, month, q.get("by", "model"), tenant, periods, pruned)
         except ReportError as exc:
             raise BadRequest(str(exc)) from None
         if fmt == "csv":

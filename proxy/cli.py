@@ -244,7 +244,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", help="comma-separated models priced at the same traffic")
     e.add_argument("--format", choices=("table", "json"), default="table")
     e.set_defaults(func=cmd_estimate)
+
+    db = sub.add_parser("db", help="the ledger database: retention and exports")
+    dsub = db.add_subparsers(dest="db_command", required=True)
+    dp = dsub.add_parser(
+        "prune", help="fold rows of periods before a month into daily aggregates (reports keep working)"
+    )
+    dp.add_argument("--config", default=DEFAULT_CONFIG)
+    dp.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
+    dp.add_argument("--before", required=True, help="first month to keep, like 2026-01")
+    dp.set_defaults(func=cmd_db_prune)
+    dx = dsub.add_parser("export", help="ledger rows as JSON Lines (one flat object per row)")
+    dx.add_argument("--config", default=DEFAULT_CONFIG)
+    dx.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
+    dx.add_argument("--month", help="only this period, like 2026-11")
+    dx.add_argument("--since", help="only rows started at or after this ISO date/time (UTC if no zone)")
+    dx.add_argument("--aggregates", action="store_true", help="a pruned month's aggregate lines instead")
+    dx.add_argument("--output", "-o", help="file to write (default: stdout)")
+    dx.set_defaults(func=cmd_db_export)
     return p
+
+
+def cmd_db_prune(args: argparse.Namespace) -> int:
+    from .db_cli import run_prune
+
+    return run_prune(load_config(args.config), args.ledger, args.before)
+
+
+def cmd_db_export(args: argparse.Namespace) -> int:
+    from .db_cli import run_export
+
+    return run_export(
+        load_config(args.config), args.ledger, args.month, args.since, args.aggregates, args.output
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

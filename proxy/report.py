@@ -20,6 +20,7 @@ from typing import Any
 from .budgets import Periods
 from .ledger import IN_FLIGHT, LedgerRow
 from .pricing import format_usd
+from .retention import Aggregate
 
 GROUPINGS = ("model", "tenant", "feature", "environment", "day")
 _PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
@@ -63,6 +64,21 @@ class Group:
         else:
             self.cost_unknown += 1
 
+    def add_aggregate(self, a: Aggregate) -> None:
+        """The rows a prune folded into `a`, counted exactly as `add` counted them one by one."""
+        self.requests += a.requests
+        self.with_usage += a.with_usage
+        self.input_tokens += a.input_tokens
+        self.output_tokens += a.output_tokens
+        if a.usage_source == "estimated":
+            self.estimated += a.requests
+        self.priced += a.priced
+        self.cost_pusd += a.cost_pusd
+        if a.status == "rejected":
+            self.rejected += a.requests - a.priced
+        else:
+            self.cost_unknown += a.requests - a.priced
+
 
 @dataclass(frozen=True, slots=True)
 class Report:
@@ -88,8 +104,13 @@ def build_report(
     by: str = "model",
     tenant: str | None = None,
     periods: Periods | None = None,
+    aggregates: Iterable[Aggregate] = (),
 ) -> Report:
-    """Sum the period's terminal rows per `by`; in-flight rows are left out."""
+    """Sum the period's terminal rows per `by`; in-flight rows are left out.
+
+    `aggregates` are the period's rows folded by `db prune` (retention.py): they count as
+    the rows they replaced.
+    """
     if not _PERIOD_RE.match(period):
         raise ReportError(f"month must look like 2026-11, got {period!r}")
     if by not in GROUPINGS:
@@ -103,6 +124,12 @@ def build_report(
         key = group_key(row, by, periods)
         groups.setdefault(key, Group(key)).add(row)
         total.add(row)
+    for a in aggregates:
+        if a.period != period or (tenant is not None and a.tenant != tenant):
+            continue
+        key = a.day if by == "day" else ("" if getattr(a, by) is None else str(getattr(a, by)))
+        groups.setdefault(key, Group(key)).add_aggregate(a)
+        total.add_aggregate(a)
     ordered = sorted(groups.values(), key=lambda g: (-g.cost_pusd, g.key))
     if by == "day":
         ordered = sorted(groups.values(), key=lambda g: g.key)

@@ -48,7 +48,8 @@ def run_report(config: Config, ledger: str | None, month: str, tenant: str | Non
     path = ledger or config.ledger.path
     rows = read_rows(path, period=month)
     periods = config.budgets.periods
-    report = build_report(rows, month, by, tenant, periods)
+    pruned = asyncio.run(SQLiteLedger(path).aggregates(month))  # rows `db prune` folded
+    report = build_report(rows, month, by, tenant, periods, pruned)
     fc = forecast(rows, month, time.time(), periods, tenant)
     if fmt == "json":
         print(json.dumps(report_view(report, fc), indent=2))

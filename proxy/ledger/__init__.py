@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..budgets import Periods
+    from ..retention import Aggregate, PruneResult
 
 IN_FLIGHT = "in_flight"
 TERMINAL_STATUSES = (
@@ -216,6 +221,17 @@ class Ledger(Protocol):
         """Commit a terminal `row` that was never begun (a rejected request)."""
 
     async def writable(self) -> bool: ...
+
+    def iter_rows(
+        self, *, period: str | None = None, since_us: int | None = None, page: int = 5000
+    ) -> AsyncIterator[LedgerRow]:
+        """Rows oldest first, a page at a time (exports of months with millions of rows)."""
+
+    async def aggregates(self, period: str) -> list[Aggregate]:
+        """What `db prune` kept of a period's rows (retention.py)."""
+
+    async def prune(self, before: str, periods: Periods) -> PruneResult:
+        """Fold terminal rows of periods before `before` into aggregates and delete them."""
 
     async def rows(self, *, period: str | None = None, since_us: int | None = None) -> list[LedgerRow]:
         """Rows oldest first: all, or those of one period, or those started at or after `since_us`."""

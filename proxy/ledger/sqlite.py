@@ -15,17 +15,51 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from ..budgets import Periods
+from ..retention import Aggregate, PruneResult, aggregate_rows
 from . import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, now_us
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints (the WAL stays small)
 
-SCHEMA = f"""
+# what `db prune` folds old rows into (retention.py); '' stands for no feature / environment
+AGGREGATES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS aggregates (
+    period TEXT NOT NULL,
+    day TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    model TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    feature TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    status TEXT NOT NULL,
+    usage_source TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    with_usage INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    priced INTEGER NOT NULL,
+    cost_pusd INTEGER NOT NULL,
+    PRIMARY KEY (period, day, tenant, model, endpoint, mode, feature, environment, status, usage_source)
+) WITHOUT ROWID;
+"""
+_UPSERT_AGGREGATE = (
+    "INSERT INTO aggregates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (period, day, tenant, model, endpoint, mode, feature, environment, status, usage_source) "
+    "DO UPDATE SET requests = requests + excluded.requests, with_usage = with_usage + excluded.with_usage, "
+    "input_tokens = input_tokens + excluded.input_tokens, "
+    "output_tokens = output_tokens + excluded.output_tokens, priced = priced + excluded.priced, "
+    "cost_pusd = cost_pusd + excluded.cost_pusd"
+)
+
+SCHEMA = (
+    f"""
 CREATE TABLE IF NOT EXISTS requests (
     request_id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -76,6 +110,8 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE INDEX IF NOT EXISTS batches_open ON batches (recorded_us) WHERE recorded_us IS NULL;
 """
+    + AGGREGATES_SCHEMA
+)
 
 _PLACEHOLDERS = ", ".join("?" for _ in COLUMNS)
 _INSERT_BEGIN = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({_PLACEHOLDERS})"
@@ -451,6 +487,101 @@ class SQLiteLedger:
             return conn.execute(sql, params).rowcount == 1
         finally:
             conn.close()
+
+    async def iter_rows(
+        self, *, period: str | None = None, since_us: int | None = None, page: int = 5000
+    ) -> AsyncIterator[LedgerRow]:
+        """Rows oldest first, read a page at a time (keyset pagination: memory stays flat)."""
+        after: tuple[int, str] = (-1, "")
+        while True:
+            clauses, params = ["(started_us, request_id) > (?, ?)"], [*after]
+            if period is not None:
+                clauses.append("period = ?")
+                params.append(period)
+            if since_us is not None:
+                clauses.append("started_us >= ?")
+                params.append(since_us)
+            sql = (
+                f"SELECT {', '.join(COLUMNS)} FROM requests WHERE {' AND '.join(clauses)} "
+                "ORDER BY started_us, request_id LIMIT ?"
+            )
+            found = await asyncio.to_thread(self._read, sql, (*params, page))
+            for r in found:
+                yield LedgerRow.from_mapping(r)
+            if len(found) < page:
+                return
+            after = (found[-1]["started_us"], found[-1]["request_id"])
+
+    async def aggregates(self, period: str) -> list[Aggregate]:
+        """What `db prune` kept of the period's rows (empty for a period never pruned)."""
+
+        def read() -> list[sqlite3.Row]:
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA busy_timeout=5000")
+                conn.executescript(AGGREGATES_SCHEMA)
+                return conn.execute(
+                    "SELECT * FROM aggregates WHERE period = ? ORDER BY day, tenant, model", (period,)
+                ).fetchall()
+            finally:
+                conn.close()
+
+        found = await asyncio.to_thread(read)
+        return [
+            Aggregate(**{**dict(r), "feature": r["feature"] or None, "environment": r["environment"] or None})
+            for r in found
+        ]
+
+    async def prune(self, before: str, periods: Periods, *, chunk: int = 20_000) -> PruneResult:
+        """Fold the terminal rows of every period before `before` into aggregates, then delete them.
+
+        Chunk by chunk, each chunk one transaction (fold and delete together, so a row is
+        counted exactly once whatever happens), so a running proxy's writer waits at most one
+        chunk for the lock.
+        """
+        return await asyncio.to_thread(self._prune, before, periods, chunk)
+
+    def _prune(self, before: str, periods: Periods, chunk: int) -> PruneResult:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        n_rows = n_aggs = 0
+        touched: set[str] = set()
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(AGGREGATES_SCHEMA)
+            while True:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    found = conn.execute(
+                        f"SELECT {', '.join(COLUMNS)} FROM requests WHERE period < ? AND status != ? LIMIT ?",
+                        (before, IN_FLIGHT, chunk),
+                    ).fetchall()
+                    rows = [LedgerRow.from_mapping(r) for r in found]
+                    aggs = aggregate_rows(rows, periods)
+                    conn.executemany(
+                        _UPSERT_AGGREGATE,
+                        [
+                            (*a.key()[:6], a.feature or "", a.environment or "", *a.key()[8:], *a.sums())
+                            for a in aggs
+                        ],
+                    )
+                    conn.executemany(
+                        "DELETE FROM requests WHERE request_id = ?", [(r.request_id,) for r in rows]
+                    )
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+                n_rows += len(rows)
+                n_aggs += len(aggs)
+                touched.update(r.period for r in rows)
+                if len(rows) < chunk:
+                    break
+        finally:
+            conn.close()
+        return PruneResult(n_rows, n_aggs, tuple(sorted(touched)))
 
     async def integrity_ok(self) -> bool:
         found = await asyncio.to_thread(self._read, "PRAGMA integrity_check")

@@ -1,0 +1,125 @@
+"""`together-meter db prune` and `db export`: retention and billing-pipeline exports of the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from .config import Config
+from .ledger.sqlite import SQLiteLedger
+from .report import ReportError
+from .retention import check_period, export_aggregate, export_record
+
+
+def _ledger(config: Config, path: str | None) -> Any:
+    """The configured ledger, for reading and pruning (no writer, no reaper: a proxy may be running)."""
+    if config.ledger.backend == "sqlite":
+        file = path or config.ledger.path
+        if not Path(file).exists():
+            raise ReportError(f"no ledger at {file} (set ledger.path or pass --ledger)")
+        return SQLiteLedger(file)
+    raise ReportError(f"ledger backend {config.ledger.backend!r} is not supported here")
+
+
+def run_prune(config: Config, path: str | None, before: str, now_us: int | None = None) -> int:
+    """Fold every period before `before` into daily aggregates; the current period is refused."""
+    try:
+        check_period(before)
+    except ValueError as exc:
+        raise ReportError(str(exc)) from None
+    periods = config.budgets.periods
+    current = periods.of(now_us if now_us is not None else time.time_ns() // 1000)
+    if before > current:
+        raise ReportError(
+            f"--before {before} would prune the current period {current}: budgets and the month-end "
+            f"forecast read its rows; the latest allowed is --before {current}"
+        )
+    ledger = _ledger(config, path)
+
+    async def run() -> Any:
+        try:
+            return await ledger.prune(before, periods)
+        finally:
+            with contextlib.suppress(Exception):
+                await ledger.close()
+
+    result = asyncio.run(run())
+    months = ", ".join(result.periods) or "none"
+    print(
+        f"pruned {result.rows} row(s) before {before} into {result.aggregates} aggregate line(s); "
+        f"periods: {months}"
+    )
+    return 0
+
+
+def run_export(
+    config: Config,
+    path: str | None,
+    month: str | None,
+    since: str | None,
+    aggregates: bool,
+    output: str | None,
+) -> int:
+    """Rows (or a pruned month's aggregates) as JSON Lines, oldest first, streamed page by page."""
+    if month is not None:
+        try:
+            check_period(month, "--month")
+        except ValueError as exc:
+            raise ReportError(str(exc)) from None
+    if aggregates and month is None:
+        raise ReportError("--aggregates needs --month")
+    since_us = None if since is None else _since_us(since)
+    ledger = _ledger(config, path)
+
+    async def run(out: IO[bytes]) -> int:
+        n = 0
+        try:
+            if aggregates:
+                assert month is not None
+                for a in await ledger.aggregates(month):
+                    out.write(orjson.dumps(export_aggregate(a)) + b"\n")
+                    n += 1
+            else:
+                async for row in ledger.iter_rows(period=month, since_us=since_us):
+                    out.write(orjson.dumps(export_record(row)) + b"\n")
+                    n += 1
+        finally:
+            with contextlib.suppress(Exception):
+                await ledger.close()
+        return n
+
+    with _open_output(output) as out:
+        n = asyncio.run(run(out))
+    print(f"exported {n} {'aggregate line' if aggregates else 'row'}(s)", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def _open_output(output: str | None) -> Iterator[IO[bytes]]:
+    if output is None or output == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    tmp = Path(output + ".partial")
+    with tmp.open("wb") as f:
+        yield f
+    tmp.replace(output)  # a reader never sees half an export
+
+
+def _since_us(value: str) -> int:
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ReportError(f"--since must be an ISO date or time like 2026-11-01, got {value!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1_000_000)
