@@ -145,13 +145,7 @@ class BudgetBook:
             acc = self._accounts[key]
             b = acc.budget
             if b.hard_limit and acc.spent + acc.reserved + amount > b.monthly_pusd:
-                scope = tenant if key[1] is None else f"{tenant}/{key[1]}"
-                left = max(acc.remaining, 0)
-                raise BudgetExceeded(
-                    f"Monthly budget exceeded for '{scope}' in period {self.period}: "
-                    f"budget ${format_usd(b.monthly_pusd)}, remaining ${format_usd(left, 6)}, "
-                    f"this request may cost up to ${format_usd(amount, 6)}."
-                )
+                raise budget_exceeded(key, self.period, b.monthly_pusd, acc.remaining, amount)
         for key in keys:
             self._accounts[key].reserved += amount
 
@@ -173,6 +167,28 @@ class BudgetBook:
     def roll(self, period: str) -> None:
         """A new period began: spend starts at zero, reservations in flight stay."""
         self.reset(period, ())
+
+    def refresh(self, period: str, spent: Iterable[tuple[str, str | None, int]]) -> None:
+        """Spend of every replica (a shared ledger's accounts) replaces ours (`due()` tells the
+        crossings). `spent`: (tenant, feature, spent), feature None for a tenant's whole spend.
+        Local reservations and the thresholds already notified are kept.
+        """
+        if period != self.period:
+            self.roll(period)
+        self.spent_all = {}
+        for account in self._accounts.values():
+            account.spent = 0
+        for tenant, feature, amount in spent:
+            if feature is None:
+                self.spent_all[tenant] = amount
+            acc = self._accounts.get((tenant, feature))
+            if acc is not None:
+                acc.spent = amount
+
+    def hold(self, reserved: Mapping[tuple[str, str | None], int]) -> None:
+        """Reservations held by other processes (a supervisor's workers) become this book's."""
+        for key, acc in self._accounts.items():
+            acc.reserved = reserved.get(key, 0)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -216,6 +232,18 @@ class BudgetBook:
         acc = self._accounts.get((tenant, feature))
         if acc is not None:
             acc.notified.update(thresholds)
+
+
+def budget_exceeded(
+    key: tuple[str, str | None], period: str, budget_pusd: int, remaining: int, amount: int
+) -> BudgetExceeded:
+    """The 429 a request gets when its reservation does not fit in the budget of `key`."""
+    scope = key[0] if key[1] is None else f"{key[0]}/{key[1]}"
+    return BudgetExceeded(
+        f"Monthly budget exceeded for '{scope}' in period {period}: "
+        f"budget ${format_usd(budget_pusd)}, remaining ${format_usd(max(remaining, 0), 6)}, "
+        f"this request may cost up to ${format_usd(amount, 6)}."
+    )
 
 
 def projected_month_end(spent: int, period: str, periods: Periods, now: float) -> int:

@@ -22,9 +22,9 @@ from .errors import ConfigError
 from .pricing import PUSD_PER_USD, PriceTable, load_price_table
 
 DEFAULT_UPSTREAM = "https://api.together.xyz/v1"
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
-TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
+LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}\Z")
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,13 @@ class LedgerSettings:
     backend: str = "sqlite"
     path: str = "together-meter.db"
     synchronous: str = "normal"  # sqlite: normal (survives process crash) | full (power loss)
+    # postgres: the DSN (repr=False: its password must never reach a log), or the name of the
+    # environment variable holding it (read when the ledger opens, never stored in the file)
+    dsn: str | None = field(default=None, repr=False)
+    dsn_env: str | None = None
+    pool_size: int = 4  # postgres: reader connections (the writer has its own)
+    lease_seconds: float = 30.0  # postgres: a replica silent this long has its in-flight rows reaped
+    commit_timeout: float = 5.0  # postgres: longest a request waits for a commit before giving up
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +66,7 @@ class Limits:
     drain_timeout: float = 30.0
     auth_failures_per_minute: int = 30  # per client address; 0 turns the limit off
     body_timeout: float = 10.0  # the whole request body must arrive within this
+    header_timeout: float = 10.0  # the request line and headers must arrive within this
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,6 +427,33 @@ def _batch_settings(r: _Reader) -> BatchSettings:
     return BatchSettings(r.num("poll_interval", 30.0))
 
 
+def _ledger(r: _Reader) -> LedgerSettings:
+    r.check_keys(
+        {"backend", "path", "synchronous", "dsn", "dsn_env", "pool_size", "lease_seconds", "commit_timeout"}
+    )
+    backend = r.choice("backend", "sqlite", ("sqlite", "postgres"))
+    dsn, dsn_env = r.data.get("dsn"), r.text("dsn_env", None)
+    if dsn is not None and (not isinstance(dsn, str) or not re.match(r"^postgres(ql)?://", dsn)):
+        # never echo the value: it may carry a password
+        raise r.err("dsn", "must be a postgresql://user[:password]@host[:port]/database URL")
+    if backend == "postgres" and (dsn is None) == (dsn_env is None):
+        raise r.err("dsn", "give exactly one of ledger.dsn and ledger.dsn_env with backend: postgres")
+    if backend == "sqlite" and (dsn is not None or dsn_env is not None):
+        raise r.err("dsn" if dsn is not None else "dsn_env", "only applies to backend: postgres")
+    if dsn_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*\Z", dsn_env):
+        raise r.err("dsn_env", f"must be an environment variable name, got {dsn_env!r}")
+    return LedgerSettings(
+        backend=backend,
+        path=r.text("path", "together-meter.db") or "together-meter.db",
+        synchronous=r.choice("synchronous", "normal", ("normal", "full")),
+        dsn=dsn,
+        dsn_env=dsn_env,
+        pool_size=r.int("pool_size", 4, 1, 1000),
+        lease_seconds=r.num("lease_seconds", 30.0, lo=1.0, inclusive=True),
+        commit_timeout=r.num("commit_timeout", 5.0),
+    )
+
+
 def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
     """Validate a parsed YAML document into a Config."""
     if not isinstance(data, dict):
@@ -426,13 +461,7 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
     base = base_dir if base_dir is not None else Path(file).resolve().parent
     r = _Reader(file, data)
     r.check_keys(TOP_KEYS)
-    ledger_r = r.section("ledger")
-    ledger_r.check_keys({"backend", "path", "synchronous"})
-    ledger = LedgerSettings(
-        backend=ledger_r.choice("backend", "sqlite", ("sqlite",)),
-        path=ledger_r.text("path", "together-meter.db") or "together-meter.db",
-        synchronous=ledger_r.choice("synchronous", "normal", ("normal", "full")),
-    )
+    ledger = _ledger(r.section("ledger"))
     lim = r.section("limits")
     lim.check_keys(
         {
@@ -442,6 +471,7 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
             "drain_timeout",
             "auth_failures_per_minute",
             "body_timeout",
+            "header_timeout",
         }
     )
     limits = Limits(
@@ -451,6 +481,7 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
         drain_timeout=lim.num("drain_timeout", 30.0),
         auth_failures_per_minute=lim.int("auth_failures_per_minute", 30, 0, 1_000_000),
         body_timeout=lim.num("body_timeout", 10.0),
+        header_timeout=lim.num("header_timeout", 10.0),
     )
     att = r.section("attribution")
     att.check_keys({"features", "environments", "max_label_values"})

@@ -1,4 +1,4 @@
-"""`together-meter db prune` and `db export`: retention and billing-pipeline exports of the ledger."""
+"""`together-meter db prune|export|migrate`: retention, billing-pipeline exports, schema migrations."""
 
 from __future__ import annotations
 
@@ -13,19 +13,44 @@ from typing import IO, Any
 import orjson
 
 from .config import Config
-from .ledger.sqlite import SQLiteLedger
+from .ledger import Ledger
+from .ledger.factory import open_ledger
 from .report import ReportError
 from .retention import check_period, export_aggregate, export_record
 
 
-def _ledger(config: Config, path: str | None) -> Any:
+def reading_ledger(config: Config, path: str | None) -> Ledger:
     """The configured ledger, for reading and pruning (no writer, no reaper: a proxy may be running)."""
     if config.ledger.backend == "sqlite":
         file = path or config.ledger.path
         if not Path(file).exists():
             raise ReportError(f"no ledger at {file} (set ledger.path or pass --ledger)")
-        return SQLiteLedger(file)
-    raise ReportError(f"ledger backend {config.ledger.backend!r} is not supported here")
+    elif path is not None:
+        raise ReportError("--ledger names a SQLite file; this config's ledger is PostgreSQL (ledger.dsn)")
+    return open_ledger(config.ledger, path=path, file=config.file)
+
+
+def run_migrate(config: Config) -> int:
+    """Apply the PostgreSQL ledger's pending schema migrations and say which."""
+    if config.ledger.backend != "postgres":
+        print("ledger backend sqlite: the proxy creates the schema when it opens the file; nothing to do")
+        return 0
+    from .ledger.postgres import PostgresLedger
+
+    ledger = reading_ledger(config, None)
+    assert isinstance(ledger, PostgresLedger)
+
+    async def run() -> tuple[list[str], int]:
+        try:
+            return await ledger.migrate()
+        finally:
+            await ledger.close()
+
+    applied, version = asyncio.run(run())
+    for label in applied:
+        print(f"applied {label}")
+    print(f"{ledger.where}: schema at version {version}" + ("" if applied else " (up to date)"))
+    return 0
 
 
 def run_prune(config: Config, path: str | None, before: str, now_us: int | None = None) -> int:
@@ -41,7 +66,7 @@ def run_prune(config: Config, path: str | None, before: str, now_us: int | None 
             f"--before {before} would prune the current period {current}: budgets and the month-end "
             f"forecast read its rows; the latest allowed is --before {current}"
         )
-    ledger = _ledger(config, path)
+    ledger = reading_ledger(config, path)
 
     async def run() -> Any:
         try:
@@ -76,7 +101,7 @@ def run_export(
     if aggregates and month is None:
         raise ReportError("--aggregates needs --month")
     since_us = None if since is None else _since_us(since)
-    ledger = _ledger(config, path)
+    ledger = reading_ledger(config, path)
 
     async def run(out: IO[bytes]) -> int:
         n = 0

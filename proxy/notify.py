@@ -4,7 +4,9 @@ Crossings are queued by the request path and delivered by one background task, r
 exponential backoff; nothing on the request path ever waits for a webhook. A delivery is
 recorded in the ledger (table `notifications`) only once the receiver answered 2xx, so a
 notification lost to a crash is sent again after the restart: delivery is at least once (a crash
-between the receiver's 2xx and the ledger write sends it once more).
+between the receiver's 2xx and the ledger write sends it once more). With a ledger shared by
+several replicas, a message is claimed in the ledger before it is sent, so one replica sends it
+(a claim whose replica died is taken over after the ledger lease).
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ FIRST_BACKOFF = 0.5  # seconds; doubled after every failed attempt
 
 
 class NotificationStore(Protocol):
+    async def claim_notification(
+        self, tenant: str, feature: str | None, period: str, threshold: str
+    ) -> bool: ...
+
+    async def release_notification(
+        self, tenant: str, feature: str | None, period: str, threshold: str
+    ) -> None: ...
+
     async def record_notification(
         self, tenant: str, feature: str | None, period: str, threshold: str
     ) -> bool: ...
@@ -98,6 +108,9 @@ class Notifier:
 
     async def _deliver(self, session: aiohttp.ClientSession, c: Crossing, hard: bool) -> None:
         assert self.settings.webhook_url
+        key = (c.tenant, c.feature, c.period, str(c.threshold))
+        if not await self.store.claim_notification(*key):
+            return  # sent already, or another replica sharing the ledger is sending it
         body = orjson.dumps(payload(c, hard))
         delay = FIRST_BACKOFF
         for attempt in range(1, self.settings.max_attempts + 1):
@@ -110,7 +123,7 @@ class Notifier:
                     timeout=aiohttp.ClientTimeout(total=self.settings.timeout),  # follows reloads
                 ) as resp:
                     if 200 <= resp.status < 300:
-                        await self.store.record_notification(c.tenant, c.feature, c.period, str(c.threshold))
+                        await self.store.record_notification(*key)
                         self.delivered += 1
                         return
                     reason = f"HTTP {resp.status}"
@@ -128,6 +141,7 @@ class Notifier:
                 await asyncio.sleep(delay)
                 delay *= 2
         self.failed += 1
+        await self.store.release_notification(*key)
         log.error(
             "budget webhook for %s threshold %s given up; it is retried after a restart",
             c.tenant,

@@ -7,11 +7,11 @@ import json
 import sys
 import time
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 from .chargeback import CHARGEBACK_NOTES, chargeback_csv, chargeback_view, chargebacks
 from .config import Config
+from .db_cli import reading_ledger
 from .estimate import (
     Estimate,
     EstimateParams,
@@ -23,17 +23,31 @@ from .estimate import (
     summary,
 )
 from .ledger import LedgerRow
-from .ledger.sqlite import SQLiteLedger
 from .report import Report, ReportError, build_report, forecast, report_csv, report_view
+from .retention import Aggregate
 
 
-def read_rows(path: str, *, period: str | None = None, since_us: int | None = None) -> list[LedgerRow]:
-    """The ledger's rows, read-only; a missing file is a usage error, not an empty report."""
-    if not Path(path).exists():
-        raise ReportError(f"no ledger at {path} (set ledger.path or pass --ledger)")
+def read_ledger(
+    config: Config,
+    path: str | None,
+    *,
+    period: str | None = None,
+    since_us: int | None = None,
+    pruned: bool = False,
+) -> tuple[list[LedgerRow], list[Aggregate]]:
+    """The configured ledger's rows (and a pruned period's aggregates), read-only.
 
-    async def read() -> list[LedgerRow]:
-        return await SQLiteLedger(path).rows(period=period, since_us=since_us)
+    SQLite or PostgreSQL alike; a missing SQLite file is a usage error, not an empty report.
+    """
+    ledger = reading_ledger(config, path)
+
+    async def read() -> tuple[list[LedgerRow], list[Aggregate]]:
+        try:
+            rows = await ledger.rows(period=period, since_us=since_us)
+            aggs = await ledger.aggregates(period) if pruned and period is not None else []
+            return rows, aggs
+        finally:
+            await ledger.close()
 
     return asyncio.run(read())
 
@@ -45,10 +59,8 @@ def _console() -> Any:
 
 
 def run_report(config: Config, ledger: str | None, month: str, tenant: str | None, by: str, fmt: str) -> int:
-    path = ledger or config.ledger.path
-    rows = read_rows(path, period=month)
+    rows, pruned = read_ledger(config, ledger, period=month, pruned=True)  # + rows `db prune` folded
     periods = config.budgets.periods
-    pruned = asyncio.run(SQLiteLedger(path).aggregates(month))  # rows `db prune` folded
     report = build_report(rows, month, by, tenant, periods, pruned)
     fc = forecast(rows, month, time.time(), periods, tenant)
     if fmt == "json":
@@ -102,7 +114,7 @@ def run_chargeback(config: Config, ledger: str | None, month: str, tenant: str |
     """Each dedicated endpoint's month charged back to tenants (`report --chargeback`)."""
     if not config.dedicated_endpoints:
         raise ReportError(f"no dedicated_endpoints in {config.file}: nothing to charge back")
-    rows = read_rows(ledger or config.ledger.path, period=month)
+    rows, _ = read_ledger(config, ledger, period=month)
     views = [chargeback_view(cb, tenant) for cb in chargebacks(rows, month, config.dedicated_endpoints)]
     if fmt == "json":
         print(json.dumps({"period": month, "endpoints": views, "notes": CHARGEBACK_NOTES}, indent=2))
@@ -154,7 +166,7 @@ def run_estimate(config: Config, ledger: str | None, params: EstimateParams, fmt
     now_us = time.time_ns() // 1000
     if params.from_ledger:
         since = now_us - parse_window(params.window) * 1_000_000
-        rows = read_rows(ledger or config.ledger.path, since_us=since)
+        rows, _ = read_ledger(config, ledger, since_us=since)
     found = plan_estimates(config.prices, params, rows, now_us)
     if fmt == "json":
         print(json.dumps({"estimates": [estimate_view(e) for e in found]}, indent=2))

@@ -62,3 +62,12 @@ async def webhook() -> AsyncIterator[WebhookReceiver]:
     finally:
         receiver.hold.set()
         await runner.cleanup()
+
+
+@pytest.fixture
+async def pg_dsn() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database on 127.0.0.1:5432 (created and dropped per test); see tests/pg.py."""
+    from tests.pg import pg_database
+
+    async with pg_database() as dsn:
+        yield dsn

@@ -429,6 +429,22 @@ def test_new_budget_added_by_configure_starts_without_spend_until_the_next_reset
     assert b.spent_all["globex"] == 70
 
 
+def test_refresh_takes_the_shared_spend_and_keeps_local_reservations() -> None:
+    """refresh() replaces spend by a shared ledger's (all replicas), keeps reservations and notified."""
+    b = book(("acme", None, Budget(1000, alert_at=ALERTS)), ("acme", "search", Budget(100, hard_limit=True)))
+    b.admit("acme", "search", NOV, 40)
+    assert [c.threshold for c in b.settle(row(600, 0))] == [Decimal("0.5")]
+    b.refresh(NOV, [("acme", None, 900), ("acme", "search", 70), ("globex", None, 5)])
+    assert (state(b), state(b, feature="search")) == ((900, 40), (70, 40))
+    assert b.spent_all == {"acme": 900, "globex": 5}
+    # the tenant's 0.5 was notified already; the feature's 70 % of 100 crosses its 0.5 now
+    assert [(c.feature, c.threshold) for c in b.due()] == [(None, Decimal("0.8")), ("search", Decimal("0.5"))]
+    with pytest.raises(BudgetExceeded, match="'acme/search'"):
+        b.admit("acme", "search", NOV, 31)  # 70 spent + 40 reserved + 31 > 100
+    b.refresh(DEC, [])  # a new period: spend from zero, reservations in flight stay
+    assert (b.period, state(b), b.spent_all) == (DEC, (0, 40), {})
+
+
 # -- projection ---------------------------------------------------------------------------------
 
 

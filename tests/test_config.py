@@ -159,6 +159,8 @@ def test_unknown_nested_key(tmp_path: Path) -> None:
         ("ledger.synchronous", "off", ("normal",)),
         ("limits.max_body_bytes", "4MB", ("integer",)),
         ("limits.drain_timeout", -1, ("number",)),
+        ("limits.header_timeout", 0, ("number",)),
+        ("limits.header_timeout", "10s", ("number",)),
         ("attribution.features", "chat", ("list",)),
         ("attribution.features", ["chat", 7], ("list",)),
         ("attribution.environments", ["has space"], ("invalid value",)),
@@ -325,3 +327,45 @@ def test_batches_poll_interval(tmp_path: Path) -> None:
     assert config.batches.poll_interval == 2.5
     err = config_error(tmp_path, with_value("batches.poll_interval", 0))
     assert_names(err, tmp_path / "meter.yaml", "batches.poll_interval", "greater than 0")
+
+
+def _pg_ledger(**keys: Any) -> dict[str, Any]:
+    data = copy.deepcopy(BASE)
+    data["ledger"] = {"backend": "postgres", **keys}
+    return data
+
+
+def test_postgres_ledger_settings_are_read(tmp_path: Path) -> None:
+    """backend: postgres takes a dsn (or dsn_env), pool size, lease and commit timeout."""
+    dsn = "postgresql://meter:pw@127.0.0.1:5432/ledger"
+    config = load_config(
+        write_config(tmp_path, _pg_ledger(dsn=dsn, pool_size=8, lease_seconds=20, commit_timeout=2.5))
+    )
+    ledger = config.ledger
+    assert (ledger.backend, ledger.dsn, ledger.dsn_env) == ("postgres", dsn, None)
+    assert (ledger.pool_size, ledger.lease_seconds, ledger.commit_timeout) == (8, 20.0, 2.5)
+    assert "pw@" not in repr(config)  # the DSN is left out of reprs
+    by_env = load_config(write_config(tmp_path, _pg_ledger(dsn_env="METER_DSN"))).ledger
+    assert (by_env.dsn, by_env.dsn_env) == (None, "METER_DSN")
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "words"),
+    [
+        (_pg_ledger(), "ledger.dsn", ("exactly one of ledger.dsn and ledger.dsn_env",)),
+        (_pg_ledger(dsn="postgresql://h/db", dsn_env="X"), "ledger.dsn", ("exactly one",)),
+        (_pg_ledger(dsn="mysql://u:hunter2@h/db"), "ledger.dsn", ("postgresql://",)),
+        (_pg_ledger(dsn_env="1BAD NAME"), "ledger.dsn_env", ("environment variable name",)),
+        (_pg_ledger(dsn="postgresql://h/db", pool_size=0), "ledger.pool_size", ("integer",)),
+        (_pg_ledger(dsn="postgresql://h/db", lease_seconds=0.5), "ledger.lease_seconds", ("number",)),
+        (_pg_ledger(dsn="postgresql://h/db", commit_timeout=0), "ledger.commit_timeout", ("number",)),
+        (with_value("ledger.dsn", "postgresql://h/db"), "ledger.dsn", ("only applies to backend: postgres",)),
+    ],
+)
+def test_wrong_postgres_ledger_settings_are_named(
+    tmp_path: Path, data: dict[str, Any], key: str, words: tuple[str, ...]
+) -> None:
+    """A wrong ledger setting names its key; a DSN in an error never shows its password."""
+    err = config_error(tmp_path, data)
+    assert_names(err, tmp_path / "meter.yaml", key, *words)
+    assert "hunter2" not in str(err)

@@ -202,6 +202,14 @@ class FlakyStore:
         self.recorded: list[tuple[str, str | None, str, str]] = []
         self.calls = 0
 
+    async def claim_notification(self, tenant: str, feature: str | None, period: str, threshold: str) -> bool:
+        return True
+
+    async def release_notification(
+        self, tenant: str, feature: str | None, period: str, threshold: str
+    ) -> None:
+        return None
+
     async def record_notification(
         self, tenant: str, feature: str | None, period: str, threshold: str
     ) -> bool:

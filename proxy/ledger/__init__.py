@@ -1,8 +1,10 @@
 """The ledger: one row per inbound request, keyed by the proxy's request id.
 
 A row is written twice: `begin` commits it as `in_flight` before anything is forwarded (so a
-crash can never lose a request the upstream may bill: the start-up reaper turns leftovers into
+crash can never lose a request the upstream may bill: the reaper turns leftovers into
 `orphaned` rows at their reserved cost), and `finish` makes it terminal exactly once.
+Backends: `sqlite.py` (one process, the default) and `postgres.py` (replicas sharing a database,
+budgets enforced in it); `factory.open_ledger` builds the configured one.
 """
 
 from __future__ import annotations
@@ -241,6 +243,13 @@ class Ledger(Protocol):
     async def usage(self, period: str, tenant: str | None = None) -> list[dict[str, Any]]: ...
 
     async def notifications(self, period: str) -> list[tuple[str, str | None, str]]: ...
+
+    async def claim_notification(self, tenant: str, feature: str | None, period: str, threshold: str) -> bool:
+        """The right to send this budget message (False: sent, or another replica sends it)."""
+
+    async def release_notification(
+        self, tenant: str, feature: str | None, period: str, threshold: str
+    ) -> None: ...
 
     async def record_notification(
         self, tenant: str, feature: str | None, period: str, threshold: str

@@ -424,6 +424,15 @@ class SQLiteLedger:
         )
         return [(r["tenant"], r["feature"] or None, r["threshold"]) for r in found]
 
+    async def claim_notification(self, tenant: str, feature: str | None, period: str, threshold: str) -> bool:
+        """One process writes this file (workers > 1 needs PostgreSQL): nobody else can send it."""
+        return True
+
+    async def release_notification(
+        self, tenant: str, feature: str | None, period: str, threshold: str
+    ) -> None:
+        return None
+
     async def record_notification(
         self, tenant: str, feature: str | None, period: str, threshold: str
     ) -> bool:

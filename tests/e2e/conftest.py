@@ -2,7 +2,9 @@
 
 `meter` yields a `Meter` (proxy, simulator, tenant keys, ledger path, operator key, helpers);
 `start_meter(...)` starts another one with a changed config or upstream. Both always stop the
-proxy, the simulator and every SDK client they made, whatever the test did.
+proxy, the simulator and every SDK client they made, whatever the test did. Tests using them run
+once per ledger backend (SQLite file, fresh PostgreSQL database), except those marked
+`@pytest.mark.sqlite_only`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from aiohttp import web
 
 from proxy.usage import Tokenizer
 
-from .support import Meter, StartMeter, running_meter
+from .support import Meter, StartMeter, running_meter_on
+
+BACKENDS = ("sqlite", "postgres")
 
 
 @pytest.fixture(scope="session")
@@ -28,19 +32,32 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.load()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test on a meter runs on both ledger backends, unless marked `sqlite_only`."""
+    if "ledger_backend" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("sqlite_only") is not None
+        metafunc.parametrize("ledger_backend", ["sqlite"] if only else list(BACKENDS), indirect=True)
+
+
 @pytest.fixture
-async def meter(tmp_path: Path, tokenizer: Tokenizer) -> AsyncIterator[Meter]:
-    async with running_meter(tmp_path / "ledger.db", tokenizer) as m:
+def ledger_backend(request: pytest.FixtureRequest) -> str:
+    """The ledger backend of this test's meters: sqlite (a file) or postgres (a fresh database)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+async def meter(tmp_path: Path, tokenizer: Tokenizer, ledger_backend: str) -> AsyncIterator[Meter]:
+    async with running_meter_on(ledger_backend, tmp_path / "ledger.db", tokenizer) as m:
         yield m
 
 
 @pytest.fixture
-def start_meter(tmp_path: Path, tokenizer: Tokenizer) -> StartMeter:
+def start_meter(tmp_path: Path, tokenizer: Tokenizer, ledger_backend: str) -> StartMeter:
     """`async with start_meter(upstream=..., change=...) as m`: a meter with its own ledger."""
     counter = itertools.count(1)
 
     def start(**kwargs: Any) -> contextlib.AbstractAsyncContextManager[Meter]:
-        return running_meter(tmp_path / f"ledger-{next(counter)}.db", tokenizer, **kwargs)
+        return running_meter_on(ledger_backend, tmp_path / f"ledger-{next(counter)}.db", tokenizer, **kwargs)
 
     return start
 

@@ -56,6 +56,7 @@ class Meter:
     keys: dict[str, str]  # tenant -> its fresh API key
     ledger_path: Path
     upstream_seen: list[dict[str, Any]]  # every request that reached the simulator
+    backend: str = "sqlite"  # the ledger backend: "sqlite" (ledger_path) or "postgres" (a fresh database)
     operator_key: str = OPERATOR_KEY
     admin_token: str = ADMIN_TOKEN
     _clients: list[AsyncOpenAI] = field(default_factory=list)
@@ -231,8 +232,12 @@ async def running_meter(
     *,
     upstream: str | None = None,
     change: Callable[[Config], Config] | None = None,
+    ledger_dsn: str | None = None,
 ) -> AsyncIterator[Meter]:
-    """Simulator + proxy (config/example.yaml with fresh keys, loopback ports, this ledger)."""
+    """Simulator + proxy (config/example.yaml with fresh keys, loopback ports, this ledger).
+
+    With `ledger_dsn` the ledger is that PostgreSQL database instead of the file `ledger_path`.
+    """
     base = load_config(CONFIG_PATH)
     keys = {name: new_key() for name in base.tenants}
     tenants = {n: replace(t, key_digests=(digest(keys[n]),)) for n, t in base.tenants.items()}
@@ -247,13 +252,30 @@ async def running_meter(
         )
         # bounded teardown: a request still in flight cannot hold the test for 30 s
         config = replace(config, limits=replace(config.limits, drain_timeout=3))
+        if ledger_dsn is not None:
+            config = replace(config, ledger=replace(config.ledger, backend="postgres", dsn=ledger_dsn))
         if change is not None:
             config = change(config)
         proxy = await _start_proxy(config, Secrets(OPERATOR_KEY, admin_token=ADMIN_TOKEN), tokenizer)
-        meter = Meter(proxy, sim, keys, ledger_path, seen)
+        meter = Meter(proxy, sim, keys, ledger_path, seen, "sqlite" if ledger_dsn is None else "postgres")
         try:
             yield meter
         finally:
             await meter.aclose()
     finally:
         await sim.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_meter_on(
+    backend: str, ledger_path: Path, tokenizer: Tokenizer, **kwargs: Any
+) -> AsyncIterator[Meter]:
+    """`running_meter` on a SQLite file, or on a fresh PostgreSQL database (dropped afterwards)."""
+    if backend == "sqlite":
+        async with running_meter(ledger_path, tokenizer, **kwargs) as m:
+            yield m
+        return
+    from tests.pg import pg_database
+
+    async with pg_database() as dsn, running_meter(ledger_path, tokenizer, ledger_dsn=dsn, **kwargs) as m:
+        yield m

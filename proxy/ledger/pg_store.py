@@ -1,0 +1,373 @@
+"""PostgreSQL ledger store: the connection pool, schema migrations and every read.
+
+`PostgresStore` is what the commands that only read or prune (`report`, `estimate`, `db ...`)
+need; `postgres.PostgresLedger` adds the writer, the budgets and the reaper on top of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from ..budgets import Periods
+from ..retention import KEY_FIELDS, SUM_FIELDS, Aggregate, PruneResult, aggregate_rows
+from . import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, now_us
+from .migrate import current_version, migrate
+
+_UPSERT_AGGREGATE = (
+    "INSERT INTO aggregates VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) "
+    "ON CONFLICT (period, day, tenant, model, endpoint, mode, feature, environment, status, usage_source) "
+    "DO UPDATE SET requests = aggregates.requests + excluded.requests, "
+    "with_usage = aggregates.with_usage + excluded.with_usage, "
+    "input_tokens = aggregates.input_tokens + excluded.input_tokens, "
+    "output_tokens = aggregates.output_tokens + excluded.output_tokens, "
+    "priced = aggregates.priced + excluded.priced, cost_pusd = aggregates.cost_pusd + excluded.cost_pusd"
+)
+_PASSWORD_IN_URL = re.compile(r"(://[^/@:]*:)[^@/]*@")
+_PASSWORD_IN_QUERY = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by `***` (for logs and errors)."""
+    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", dsn))
+
+
+def _password(dsn: str) -> str | None:
+    m = re.search(r"://[^/@:]*:([^@/]*)@", dsn) or re.search(r"password=([^&\s]+)", dsn, re.IGNORECASE)
+    return m.group(1) if m and m.group(1) else None
+
+
+class PostgresStore:
+    """One PostgreSQL database holding the ledger: reads, notifications, batch jobs, retention."""
+
+    def __init__(
+        self, dsn: str, *, pool_size: int = 4, lease_seconds: float = 30.0, commit_timeout: float = 5.0
+    ) -> None:
+        self._dsn = dsn
+        self.where = mask_dsn(dsn)  # what logs and errors may show
+        self._secret = _password(dsn)
+        self.pool_size = pool_size
+        self.lease_seconds = lease_seconds
+        self.commit_timeout = commit_timeout
+        self.instance_id = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._pool: asyncpg.Pool | None = None
+
+    async def migrate(self) -> tuple[list[str], int]:
+        """Apply the pending schema migrations (`db migrate` runs this); (applied, version now)."""
+        try:
+            pool = await self._get_pool()
+            async with pool.acquire() as conn:
+                applied = [m.label for m in await migrate(conn)]
+                return applied, await current_version(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise LedgerUnavailable(f"cannot migrate ledger {self.where}: {self._scrub(exc)}") from None
+
+    async def close(self) -> None:
+        await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), self.commit_timeout)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pool.terminate()
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=0,  # no floor to keep up while the database is away (it would log)
+                max_size=self.pool_size,
+                timeout=self.commit_timeout,
+                command_timeout=max(self.commit_timeout, 30.0),
+                server_settings={"application_name": "together-meter"},
+            )
+        return self._pool
+
+    def _scrub(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}"
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return mask_dsn(text)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        try:
+            pool = await self._get_pool()
+            async with pool.acquire() as conn:
+                return list(await conn.fetch(sql, *args))
+        except asyncpg.UndefinedTableError:
+            raise LedgerUnavailable(
+                f"ledger {self.where} has no schema yet: run `together-meter db migrate --config FILE`"
+            ) from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise LedgerUnavailable(f"ledger {self.where}: {self._scrub(exc)}") from None
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn:
+            return str(await conn.execute(sql, *args, timeout=self.commit_timeout))
+
+    async def rows(self, *, period: str | None = None, since_us: int | None = None) -> list[LedgerRow]:
+        where, params = _filters(period, since_us)
+        found = await self._fetch(
+            f"SELECT {', '.join(COLUMNS)} FROM requests {where} ORDER BY started_us, request_id", *params
+        )
+        return [LedgerRow.from_mapping(r) for r in found]
+
+    async def iter_rows(
+        self, *, period: str | None = None, since_us: int | None = None, page: int = 5000
+    ) -> AsyncIterator[LedgerRow]:
+        """Rows oldest first, a page at a time (keyset pagination: memory stays flat)."""
+        after: tuple[int, str] = (-1, "")
+        while True:
+            where, params = _filters(period, since_us, after)
+            found = await self._fetch(
+                f"SELECT {', '.join(COLUMNS)} FROM requests {where} "
+                f"ORDER BY started_us, request_id LIMIT ${len(params) + 1}",
+                *params,
+                page,
+            )
+            for r in found:
+                yield LedgerRow.from_mapping(r)
+            if len(found) < page:
+                return
+            after = (found[-1]["started_us"], found[-1]["request_id"])
+
+    async def period_costs(self, period: str) -> list[tuple[str, str | None, int]]:
+        """(tenant, feature, cost) of the period's terminal rows, summed per tenant and feature."""
+        found = await self._fetch(
+            "SELECT tenant, feature, SUM(cost_pusd) FROM requests WHERE period = $1 "
+            f"AND status <> '{IN_FLIGHT}' AND cost_pusd IS NOT NULL GROUP BY tenant, feature",
+            period,
+        )
+        return [(r[0], r[1], int(r[2])) for r in found]
+
+    async def account_spend(self, period: str) -> list[tuple[str, str | None, int]]:
+        """(tenant, feature or None for the whole tenant, spent) from the accounts, all replicas."""
+        found = await self._fetch(
+            "SELECT tenant, feature, spent_pusd FROM accounts WHERE period = $1", period
+        )
+        return [(r[0], r[1] or None, int(r[2])) for r in found]
+
+    async def accounts(self, period: str) -> dict[tuple[str, str | None], tuple[int, int]]:
+        """(tenant, feature) -> (spent, reserved) as the database holds them (tests, operators)."""
+        found = await self._fetch(
+            "SELECT tenant, feature, spent_pusd, reserved_pusd FROM accounts WHERE period = $1", period
+        )
+        return {(r[0], r[1] or None): (int(r[2]), int(r[3])) for r in found}
+
+    async def usage(self, period: str, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Per tenant, model, feature and environment: requests, tokens, cost, flagged rows."""
+        where, params = f"period = $1 AND status <> '{IN_FLIGHT}'", [period]
+        if tenant is not None:
+            where += " AND tenant = $2"
+            params.append(tenant)
+        found = await self._fetch(
+            "SELECT tenant, model, feature, environment, COUNT(*) AS requests, "
+            "COALESCE(SUM(prompt_tokens), 0) AS input_tokens, "
+            "COALESCE(SUM(completion_tokens), 0) AS output_tokens, "
+            "COALESCE(SUM(cost_pusd), 0) AS cost_pusd, "
+            "COUNT(*) FILTER (WHERE usage_source = 'estimated') AS estimated, "
+            "COUNT(*) FILTER (WHERE cost_pusd IS NULL AND status <> 'rejected') AS cost_unknown, "
+            "COUNT(*) FILTER (WHERE status = 'rejected') AS rejected "
+            f"FROM requests WHERE {where} GROUP BY tenant, model, feature, environment "
+            "ORDER BY tenant, model, feature NULLS FIRST, environment NULLS FIRST",
+            *params,
+        )
+        ints = (
+            "requests",
+            "input_tokens",
+            "output_tokens",
+            "cost_pusd",
+            "estimated",
+            "cost_unknown",
+            "rejected",
+        )
+        return [{**dict(r), **{k: int(r[k]) for k in ints}} for r in found]
+
+    # -- budget notifications (notify.py) ---------------------------------------------------
+
+    async def notifications(self, period: str) -> list[tuple[str, str | None, str]]:
+        """(tenant, feature, threshold) delivered in `period`, or being delivered by a live replica."""
+        found = await self._fetch(
+            "SELECT tenant, feature, threshold FROM notifications WHERE period = $1 AND "
+            "(sent_us IS NOT NULL OR claimed_at > now() - make_interval(secs => $2))",
+            period,
+            float(self.lease_seconds),
+        )
+        return [(r[0], r[1] or None, r[2]) for r in found]
+
+    async def claim_notification(self, tenant: str, feature: str | None, period: str, threshold: str) -> bool:
+        """Take the right to send this message: False if it was sent, or another replica is sending it.
+
+        A claim older than the lease (its replica died before delivering) can be taken over.
+        """
+        found = await self._fetch(
+            "INSERT INTO notifications (tenant, feature, period, threshold, claimed_by, claimed_at) "
+            "VALUES ($1, $2, $3, $4, $5, now()) ON CONFLICT (tenant, feature, period, threshold) DO UPDATE "
+            "SET claimed_by = excluded.claimed_by, claimed_at = excluded.claimed_at "
+            "WHERE notifications.sent_us IS NULL AND (notifications.claimed_by = excluded.claimed_by "
+            "OR notifications.claimed_at IS NULL "
+            "OR notifications.claimed_at < now() - make_interval(secs => $6)) RETURNING 1",
+            tenant,
+            feature or "",
+            period,
+            threshold,
+            self.instance_id,
+            float(self.lease_seconds),
+        )
+        return bool(found)
+
+    async def release_notification(
+        self, tenant: str, feature: str | None, period: str, threshold: str
+    ) -> None:
+        """Give a claim back (delivery given up): the next start may send it again."""
+        await self._fetch(
+            "DELETE FROM notifications WHERE tenant = $1 AND feature = $2 AND period = $3 "
+            "AND threshold = $4 AND sent_us IS NULL AND claimed_by = $5 RETURNING 1",
+            tenant,
+            feature or "",
+            period,
+            threshold,
+            self.instance_id,
+        )
+
+    async def record_notification(
+        self, tenant: str, feature: str | None, period: str, threshold: str
+    ) -> bool:
+        """Remember a delivered notification; False if it was already recorded."""
+        found = await self._fetch(
+            "INSERT INTO notifications (tenant, feature, period, threshold, sent_us) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, feature, period, threshold) DO UPDATE "
+            "SET sent_us = excluded.sent_us WHERE notifications.sent_us IS NULL RETURNING 1",
+            tenant,
+            feature or "",
+            period,
+            threshold,
+            now_us(),
+        )
+        return bool(found)
+
+    # -- batch jobs (proxy/batches.py) ------------------------------------------------------
+
+    async def add_batch(self, batch: BatchJob) -> bool:
+        """Remember which tenant created a batch; False if it was already known."""
+        found = await self._fetch(
+            "INSERT INTO batches VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+            "ON CONFLICT (batch_id) DO NOTHING RETURNING 1",
+            batch.batch_id,
+            batch.tenant,
+            batch.key_id,
+            batch.feature,
+            batch.environment,
+            batch.created_us,
+            batch.status,
+            batch.output_file_id,
+            batch.recorded_us,
+        )
+        return bool(found)
+
+    async def update_batch(
+        self, batch_id: str, status: str, output_file_id: str | None, recorded_us: int | None
+    ) -> bool:
+        found = await self._fetch(
+            "UPDATE batches SET status = $1, output_file_id = $2, recorded_us = $3 WHERE batch_id = $4 "
+            "RETURNING 1",
+            status,
+            output_file_id,
+            recorded_us,
+            batch_id,
+        )
+        return bool(found)
+
+    async def batches(self, *, unrecorded: bool = False) -> list[BatchJob]:
+        """Known batches (oldest first); only those not yet recorded if `unrecorded`."""
+        where = "WHERE recorded_us IS NULL " if unrecorded else ""
+        found = await self._fetch(f"SELECT * FROM batches {where}ORDER BY created_us, batch_id")
+        return [BatchJob(**dict(r)) for r in found]
+
+    # -- retention (retention.py) -----------------------------------------------------------
+
+    async def aggregates(self, period: str) -> list[Aggregate]:
+        """What `db prune` kept of the period's rows (empty for a period never pruned)."""
+        found = await self._fetch(
+            "SELECT * FROM aggregates WHERE period = $1 ORDER BY day, tenant, model", period
+        )
+        out = []
+        for r in found:
+            values: dict[str, Any] = {k: r[k] for k in KEY_FIELDS}
+            values.update({k: int(r[k]) for k in SUM_FIELDS})
+            values["feature"], values["environment"] = r["feature"] or None, r["environment"] or None
+            out.append(Aggregate(**values))
+        return out
+
+    async def prune(self, before: str, periods: Periods, *, chunk: int = 20_000) -> PruneResult:
+        """Fold the terminal rows of every period before `before` into aggregates, then delete them.
+
+        Chunk by chunk, each chunk one transaction (fold and delete together: a row is counted
+        exactly once whatever happens).
+        """
+        try:
+            return await self._prune(before, periods, chunk)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise LedgerUnavailable(f"ledger {self.where}: {self._scrub(exc)}") from None
+
+    async def _prune(self, before: str, periods: Periods, chunk: int) -> PruneResult:
+        n_rows = n_aggs = 0
+        touched: set[str] = set()
+        pool = await self._get_pool()
+        async with pool.acquire() as conn:
+            while True:
+                async with conn.transaction():
+                    found = await conn.fetch(
+                        f"SELECT {', '.join(COLUMNS)} FROM requests WHERE period < $1 "
+                        f"AND status <> '{IN_FLIGHT}' LIMIT $2 FOR UPDATE",
+                        before,
+                        chunk,
+                    )
+                    rows = [LedgerRow.from_mapping(r) for r in found]
+                    aggs = aggregate_rows(rows, periods)
+                    await conn.executemany(
+                        _UPSERT_AGGREGATE,
+                        [
+                            (*a.key()[:6], a.feature or "", a.environment or "", *a.key()[8:], *a.sums())
+                            for a in aggs
+                        ],
+                    )
+                    await conn.execute(
+                        "DELETE FROM requests WHERE request_id = ANY($1::text[])",
+                        [r.request_id for r in rows],
+                    )
+                n_rows += len(rows)
+                n_aggs += len(aggs)
+                touched.update(r.period for r in rows)
+                if len(rows) < chunk:
+                    break
+        return PruneResult(n_rows, n_aggs, tuple(sorted(touched)))
+
+
+def _filters(
+    period: str | None, since_us: int | None, after: tuple[int, str] | None = None
+) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if after is not None:
+        params.extend(after)
+        clauses.append("(started_us, request_id) > ($1, $2)")
+    if period is not None:
+        params.append(period)
+        clauses.append(f"period = ${len(params)}")
+    if since_us is not None:
+        params.append(since_us)
+        clauses.append(f"started_us >= ${len(params)}")
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
