@@ -138,10 +138,28 @@ def build_admin_app(proxy: Proxy) -> web.Application:
     async def readyz(request: web.Request) -> web.Response:
         writable = await proxy.ledger.writable()
         accepting = proxy.relay.accepting
-        ready = writable and accepting
-        return _json(
-            {"ready": ready, "ledger_writable": writable, "accepting": accepting}, 200 if ready else 503
-        )
+        # degraded after repeated connection failures; a connect probe lets it recover unasked
+        reachable = proxy.upstream.reachable or await proxy.upstream.probe()
+        # `serve --workers N`: every worker must be ready too (each checks its ledger and upstream)
+        workers_ready, workers = proxy.fleet.readiness() if proxy.fleet is not None else (True, None)
+        ready = writable and accepting and reachable and workers_ready
+        body: dict[str, Any] = {
+            "ready": ready,
+            "ledger_writable": writable,
+            "accepting": accepting,
+            "upstream_reachable": reachable,
+        }
+        if workers is not None:
+            body["workers"] = workers
+        if not ready:
+            reasons = (
+                (not writable, "the ledger is not writable"),
+                (not accepting, "shutting down"),
+                (not reachable, "the upstream cannot be reached"),
+                (not workers_ready, "not every worker is ready"),
+            )
+            body["reason"] = "; ".join(text for failed, text in reasons if failed)
+        return _json(body, 200 if ready else 503)
 
     async def spend(request: web.Request) -> web.Response:
         period = period_param(request)

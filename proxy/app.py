@@ -6,13 +6,14 @@ Nothing here runs at import time; all state lives on the `Proxy` object and type
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
 
@@ -22,16 +23,35 @@ from .batches import BatchGateway, BatchTracker
 from .budgets import BudgetBook
 from .config import Config
 from .errors import ConfigError, MethodNotAllowed, NotFound
-from .ledger import Ledger, LedgerRow, now_us
-from .ledger.sqlite import SQLiteLedger
+from .ledger import Ledger, LedgerRow, LedgerUnavailable, now_us
+from .ledger.factory import open_ledger
+from .ledger.postgres import PostgresLedger
 from .metrics import Metrics
 from .notify import Notifier
 from .relay import ENDPOINTS, Relay, error_response
+from .serving import HeadDeadlineRunner
 from .upstream import UpstreamClient
 from .usage import Tokenizer
 
 log = logging.getLogger(__name__)
+BUDGET_SYNC_INTERVAL = 1.0  # seconds between reads of a shared ledger's budget accounts
 RELAY_KEY: web.AppKey[Relay] = web.AppKey("relay", Relay)
+# single: public + admin listeners (the default). `serve --workers N` (proxy/workers.py): each
+# worker serves the public port (SO_REUSEPORT) without an admin listener; the supervisor serves
+# only the admin listener and forwards nothing
+Role = Literal["single", "worker", "supervisor"]
+
+
+class Fleet(Protocol):
+    """A supervisor's workers, as its Proxy sees them (proxy/workers.py)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def reload(self) -> dict[str, str]: ...
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,20 +74,26 @@ class Proxy:
         ledger: Ledger | None = None,
         loader: Callable[[], Config] | None = None,
         clock: Callable[[], int] = now_us,
+        role: Role = "single",
     ) -> None:
         self.config = config
+        self.role = role
+        self.fleet: Fleet | None = None  # role "supervisor": set by proxy/workers.py
         self.secrets = secrets
         self._loader = loader  # reads the config again for SIGHUP / POST /admin/reload
         self.periods = config.budgets.periods
         self.budgets = BudgetBook(config.budget_map(), self.periods)
         self.metrics = Metrics(config.attribution, config.prices.models)
         self.metrics.budgets = self.budgets
-        self.ledger: Ledger = ledger or SQLiteLedger(
-            config.ledger.path,
-            synchronous=config.ledger.synchronous,
+        self._hard_pusd = _hard_budgets(config)  # what a shared ledger admits against
+        self.ledger: Ledger = ledger or open_ledger(
+            config.ledger,
+            file=config.file,
             on_commit=self.metrics.on_commit,
             on_terminal=self._on_terminal,
+            hard_limits=lambda: self._hard_pusd,
         )
+        self._budget_sync: asyncio.Task[None] | None = None
         self.notifier = Notifier(config.notify, self.ledger)
         self.upstream = UpstreamClient(config.upstream, secrets.together_key)
         self.relay = Relay(
@@ -120,13 +146,30 @@ class Proxy:
         Called at start, before any traffic; later month changes roll over in memory.
         """
         period = self.periods.of(self.clock())
-        self.budgets.reset(period, await self.ledger.period_costs(period))
+        if isinstance(self.ledger, PostgresLedger):  # its accounts hold the sums of the rows
+            self.budgets.reset(period, ())
+            self.budgets.refresh(period, await self.ledger.account_spend(period))
+        else:
+            self.budgets.reset(period, await self.ledger.period_costs(period))
         for tenant, feature, threshold in await self.ledger.notifications(period):
             self.budgets.mark_notified(tenant, feature, [Decimal(threshold)])
         self.notifier.enqueue(self.budgets.due(), self._hard_limits())
 
     def _hard_limits(self) -> dict[tuple[str, str | None], bool]:
         return {k: b.hard_limit for k, b in self.config.budget_map().items()}
+
+    async def _sync_budgets(self, ledger: PostgresLedger) -> None:
+        """Replicas share the ledger: every second, take the spend of all of them from its
+        accounts into the local book (gauges, /admin/budgets, the local pre-check, alerts)."""
+        while True:
+            await asyncio.sleep(BUDGET_SYNC_INTERVAL)
+            period = self.periods.of(self.clock())
+            try:
+                spent = await ledger.account_spend(period)
+            except LedgerUnavailable:
+                continue  # readiness already says so; the next round tries again
+            self.budgets.refresh(period, spent)
+            self.notifier.enqueue(self.budgets.due(), self._hard_limits())
 
     async def reload(self) -> dict[str, object]:
         """Re-read the config: keys, tenants, budgets and prices change without a restart."""
@@ -145,6 +188,7 @@ class Proxy:
         self.config = replace(new, **keep)
         self.relay.reconfigure(self.config, KeyStore(self.config.key_index()))
         self.budgets.configure(self.config.budget_map())
+        self._hard_pusd = _hard_budgets(self.config)
         self.notifier.settings = self.config.notify
         self.metrics.set_models(self.config.prices.models)
         self.notifier.enqueue(self.budgets.due(), self._hard_limits())
@@ -152,38 +196,78 @@ class Proxy:
             log.warning("config reloaded; these sections need a restart to change: %s", restart)
         else:
             log.info("config reloaded from %s", self.config.file)
-        return {"reloaded": True, "tenants": len(self.config.tenants), "restart_required": restart}
+        result: dict[str, object] = {
+            "reloaded": True,
+            "tenants": len(self.config.tenants),
+            "restart_required": restart,
+        }
+        if self.fleet is not None:  # this config is valid: every worker reloads it too
+            result["workers"] = await self.fleet.reload()
+        return result
+
+    def _runner(self, app: web.Application, drain: float) -> web.AppRunner:
+        """A runner whose connections must send their request head within limits.header_timeout."""
+        listener = "public" if app is self.public_app else "admin"
+        return HeadDeadlineRunner(
+            app,
+            header_timeout=self.config.limits.header_timeout,
+            on_timeout=lambda: self.metrics.header_timeout(listener),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=drain,
+        )
 
     async def start(self) -> None:
         await self.ledger.open()
         await self.upstream.start()
         await self.notifier.start()
         await self.load_spend()
-        await self.batch_tracker.start()  # picks up batches a previous run left unrecorded
+        if isinstance(self.ledger, PostgresLedger):
+            self._budget_sync = asyncio.get_running_loop().create_task(self._sync_budgets(self.ledger))
+        if self.role != "supervisor":  # a supervisor forwards nothing: its workers do
+            await self.batch_tracker.start()  # picks up batches a previous run left unrecorded
         synced = self.config.prices.extra.get("synced_at")
         if synced is not None:
             self.metrics.prices_last_sync = _timestamp(synced)
         drain = self.config.limits.drain_timeout
-        for app, listen in ((self.public_app, self.config.listen), (self.admin_app, self.config.admin)):
-            runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=drain)
+        public, admin = (self.public_app, self.config.listen), (self.admin_app, self.config.admin)
+        listeners = {"single": (public, admin), "worker": (public,), "supervisor": (admin,)}[self.role]
+        for app, listen in listeners:
+            runner = self._runner(app, drain)
             await runner.setup()
-            site = web.TCPSite(runner, listen.host, listen.port, backlog=2048, reuse_address=True)
+            site = web.TCPSite(
+                runner,
+                listen.host,
+                listen.port,
+                backlog=2048,
+                reuse_address=True,
+                reuse_port=self.role == "worker",  # the kernel spreads connections over the workers
+            )
             await site.start()
             self._runners.append(runner)
-        self.port = _bound_port(self._runners[0])
-        self.admin_port = _bound_port(self._runners[1])
-        log.info(
-            "together-meter listening on http://%s:%d/v1 (admin http://%s:%d), upstream %s",
-            self.config.listen.host,
-            self.port,
-            self.config.admin.host,
-            self.admin_port,
-            self.config.upstream.url,
-        )
+            if app is self.public_app:
+                self.port = _bound_port(runner)
+            else:
+                self.admin_port = _bound_port(runner)
+        if self.fleet is not None:
+            await self.fleet.start()  # it says where the workers listen
+        elif self.role == "worker":
+            log.info("worker listening on http://%s:%d/v1 (SO_REUSEPORT)", self.config.listen.host, self.port)
+        else:
+            log.info(
+                "together-meter listening on http://%s:%d/v1 (admin http://%s:%d), upstream %s",
+                self.config.listen.host,
+                self.port,
+                self.config.admin.host,
+                self.admin_port,
+                self.config.upstream.url,
+            )
 
     async def stop(self) -> None:
         """Stop taking requests, let in-flight ones finish (drain timeout), close the ledger."""
         self.relay.accepting = False
+        if self.fleet is not None:  # the workers drain first; /metrics stays up meanwhile
+            await self.fleet.stop()
         # aiohttp waits drain_timeout for handlers, then cancels them bare: we stop them first
         # so a cut stream still gets its error event and its `shutdown_aborted` row
         loop = asyncio.get_running_loop()
@@ -196,6 +280,11 @@ class Proxy:
         self._runners.clear()
         await self.batch_tracker.stop()
         await self.upstream.close()
+        if self._budget_sync is not None:
+            self._budget_sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._budget_sync
+            self._budget_sync = None
         await self.ledger.close()
         await self.notifier.stop()
 
@@ -220,6 +309,11 @@ class Proxy:
             await self.reload()
         except ConfigError as exc:
             log.error("config reload failed, keeping the running config: %s", exc)
+
+
+def _hard_budgets(config: Config) -> dict[tuple[str, str | None], int]:
+    """(tenant, feature) -> monthly pico-USD of every hard-limit budget."""
+    return {k: b.monthly_pusd for k, b in config.budget_map().items() if b.hard_limit}
 
 
 def _spawn(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> None:

@@ -11,15 +11,20 @@ import datetime as dt
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from .auth import digest, new_key
 from .config import Config, load_config
 from .errors import ConfigError
+from .ledger import LedgerUnavailable
 from .report import ReportError
+
+if TYPE_CHECKING:
+    from .app import Secrets
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DEFAULT_CONFIG = "config/example.yaml"
@@ -62,16 +67,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    if args.workers != 1:
+    if args.workers < 1:
+        print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.workers > 1 and config.ledger.backend != "postgres":
         print(
-            "error: --workers > 1 is not supported yet; run one process per core behind a "
-            "load balancer, each with its own ledger file",
+            "error: --workers > 1 needs ledger.backend: postgres: several processes cannot share a "
+            "SQLite ledger's writer, reaper and budget book (see docs/deployment.md)",
             file=sys.stderr,
         )
         return EXIT_USAGE
     secrets = Secrets(key, os.environ.get(config.admin_token_env) or None)
     _use_uvloop()
-    asyncio.run(Proxy(config, secrets, loader=load).run_until_signalled())
+    if args.worker_fd is not None:  # started by a supervisor (`--workers N`), never by hand
+        from .workers import serve_worker, worker_log_format
+
+        worker_log_format(args.worker_slot)
+        asyncio.run(serve_worker(Proxy(config, secrets, loader=load, role="worker"), args.worker_fd))
+    elif args.workers > 1:
+        return _supervise(args, config, secrets, load)
+    else:
+        asyncio.run(Proxy(config, secrets, loader=load).run_until_signalled())
+    return EXIT_OK
+
+
+def _supervise(args: argparse.Namespace, config: Config, secrets: Secrets, load: Callable[[], Config]) -> int:
+    """`serve --workers N`: the supervisor (admin listener) of N workers on the public port."""
+    from .app import Proxy
+    from .workers import Supervisor, reserve_port
+
+    try:
+        reserved = reserve_port(config.listen.host, config.listen.port)
+    except OSError as exc:
+        print(f"error: cannot bind {config.listen.host}:{config.listen.port}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    worker = [sys.executable, "-m", "proxy.cli", "--log-level", args.log_level, "serve"]
+    worker += ["--config", args.config]
+    for flag, value in (("--upstream", args.upstream), ("--ledger", args.ledger)):
+        if value is not None:
+            worker += [flag, value]
+    proxy = Proxy(config, secrets, loader=load, role="supervisor")
+    Supervisor(proxy, worker, args.workers, reserved)
+    asyncio.run(proxy.run_until_signalled())
     return EXIT_OK
 
 
@@ -172,7 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--admin-port", type=int)
     s.add_argument("--ledger", help="ledger file (overrides ledger.path)")
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="N > 1: N worker processes share the public port, one admin listener (PostgreSQL ledger)",
+    )
+    s.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)  # set by the supervisor only
+    s.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="proxy + simulator + a burst of SDK traffic, then a table")
@@ -245,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=("table", "json"), default="table")
     e.set_defaults(func=cmd_estimate)
 
-    db = sub.add_parser("db", help="the ledger database: retention and exports")
+    db = sub.add_parser("db", help="the ledger database: retention, exports, migrations")
     dsub = db.add_subparsers(dest="db_command", required=True)
     dp = dsub.add_parser(
         "prune", help="fold rows of periods before a month into daily aggregates (reports keep working)"
@@ -262,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     dx.add_argument("--aggregates", action="store_true", help="a pruned month's aggregate lines instead")
     dx.add_argument("--output", "-o", help="file to write (default: stdout)")
     dx.set_defaults(func=cmd_db_export)
+    dm = dsub.add_parser("migrate", help="apply the PostgreSQL ledger's schema migrations (serve does too)")
+    dm.add_argument("--config", default=DEFAULT_CONFIG)
+    dm.set_defaults(func=cmd_db_migrate)
     return p
 
 
@@ -279,6 +326,12 @@ def cmd_db_export(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    from .db_cli import run_migrate
+
+    return run_migrate(load_config(args.config))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
@@ -290,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except LedgerUnavailable as exc:  # the database is down or has no schema (its DSN is masked)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
 

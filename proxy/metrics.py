@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -79,6 +79,12 @@ class Histogram:
         return fam
 
 
+class MetricSource(Protocol):
+    """Something that renders metric families (the supervisor of `serve --workers N`)."""
+
+    def collect(self) -> Iterator[Metric]: ...
+
+
 class LabelCap:
     """Maps free-form attribution values to a bounded label set."""
 
@@ -118,8 +124,11 @@ class Metrics:
         self.ledger_commits = 0
         self.in_flight = 0
         self.upstream_errors: dict[str, int] = {}
+        self.header_timeouts: dict[str, int] = {}  # listener -> connections closed, head late
         self.prices_last_sync: float | None = None
         self.budgets: BudgetBook | None = None  # month-to-date spend and budget gauges
+        # `serve --workers N`: the supervisor's /metrics renders its workers' merged totals
+        self.fleet: MetricSource | None = None
         self.request_duration = Histogram(
             PREFIX + "request_duration_seconds",
             "Time from request received to its ledger row committed (the end of the response "
@@ -180,6 +189,10 @@ class Metrics:
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
 
+    def header_timeout(self, listener: str) -> None:
+        """A connection on `listener` (public|admin) was closed: its request head was late."""
+        self.header_timeouts[listener] = self.header_timeouts.get(listener, 0) + 1
+
     def on_commit(self, rows: int, seconds: float, ok: bool) -> None:
         """Called from the ledger writer thread after each group commit (or failed attempt)."""
         if not ok:
@@ -196,6 +209,9 @@ class Metrics:
     # -- rendering ----------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
+        if self.fleet is not None:
+            yield from self.fleet.collect()
+            return
         fam = CounterMetricFamily(
             PREFIX + "requests",
             "Requests by final status.",
@@ -231,6 +247,14 @@ class Metrics:
         fam = CounterMetricFamily(PREFIX + "upstream_errors", "Upstream failures by kind.", labels=("kind",))
         for kind, v in sorted(self.upstream_errors.items()):
             fam.add_metric([kind], v)
+        yield fam
+        fam = CounterMetricFamily(
+            PREFIX + "header_timeouts",
+            "Connections closed because their request head did not arrive within limits.header_timeout.",
+            labels=("listener",),
+        )
+        for listener, v in sorted(self.header_timeouts.items()):
+            fam.add_metric([listener], v)
         yield fam
         yield CounterMetricFamily(
             PREFIX + "ledger_write_errors", "Ledger group commits that failed.", value=self.ledger_errors
