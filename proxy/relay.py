@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from .auth import FailureLimiter, KeyStore, Principal
-from .budgets import BudgetBook
+from .budgets import BudgetBook, BudgetExceeded
 from .config import LABEL_VALUE_RE, Config
 from .errors import (
     AuthenticationError,
@@ -64,7 +64,8 @@ class Call:
     body: dict[str, Any]
     wants_usage: bool  # the client asked for stream usage itself
     max_tokens: int | None  # output bound across all `n` choices, if the request gave one
-    raw: bytes  # forwarded as is unless we must add stream_options
+    raw: bytes  # as the client sent it
+    forward: bytes  # what goes upstream: `raw`, with stream_options.include_usage when we must add it
 
 
 def new_request_id() -> str:
@@ -115,7 +116,27 @@ def parse_call(endpoint: str, raw: bytes) -> Call:
     if options is not None and not isinstance(options, dict):
         raise InvalidField("'stream_options' must be an object.")
     wants_usage = bool(options and options.get("include_usage") is True)
-    return Call(endpoint, model, stream, body, wants_usage, max_tokens, raw)
+    forward = _with_stream_usage(body, raw) if stream and not wants_usage else raw
+    return Call(endpoint, model, stream, body, wants_usage, max_tokens, raw, forward)
+
+
+def _with_stream_usage(body: dict[str, Any], raw: bytes) -> bytes:
+    """The body plus stream_options.include_usage, so the stream's last chunk carries the usage."""
+    if "stream_options" not in body:
+        # the usual case: insert the key after the opening brace and leave the client's bytes
+        # as they are (re-encoding would cost time and fail on very deep nesting)
+        start = raw.index(b"{") + 1
+        return raw[:start] + b'"stream_options":{"include_usage":true},' + raw[start:]
+    body = {**body, "stream_options": {**(body["stream_options"] or {}), "include_usage": True}}
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # nesting deeper than orjson writes (255 levels): json can, up to its limit
+        import json
+
+        try:
+            return json.dumps(body, separators=(",", ":")).encode()
+        except RecursionError:
+            raise InvalidJSON("The request body is nested too deeply.") from None
 
 
 def attribution(request: web.Request, call: Call) -> tuple[str | None, str | None]:
@@ -235,11 +256,17 @@ class Relay:
         )
         try:
             await self.ledger.begin(row)
+        except BudgetExceeded as exc:  # a shared ledger's accounts refused it (other replicas spent)
+            self.budgets.release(principal.tenant, feature, reserved or 0)
+            await self._record_rejected(
+                principal, request_id, endpoint, model, feature, environment, started, exc
+            )
+            return error_response(exc, request_id)
         except LedgerUnavailable:
             self.budgets.release(principal.tenant, feature, reserved or 0)
             return error_response(NotReady("The ledger is not writable; nothing was forwarded."), request_id)
         self.metrics.overhead.observe((endpoint,), time.perf_counter() - t0)
-        meter = _Recorder(self, row, rates, t0)
+        meter = _Recorder(self, row, rates, t0, call.body.get("n") or 1)
         self.metrics.in_flight += 1
         task = asyncio.current_task()
         if task is not None:
@@ -378,31 +405,15 @@ class Relay:
         headers = {
             "x-request-id": meter.row.request_id,
             "x-meter-cost-usd": meter.cost_text,
-            "x-meter-usage-source": usage.source,
+            "x-meter-usage-source": meter.usage_source,
         }
         return web.Response(body=data, status=200, headers=headers, content_type=up.content_type or JSON_CT)
 
     async def _forward(self, request: web.Request, call: Call) -> UpstreamResponse:
-        body = self._upstream_body(call)
         t = time.perf_counter()
-        up = await self.upstream.request("POST", request.path, body=body, incoming=request.headers)
+        up = await self.upstream.request("POST", request.path, body=call.forward, incoming=request.headers)
         self.metrics.upstream_duration.observe((call.endpoint,), time.perf_counter() - t)
         return up
-
-    def _upstream_body(self, call: Call) -> bytes:
-        """The body as the client sent it, plus stream_options.include_usage when missing."""
-        if not call.stream or call.wants_usage:
-            return call.raw
-        body = dict(call.body)
-        options = dict(body.get("stream_options") or {})
-        options["include_usage"] = True
-        body["stream_options"] = options
-        try:
-            return orjson.dumps(body)
-        except TypeError:  # integers beyond 64 bits: orjson cannot, json can
-            import json
-
-            return json.dumps(body, separators=(",", ":")).encode()
 
     async def _read_upstream(self, up: UpstreamResponse) -> bytes:
         limit = self.config.limits.max_response_bytes
@@ -472,7 +483,6 @@ class Relay:
                 "x-request-id": meter.row.request_id,
             },
         )
-        await resp.prepare(request)
         cfg = self.config.upstream
         loop = asyncio.get_running_loop()
         deadline = meter.started + cfg.total_timeout
@@ -481,7 +491,13 @@ class Relay:
         status = "upstream_aborted"
         client_gone = False
         try:
-            async with asyncio.timeout(min(deadline, loop.time() + cfg.idle_timeout)) as window:
+            await resp.prepare(request)
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            # the client left before the upstream answered: read on briefly for the billed usage
+            client_gone = True
+            deadline = min(deadline, loop.time() + cfg.client_abort_grace)
+        try:
+            async with asyncio.timeout_at(min(deadline, loop.time() + cfg.idle_timeout)) as window:
                 while True:
                     chunk = await up.readany()
                     if not chunk:
@@ -604,13 +620,28 @@ def _client_gone(request: web.Request) -> bool:
 class _Recorder:
     """Makes one request's row terminal exactly once, whatever path the request takes."""
 
-    __slots__ = ("cost_text", "finished", "model_label", "rates", "relay", "row", "started", "t0")
+    __slots__ = (
+        "choices",
+        "cost_text",
+        "finished",
+        "model_label",
+        "rates",
+        "relay",
+        "row",
+        "started",
+        "t0",
+        "usage_source",
+    )
 
-    def __init__(self, relay: Relay, row: LedgerRow, rates: Rates | None, t0: float) -> None:
+    def __init__(
+        self, relay: Relay, row: LedgerRow, rates: Rates | None, t0: float, choices: int = 1
+    ) -> None:
         self.relay, self.row, self.rates, self.t0 = relay, row, rates, t0
+        self.choices = choices  # the request's `n` (bounds a believable usage)
         self.started = asyncio.get_running_loop().time()
         self.finished = False
         self.cost_text = "unknown"
+        self.usage_source = "none"
         self.model_label = relay.metrics.model_label(row.model)
 
     async def finish(
@@ -628,6 +659,12 @@ class _Recorder:
         cost = None
         if usage is not None and self.rates is not None:
             cost = cost_pusd(usage, self.rates, self.row.mode)
+            reserved = self.row.reserved_pusd
+            if reserved is not None and not 0 <= cost <= reserved and not self._plausible(cost):
+                await self._out_of_bounds(
+                    status, usage, cost, reserved, upstream_status, upstream_id, complete
+                )
+                return
             self.cost_text = format_usd(cost)
         if usage is None:
             row = self.row.terminal(
@@ -638,6 +675,7 @@ class _Recorder:
                 upstream_id=upstream_id,
             )
         else:
+            self.usage_source = usage.source
             row = self.row.terminal(
                 status,
                 upstream_status=upstream_status,
@@ -650,6 +688,53 @@ class _Recorder:
                 stream_complete=complete,
                 upstream_id=upstream_id,
             )
+        await self._commit(row)
+
+    def _plausible(self, cost: int) -> bool:
+        """A usage above the reservation can still be real: without max_tokens the reservation
+        assumes the configured output cap, and images or chat templates can make more prompt
+        tokens than body bytes. What no request can cost is more than its model's whole context
+        window, times its `n` choices, at the dearer of the two rates: only beyond that (or below
+        0) is the upstream's usage not believed. Without a known context length, the
+        reservation is the bound."""
+        rates = self.rates
+        if cost < 0 or rates is None or not rates.context_length:
+            return False
+        ceiling = rates.context_length * max(self.choices, 1) * max(*rates.for_mode(self.row.mode))
+        return cost <= ceiling
+
+    async def _out_of_bounds(
+        self,
+        status: str,
+        usage: Usage,
+        cost: int,
+        reserved: int,
+        upstream_status: int | None,
+        upstream_id: str | None,
+        complete: bool,
+    ) -> None:
+        """A usage costing more than the request's upper bound (or less than 0) is not believed:
+        the row is charged the reservation, flagged estimated / usage_out_of_bounds."""
+        log.warning(
+            "usage out of bounds for request %s (model %s): %d prompt + %d completion tokens "
+            "cost %s USD, above the reservation of %s USD; charging the reservation",
+            self.row.request_id,
+            self.row.model,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            format_usd(cost),
+            format_usd(reserved),
+        )
+        self.cost_text, self.usage_source = format_usd(reserved), "estimated"
+        row = self.row.terminal(
+            status,
+            upstream_status=upstream_status,
+            usage_source="estimated",
+            cost_pusd=reserved,
+            stream_complete=complete,
+            error_code="usage_out_of_bounds",
+            upstream_id=upstream_id,
+        )
         await self._commit(row)
 
     async def upstream_error(self, upstream_status: int) -> None:
@@ -723,14 +808,16 @@ class _Recorder:
         self.finished = True
         # counters are bumped by the ledger when the row commits (even if we are cancelled)
         try:
-            await self.relay.ledger.finish(row)
+            made = await self.relay.ledger.finish(row)
         except LedgerUnavailable:
             log.error(
-                "ledger: could not record request %s; it stays in flight and the "
-                "start-up reaper will charge its reservation",
+                "ledger: could not record request %s; it stays in flight until the ledger "
+                "commits it, else the reaper charges its reservation",
                 row.request_id,
             )
             return
+        if not made:  # a shared ledger's reaper settled it first: drop our local reservation
+            self.relay.budgets.release(row.tenant, row.feature, row.reserved_pusd or 0)
         self.relay.metrics.request_duration.observe(
             (row.endpoint, "true" if row.stream else "false"), time.perf_counter() - self.t0
         )

@@ -8,7 +8,16 @@ A `"simulate"` object in a request body (proxies forward it untouched) steers th
 `usage` (finish|last|cumulative|none), `status`, `delay_ms`, `chunk_delay_ms`,
 `completion_tokens`, `cut_after_chunks`, `error_event_after_chunks` (a count above the stream's
 length acts after its last content chunk, before [DONE]), `malformed_usage`
-(negative|string|huge), `crlf`, `split_writes`.
+(negative|string|huge|inflated), `crlf`, `split_writes`, and for fault tests:
+
+- `retry_after`: the Retry-After value of a 429/503 `status` answer (default "1");
+- `trickle_ms`: after the headers, write the body (stream or JSON) one byte every `trickle_ms`;
+- `usage_delay_ms`: pause before the usage-only chunk (`usage: last`; else before [DONE]), so a
+  client can leave between the last content chunk and the usage;
+- `malformed_json`: the JSON body is cut in half (non-stream), or the chunk carrying the usage is
+  invalid JSON (stream);
+- `malformed_usage: inflated`: in-range counts (40M prompt, 10M completion tokens) far above what
+  the request could have cost (a usage a proxy must not price beyond its own upper bound).
 
 The Files and Batches API (`/v1/files/upload`, `/v1/batches`, `/v1/files/{id}/content`) runs
 batches of chat completions: a job completes `batch_delay_ms` after its creation (option, or
@@ -42,7 +51,7 @@ except ImportError:  # pragma: no cover - orjson is a dependency; json keeps the
     _orjson = None  # type: ignore[assignment]
 
 USAGE_PLACEMENTS = ("finish", "last", "cumulative", "none")
-MALFORMED_USAGE = ("negative", "string", "huge")
+MALFORMED_USAGE = ("negative", "string", "huge", "inflated")
 DEFAULT_COMPLETION_TOKENS = 16
 MAX_COMPLETION_TOKENS = 4096
 PER_MESSAGE_TOKENS = 3
@@ -300,6 +309,8 @@ def _usage(prompt: int, completion: int, malformed: str | None) -> dict[str, Any
         prompt, completion = -max(prompt, 1), -max(completion, 1)
     elif malformed == "huge":
         prompt, completion = 10**18, 10**18
+    elif malformed == "inflated":
+        prompt, completion = 40_000_000, 10_000_000
     usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -342,6 +353,9 @@ class _Plan:
     error_after: int | None
     crlf: bool
     split: bool
+    trickle: float
+    usage_delay: float
+    malformed_json: bool
     entry: dict[str, Any]
 
 
@@ -367,7 +381,8 @@ async def _prepare(request: web.Request, kind: str) -> _Plan | web.Response:
             return _error(400, "simulate.status must be 200 or an HTTP error status")
         if delay:
             await asyncio.sleep(delay)
-        retry = {"Retry-After": "1"} if status in (429, 503) else None
+        after = sim.get("retry_after", 1)
+        retry = {"Retry-After": str(after)} if status in (429, 503) else None
         return _error(status, "simulated error", headers=retry)
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -423,6 +438,9 @@ async def _prepare(request: web.Request, kind: str) -> _Plan | web.Response:
         error_after=_int(sim, "error_event_after_chunks"),
         crlf=sim.get("crlf") is True,
         split=sim.get("split_writes") is True,
+        trickle=_ms(sim, "trickle_ms", 0.0),
+        usage_delay=_ms(sim, "usage_delay_ms", 0.0),
+        malformed_json=sim.get("malformed_json") is True,
         entry=entry,
     )
 
@@ -454,9 +472,29 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     }
     if plan.placement != "none":  # non-stream answers carry usage unless told "none"
         out["usage"] = _usage(plan.prompt_tokens, n, plan.malformed)
-        entry["usage_reported"] = True
+        entry["usage_reported"] = not plan.malformed_json
     request.app[BILLED].record(entry)
-    return web.Response(body=_dumps(out), content_type="application/json")
+    data = _dumps(out)
+    if plan.malformed_json:
+        data = data[: len(data) // 2]
+    if plan.trickle:
+        return await _trickle(request, data, "application/json", plan.trickle)
+    return web.Response(body=data, content_type="application/json")
+
+
+async def _trickle(request: web.Request, data: bytes, content_type: str, pause: float) -> web.StreamResponse:
+    """Headers now, then the body one byte per `pause` seconds (bounded by the body's size)."""
+    resp = web.StreamResponse(headers={"Content-Type": content_type})
+    resp.content_length = len(data)
+    try:
+        await resp.prepare(request)
+        for i in range(len(data)):
+            await asyncio.sleep(pause)
+            await resp.write(data[i : i + 1])
+        await resp.write_eof()
+    except ConnectionError:
+        pass  # the client left
+    return resp
 
 
 def _groups(n: int, chunks: int | None) -> list[int]:
@@ -478,7 +516,11 @@ async def _stream(request: web.Request, plan: _Plan) -> web.StreamResponse:
 
     async def send(payload: bytes) -> None:
         event = b"data: " + payload + sep
-        if plan.split:  # cut inside "data:" and between the two line ends
+        if plan.trickle:
+            for i in range(len(event)):
+                await asyncio.sleep(plan.trickle)
+                await resp.write(event[i : i + 1])
+        elif plan.split:  # cut inside "data:" and between the two line ends
             await resp.write(event[:3])
             await resp.write(event[3:-1])
             await resp.write(event[-1:])
@@ -539,16 +581,20 @@ async def _stream(request: web.Request, plan: _Plan) -> web.StreamResponse:
             usage = None
             if plan.placement == "cumulative" or (last and plan.placement == "finish"):
                 usage = _usage(plan.prompt_tokens, sent, plan.malformed)
-                entry["usage_reported"] = True
-            await send(chunk(text, plan.finish if last else None, usage))
+                entry["usage_reported"] = not plan.malformed_json
+            payload = chunk(text, plan.finish if last else None, usage)
+            await send(payload[:-9] if usage is not None and plan.malformed_json else payload)
             if await interrupted(i, last):
                 return resp
             if not last:
                 await asyncio.sleep(plan.chunk_delay)  # 0: just let other requests run
+        if plan.usage_delay:
+            await asyncio.sleep(plan.usage_delay)
         if plan.placement == "last" and plan.include_usage:
-            entry["usage_reported"] = True
-            await send(chunk(None, None, _usage(plan.prompt_tokens, sent, plan.malformed)))
-        await resp.write(b"data: [DONE]" + sep)
+            entry["usage_reported"] = not plan.malformed_json
+            payload = chunk(None, None, _usage(plan.prompt_tokens, sent, plan.malformed))
+            await send(payload[:-9] if plan.malformed_json else payload)
+        await send(b"[DONE]")
         await resp.write_eof()
     except ConnectionError:
         pass  # the client left; the entry already holds what was generated

@@ -109,11 +109,12 @@ class StreamMeter:
             self._dropped_bytes += len(data)
 
     def received_text(self) -> tuple[str, int]:
-        """Generated text seen so far and the byte size of payloads too many to keep."""
+        """Generated text seen so far, and the byte size of payloads too many to keep or not JSON."""
         parts = []
+        unreadable = self._dropped_bytes
         for data in self._kept:
             try:
                 parts.append(completion_text(orjson.loads(data)))
             except orjson.JSONDecodeError:
-                continue
-        return "".join(parts), self._dropped_bytes // 2  # JSON framing is about half a chunk
+                unreadable += len(data)  # relayed all the same: count its size, never 0
+        return "".join(parts), unreadable // 2  # JSON framing is about half a chunk

@@ -29,6 +29,8 @@ from .errors import InvalidField, UpstreamError, UpstreamTimeout
 FORWARDED_HEADERS = ("accept", "user-agent")
 HIGH_WATER = 1 << 20  # pause reading from the upstream while this much is buffered
 IDLE_KEEPALIVE = 30.0  # drop pooled connections idle longer than this
+UNREACHABLE_AFTER = 3  # consecutive attempts that could not reach the upstream: /readyz degrades
+PROBE_TIMEOUT = 1.0  # longest a /readyz connect probe waits
 
 
 class UpstreamStreamError(Exception):
@@ -235,6 +237,24 @@ class UpstreamClient:
         self._idle: collections.deque[_Connection] = collections.deque()
         self._slots: asyncio.Semaphore | None = None
         self._open = 0
+        self.failed_attempts = 0  # consecutive requests that could not connect, or were reset before headers
+
+    @property
+    def reachable(self) -> bool:
+        """False after UNREACHABLE_AFTER requests in a row could not reach the upstream."""
+        return self.failed_attempts < UNREACHABLE_AFTER
+
+    async def probe(self) -> bool:
+        """A TCP connect to the upstream origin (no request, nothing billed); success resets
+        `reachable`, so readiness recovers without client traffic."""
+        try:
+            async with asyncio.timeout(min(self.config.connect_timeout, PROBE_TIMEOUT)):
+                _, writer = await asyncio.open_connection(self.host, self.port)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        self.failed_attempts = 0
+        return True
 
     async def start(self) -> None:
         self._slots = asyncio.Semaphore(self.config.max_connections)
@@ -314,6 +334,7 @@ class UpstreamClient:
                 conn.transport.write(head + body if body else head)
                 sent = True
                 await resp._headers_fut
+                self.failed_attempts = 0
                 return resp
         except TimeoutError as exc:
             if conn is not None:
@@ -326,9 +347,10 @@ class UpstreamClient:
             )
             raise UpstreamTimeout(f"The upstream {what}.", sent=sent) from exc
         except (OSError, UpstreamStreamError) as exc:  # refused, reset, TLS, bad HTTP
-            if conn is not None:
+            if conn is not None:  # connected, then reset or invalid HTTP (connect errors: _acquire)
                 conn.close()
                 self._discard()
+                self.failed_attempts += 1
             raise UpstreamError(f"The upstream could not be reached ({type(exc).__name__}).") from exc
 
     async def _acquire(self) -> _Connection:
@@ -351,6 +373,10 @@ class UpstreamClient:
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl else None,
                 )
+        except (OSError, TimeoutError):
+            self.failed_attempts += 1  # refused, DNS, TLS, or no connection within `connect`
+            self._slots.release()
+            raise
         except BaseException:
             self._slots.release()
             raise

@@ -370,6 +370,7 @@ async def test_crlf_and_split_writes(sim: RunningSimulator, client: AsyncOpenAI)
         ("negative", lambda u: u["prompt_tokens"] < 0 and u["completion_tokens"] < 0),
         ("string", lambda u: isinstance(u["completion_tokens"], str)),
         ("huge", lambda u: u["prompt_tokens"] >= 10**15),
+        ("inflated", lambda u: (u["prompt_tokens"], u["completion_tokens"]) == (40_000_000, 10_000_000)),
     ],
 )
 async def test_malformed_usage(sim: RunningSimulator, mode: str, check: Any) -> None:
@@ -389,6 +390,52 @@ async def test_malformed_usage(sim: RunningSimulator, mode: str, check: Any) -> 
         usage = json.loads(raw)["usage"] if not stream else _events(raw)[-2]["usage"]
         assert check(usage)
     assert all(e["completion_tokens"] == 2 and e["prompt_tokens"] > 0 for e in sim.billed.entries)
+
+
+async def test_malformed_json(sim: RunningSimulator) -> None:
+    """malformed_json cuts the JSON body in half, or garbles the stream chunk carrying the usage."""
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    status, _, raw = await _post(sim, "/chat/completions", {**body, "simulate": {"malformed_json": True}})
+    assert status == 200 and raw.startswith(b'{"id":')
+    with pytest.raises(ValueError):
+        json.loads(raw)
+    _, _, raw = await _post(
+        sim, "/chat/completions", {**body, "stream": True, "simulate": {"malformed_json": True}}
+    )
+    blocks = [b for b in raw.split(b"\n\n") if b]
+    assert len(blocks) == 4 and blocks[-1] == b"data: [DONE]"
+    assert [json.loads(b[6:])["choices"][0]["text"] for b in blocks[:2]] == ["Hello", " from"]
+    with pytest.raises(ValueError):
+        json.loads(blocks[2][6:])
+    assert [e["usage_reported"] for e in sim.billed.entries] == [False, False]
+    assert [e["completion_tokens"] for e in sim.billed.entries] == [3, 3]
+
+
+async def test_trickle_and_usage_delay(sim: RunningSimulator) -> None:
+    """trickle_ms sends the body byte by byte and usage_delay_ms pauses before the usage chunk,
+    with the answer unchanged; retry_after sets the Retry-After of a 503."""
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    _, _, plain = await _post(sim, "/chat/completions", {**body, "simulate": {}})
+    _, _, trickled = await _post(sim, "/chat/completions", {**body, "simulate": {"trickle_ms": 0.01}})
+    assert json.loads(trickled)["choices"] == json.loads(plain)["choices"]
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            sim.url + "/chat/completions",
+            json={**stream, "simulate": {"usage": "last", "usage_delay_ms": 300, "trickle_ms": 0.01}},
+            headers=AUTH,
+        ) as r,
+    ):
+        reads = [data async for data in r.content.iter_any()]
+    events = _events(b"".join(reads))
+    assert [e["choices"][0]["text"] for e in events[:2]] == ["Hello", " from"]
+    assert events[2]["usage"]["completion_tokens"] == 2 and events[3] == "[DONE]"
+    assert len(reads) > 10  # one byte per write: many small reads
+    status, headers, _ = await _post(
+        sim, "/chat/completions", {**body, "simulate": {"status": 503, "retry_after": 7}}
+    )
+    assert (status, headers.get("Retry-After")) == (503, "7")
 
 
 async def test_simulate_overrides(sim: RunningSimulator) -> None:

@@ -342,6 +342,15 @@ def test_malformed_usage_is_not_taken() -> None:
     assert meter.usage is None
 
 
+def test_unparseable_chunk_counts_by_size() -> None:
+    """A relayed chunk that is not JSON still counts in the estimate: half its bytes as extra."""
+    broken = orjson.dumps(chunk("Hi", usage=u(9, 2)))[:-9]
+    meter = StreamMeter(hide_usage_chunk=True)
+    out = meter.feed([ev(chunk(w)) for w in WORDS] + [ev(broken)])
+    assert meter.usage is None and out.endswith(broken + b"\n\n")
+    assert meter.received_text() == ("".join(WORDS), len(broken) // 2)
+
+
 def test_done_is_not_relayed_and_ends_the_stream() -> None:
     """[DONE] sets done, is never in the returned bytes, and nothing after it is relayed."""
     first = ev(chunk("Hi"))
