@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# atheris (the `fuzz` extra) for `make fuzz` and the long tier: tests/fuzz/README.md
+FUZZ_STAMP := $(VENV)/.installed-fuzz
+FUZZ_RUNS ?= 200000
+FUZZ_SECONDS ?= 60
 
-.PHONY: demo serve test test-long lint bench install clean
+.PHONY: demo serve test test-long lint bench install clean fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +30,15 @@ test: $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m pytest -q -m "not slow"
 
-test-long: $(STAMP)
+test-long: $(STAMP) $(FUZZ_STAMP)
 	$(PY) -m pytest -q
+
+$(FUZZ_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,fuzz]'
+	touch $(FUZZ_STAMP)
+
+fuzz: $(FUZZ_STAMP)
+	$(PY) tests/fuzz/runner.py --runs $(FUZZ_RUNS) --seconds $(FUZZ_SECONDS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check proxy tests

@@ -1,8 +1,9 @@
 """Incremental server-sent-events framer: bytes in any split -> whole events out.
 
 Follows the SSE rules: lines end in CRLF, LF or CR; an empty line ends an event; `data:` with or
-without one space; lines starting with ':' are comments. Events are re-emitted with LF endings
-(the same events to any SSE parser), which keeps the relay free to drop or insert whole events.
+without one space (a bare `data` line is an empty data line); lines starting with ':' are
+comments. Events are re-emitted with LF endings (the same events to any SSE parser), which
+keeps the relay free to drop or insert whole events.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def parse_event(block: bytes) -> Event:
         elif line.startswith(b"event:"):
             value = line[6:]
             name = value[1:] if value.startswith(b" ") else value
+        elif line == b"data":  # a field without a colon has an empty value
+            data.append(b"")
+        elif line == b"event":
+            name = b""
         # comments (':...'), id:, retry: and unknown fields are kept in raw only
     return Event(block + b"\n\n", b"\n".join(data) if data else None, name)
 

@@ -148,6 +148,13 @@ def test_multi_line_data_is_joined_with_lf() -> None:
     assert datas(frame(b"data: one\ndata: two\ndata:\ndata: four\n\n")) == [b"one\ntwo\n\nfour"]
 
 
+def test_field_name_without_colon_has_empty_value() -> None:
+    """A bare `data` line is an empty data line and a bare `event` an empty event name (SSE rules;
+    found by tests/fuzz/fuzz_sse.py); `datax` and `data :` are other fields, ignored."""
+    events = frame(b"data\n\ndata\ndata: x\n\nevent\ndata: y\n\ndatax\ndata :z\n\n")
+    assert [(e.data, e.event) for e in events] == [(b"", None), (b"\nx", None), (b"y", b""), (None, None)]
+
+
 def test_event_field_is_parsed() -> None:
     """The `event:` field is exposed separately from data."""
     (ev,) = frame(b"event: error\ndata: {}\n\n")

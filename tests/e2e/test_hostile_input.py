@@ -167,6 +167,12 @@ async def test_small_gzip_body_is_forwarded_inflated(small: Meter) -> None:
         ("stream_string_true", _body(stream="true"), "invalid_field"),
         ("stream_int", _body(stream=1), "invalid_field"),
         ("not_utf8", b'{"model": "\xff\xfe"}', "invalid_json"),
+        (
+            "nested_stream_with_options",  # stream_options must be rewritten: too deep to re-encode
+            _body(stream=True, stream_options={})[:-1] + b',"x":' + b"[" * 1000 + b"]" * 1000 + b"}",
+            "invalid_json",
+        ),
+        ("feature_trailing_newline", _body(metadata={"feature": "chat\n"}), "invalid_field"),
     ],
 )
 async def test_malformed_body_is_400(meter: Meter, name: str, body: bytes, code: str) -> None:
@@ -177,6 +183,18 @@ async def test_malformed_body_is_400(meter: Meter, name: str, body: bytes, code:
     assert meter.upstream_seen == []
     status, _, answer = await post_raw(meter.base_url + "/chat/completions", _body(), meter.auth())
     assert status == 200, answer
+
+
+async def test_deeply_nested_stream_forwarded_with_usage_option(meter: Meter) -> None:
+    """A stream body nested 1000 levels deep (orjson writes at most 255): forwarded as the client
+    sent it plus stream_options.include_usage, answered 200 and recorded ok."""
+    body = _body(stream=True)[:-1] + b',"x":' + b"[" * 1000 + b"]" * 1000 + b"}"
+    status, _, answer = await post_raw(meter.base_url + "/chat/completions", body, meter.auth())
+    assert status == 200 and answer.endswith(b"data: [DONE]\n\n"), answer[-200:]
+    (entry,) = meter.sim.billed.entries
+    assert entry["body"]["stream_options"] == {"include_usage": True}
+    (row,) = await meter.wait_terminal(1)
+    assert (row.status, row.usage_source) == ("ok", "upstream")
 
 
 async def test_body_fields_do_not_change_the_target(meter: Meter, trap: tuple[int, list[str]]) -> None:
