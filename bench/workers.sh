@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `serve --workers 2` against one process (`--workers 1`), both on the PostgreSQL ledger, in one
-# run of ../shared/bench/run_bench.sh (direct + the two, interleaved; see docs/benchmarks.md).
+# `serve --workers 2` against one process (`--workers 1`), both on the PostgreSQL ledger, and the
+# same single process on the SQLite ledger, in one run of ../shared/bench/run_bench.sh (direct +
+# the three, interleaved; see docs/benchmarks.md).
 #   bash bench/workers.sh                      # full run (REPS=3 DURATION=10: about 8 minutes)
 #   REPS=1 DURATION=5 bash bench/workers.sh    # quick look
 # Knobs: ONE_CPUS=1 (cores of the single process), TWO_CPUS=0,1 (the supervisor and its workers),
@@ -22,16 +23,18 @@ export OUT="${OUT:-$HERE/results/workers-$STAMP}"
 mkdir -p "$OUT"
 DBS=("tm_bench_${STAMP}_1w" "tm_bench_${STAMP}_2w")
 PIDS=()
+SQLITE_DIR=""
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do  # the supervisor stops its workers (drain_timeout, then SIGKILL)
     for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
   done
   for db in "${DBS[@]}"; do psql "$PG_ADMIN_DSN" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true; done
+  if [[ -n "$SQLITE_DIR" ]]; then rm -rf "$SQLITE_DIR"; fi
 }
 trap cleanup EXIT INT TERM
 
-for port in 18300 19300 18301 19301; do
+for port in 18300 19300 18301 19301 18302 19302; do
   if ss -Hltn "sport = :$port" | grep -q .; then echo "port $port is busy" >&2; exit 1; fi
 done
 for db in "${DBS[@]}"; do psql "$PG_ADMIN_DSN" -qc "CREATE DATABASE $db"; done
@@ -51,10 +54,17 @@ start() {  # NAME CPUS DB PORT ADMIN_PORT WORKERS
 }
 start ours-1w "$ONE_CPUS" "${DBS[0]}" 18300 19300 1
 start ours-2w "$TWO_CPUS" "${DBS[1]}" 18301 19301 2
+# the default single process on SQLite, same core as ours-1w (PostgreSQL vs SQLite in the same run)
+SQLITE_DIR="$(mktemp -d -t meter-bench-sqlite.XXXXXX)"
+TOGETHER_API_KEY=fake-together-key taskset -c "$ONE_CPUS" "$METER" --log-level WARNING serve \
+  --config "$HERE/config.yaml" --port 18302 --admin-port 19302 --ledger "$SQLITE_DIR/ledger.db" \
+  >"$OUT/ours-sqlite.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do curl -sf http://127.0.0.1:19302/readyz >/dev/null 2>&1 && break; sleep 0.2; done
 echo "ONE_CPUS=$ONE_CPUS TWO_CPUS=$TWO_CPUS" >"$OUT/cpus.txt"
 # @PID: CPU and RSS of the process and its children (the supervisor's workers)
 bash "$SHARED_BENCH/run_bench.sh" "ours-1w=http://127.0.0.1:18300/v1@${PIDS[0]}" \
-  "ours-2w=http://127.0.0.1:18301/v1@${PIDS[1]}"
+  "ours-2w=http://127.0.0.1:18301/v1@${PIDS[1]}" "ours-sqlite=http://127.0.0.1:18302/v1@${PIDS[2]}"
 for i in 0 1; do
   echo "ledger rows of ${DBS[$i]}:"
   psql "$base/${DBS[$i]}" -Atc "SELECT status, count(*) FROM requests GROUP BY status"
