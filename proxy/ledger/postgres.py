@@ -254,12 +254,18 @@ class PostgresLedger(PostgresStore):
         return await self._bounded(self._submit("record", row))
 
     async def _bounded(self, fut: asyncio.Future[bool]) -> bool:
-        """Wait at most commit_timeout; the op stays queued and commits when the database is back."""
+        """Wait at most commit_timeout; the op stays queued and commits when the database is back.
+
+        A timer fails the caller's future instead of `wait_for(shield(...))`: the writer
+        resolves the very future the handler awaits, so the handler wakes one loop turn after
+        the commit rather than three (the op, not the future, is what the writer commits; a
+        future failed or cancelled meanwhile is simply not resolved again).
+        """
+        timer = asyncio.get_running_loop().call_later(self.commit_timeout, _expire, fut)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), self.commit_timeout)
-        except TimeoutError:
-            fut.add_done_callback(_consume)
-            raise LedgerUnavailable("the ledger did not commit in time; the row is queued") from None
+            return await fut
+        finally:
+            timer.cancel()
 
     def _submit(self, kind: str, row: LedgerRow) -> asyncio.Future[bool]:
         if self._task is None or (self._closing and self._task.done()):
@@ -292,9 +298,6 @@ class PostgresLedger(PostgresStore):
         loop = asyncio.get_running_loop()
         backoff = FIRST_BACKOFF
         while True:
-            if self._pending and not self._closing:
-                # one more turn of the loop lets handlers about to write join this batch
-                await asyncio.sleep(0)
             if not self._pending:
                 if self._closing:
                     return
@@ -690,7 +693,6 @@ def _fail(op: _Op, exc: Exception) -> None:
         op.fut.set_exception(exc)
 
 
-def _consume(fut: asyncio.Future[bool]) -> None:
-    """Nobody awaits this future any more: mark its exception retrieved."""
-    if not fut.cancelled():
-        fut.exception()
+def _expire(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_exception(LedgerUnavailable("the ledger did not commit in time; the row is queued"))
