@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -123,6 +124,27 @@ async def test_rows_round_trip_with_every_terminal_status(pg_dsn: str) -> None:
         written.append(rec)
         assert await ledger.rows() == sorted(written, key=lambda r: (r.started_us, r.request_id))
         assert [r async for r in ledger.iter_rows(page=3)] == await ledger.rows()
+
+
+async def test_begun_rows_read_back_exactly_in_either_statement(pg_dsn: str) -> None:
+    """A batch of fresh begins goes in the lean statement, one holding a begin with values in its
+    terminal columns in the full one: either way every column reads back as given, and the
+    account moves are the same."""
+    async with opened(pg_dsn) as ledger:
+        fresh = [row(f"lean{i}", feature=None if i % 2 else "search") for i in range(6)]
+        assert await asyncio.gather(*(ledger.begin(r) for r in fresh)) == [None] * 6
+        odd = dataclasses.replace(row("odd"), upstream_id="up-odd", error_code="e", usage_source="upstream")
+        mixed = [row(f"mix{i}") for i in range(3)] + [odd]
+        assert await asyncio.gather(*(ledger.begin(r) for r in mixed)) == [None] * 4
+        written = sorted([*fresh, *mixed], key=lambda r: (r.started_us, r.request_id))
+        assert await ledger.rows() == written
+        accounts = await ledger.accounts(fresh[0].period)
+        assert accounts == {("acme", None): (0, 10 * RESERVED), ("acme", "search"): (0, 7 * RESERVED)}
+        await asyncio.gather(*(ledger.finish(ok(r, 1_000)) for r in written))
+        assert await ledger.accounts(fresh[0].period) == {
+            ("acme", None): (10_000, 0),
+            ("acme", "search"): (7_000, 0),
+        }
 
 
 async def test_finish_and_record_are_idempotent(pg_dsn: str) -> None:
