@@ -5,7 +5,10 @@
 #   bash bench/workers.sh                      # full run (REPS=3 DURATION=10: about 8 minutes)
 #   REPS=1 DURATION=5 bash bench/workers.sh    # quick look
 # Knobs: ONE_CPUS=1 (cores of the single process), TWO_CPUS=0,1 (the supervisor and its workers),
-# PG_ADMIN_DSN (default postgresql://postgres@127.0.0.1:5432/postgres), and run_bench.sh's own.
+# PG_ADMIN_DSN (default postgresql://postgres@127.0.0.1:5432/postgres), PG_CPUS (e.g. 0: pin every
+# process of the local PostgreSQL server there for the run, beside the load generator and the
+# upstream, so that it does not take the single process's core; restored to all cores at exit),
+# and run_bench.sh's own. Paired ratios per repetition: python bench/paired.py $OUT/runs.jsonl ...
 # Each process gets a fresh database (tm_bench_<stamp>_1w / _2w), dropped at the end.
 # Needs the harness venv: bash ../shared/bench/setup_env.sh. Loopback only; every run is bounded.
 set -euo pipefail
@@ -18,6 +21,7 @@ METER="${METER:-$ROOT/.venv/bin/together-meter}"
 ONE_CPUS="${ONE_CPUS:-1}"
 TWO_CPUS="${TWO_CPUS:-0,1}"
 PG_ADMIN_DSN="${PG_ADMIN_DSN:-postgresql://postgres@127.0.0.1:5432/postgres}"
+PG_CPUS="${PG_CPUS:-}"
 STAMP="$(date +%Y%m%d_%H%M%S)"
 export OUT="${OUT:-$HERE/results/workers-$STAMP}"
 mkdir -p "$OUT"
@@ -31,12 +35,17 @@ cleanup() {
   done
   for db in "${DBS[@]}"; do psql "$PG_ADMIN_DSN" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true; done
   if [[ -n "$SQLITE_DIR" ]]; then rm -rf "$SQLITE_DIR"; fi
+  if [[ -n "$PG_CPUS" ]]; then pin_postgres "0-$(($(nproc) - 1))"; fi
+}
+pin_postgres() {  # CPUS: every process of the server; the postmaster's new backends inherit it
+  for p in $(pgrep -x postgres); do taskset -a -p -c "$1" "$p" >/dev/null || true; done
 }
 trap cleanup EXIT INT TERM
 
 for port in 18300 19300 18301 19301 18302 19302; do
   if ss -Hltn "sport = :$port" | grep -q .; then echo "port $port is busy" >&2; exit 1; fi
 done
+if [[ -n "$PG_CPUS" ]]; then pin_postgres "$PG_CPUS"; fi
 for db in "${DBS[@]}"; do psql "$PG_ADMIN_DSN" -qc "CREATE DATABASE $db"; done
 base="${PG_ADMIN_DSN%/*}"
 
@@ -61,10 +70,12 @@ TOGETHER_API_KEY=fake-together-key taskset -c "$ONE_CPUS" "$METER" --log-level W
   >"$OUT/ours-sqlite.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:19302/readyz >/dev/null 2>&1 && break; sleep 0.2; done
-echo "ONE_CPUS=$ONE_CPUS TWO_CPUS=$TWO_CPUS" >"$OUT/cpus.txt"
+echo "ONE_CPUS=$ONE_CPUS TWO_CPUS=$TWO_CPUS PG_CPUS=${PG_CPUS:-all}" >"$OUT/cpus.txt"
 # @PID: CPU and RSS of the process and its children (the supervisor's workers)
 bash "$SHARED_BENCH/run_bench.sh" "ours-1w=http://127.0.0.1:18300/v1@${PIDS[0]}" \
   "ours-2w=http://127.0.0.1:18301/v1@${PIDS[1]}" "ours-sqlite=http://127.0.0.1:18302/v1@${PIDS[2]}"
+"$PY" "$HERE/paired.py" "$OUT/runs.jsonl" ours-1w/ours-sqlite ours-2w/ours-1w ours-2w/ours-sqlite \
+  | tee "$OUT/paired.md"
 for i in 0 1; do
   echo "ledger rows of ${DBS[$i]}:"
   psql "$base/${DBS[$i]}" -Atc "SELECT status, count(*) FROM requests GROUP BY status"
