@@ -212,6 +212,7 @@ class Proxy:
             app,
             header_timeout=self.config.limits.header_timeout,
             on_timeout=lambda: self.metrics.header_timeout(listener),
+            on_malformed=lambda: self.metrics.malformed_request(listener),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=drain,

@@ -125,6 +125,7 @@ class Metrics:
         self.in_flight = 0
         self.upstream_errors: dict[str, int] = {}
         self.header_timeouts: dict[str, int] = {}  # listener -> connections closed, head late
+        self.malformed_requests: dict[str, int] = {}  # listener -> malformed heads answered 400
         self.prices_last_sync: float | None = None
         self.budgets: BudgetBook | None = None  # month-to-date spend and budget gauges
         # `serve --workers N`: the supervisor's /metrics renders its workers' merged totals
@@ -193,6 +194,10 @@ class Metrics:
         """A connection on `listener` (public|admin) was closed: its request head was late."""
         self.header_timeouts[listener] = self.header_timeouts.get(listener, 0) + 1
 
+    def malformed_request(self, listener: str) -> None:
+        """A malformed request head on `listener` (public|admin) was answered 400."""
+        self.malformed_requests[listener] = self.malformed_requests.get(listener, 0) + 1
+
     def on_commit(self, rows: int, seconds: float, ok: bool) -> None:
         """Called from the ledger writer thread after each group commit (or failed attempt)."""
         if not ok:
@@ -254,6 +259,14 @@ class Metrics:
             labels=("listener",),
         )
         for listener, v in sorted(self.header_timeouts.items()):
+            fam.add_metric([listener], v)
+        yield fam
+        fam = CounterMetricFamily(
+            PREFIX + "malformed_requests",
+            "Request heads that could not be parsed (bad request line or header, too long), answered 400.",
+            labels=("listener",),
+        )
+        for listener, v in sorted(self.malformed_requests.items()):
             fam.add_metric([listener], v)
         yield fam
         yield CounterMetricFamily(

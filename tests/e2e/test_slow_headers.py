@@ -1,11 +1,12 @@
 """Slow request heads (issue 7, point 5): a client sending its request line and headers one byte
 at a time, or nothing at all, is closed at `limits.header_timeout` on both listeners, with no
 answer and no ledger row, while other clients are served; idle keep-alive time and slow
-responses are not cut by it."""
+responses are not cut by it. Malformed heads get a 400, a count and one quiet log line."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -154,3 +155,47 @@ async def test_keep_alive_idle_and_slow_responses_not_cut(guarded: Meter) -> Non
     assert [r.status for r in rows] == ["ok"] * 4
     samples = await guarded.metric_samples()
     assert samples["together_meter_header_timeouts_total"] == {(("listener", "public"),): 1.0}
+
+
+async def _send_raw(port: int, data: bytes) -> bytes:
+    """Send `data` on a fresh connection and read until the server closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_malformed_heads_get_400_a_count_and_one_quiet_log_line(
+    guarded: Meter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20 malformed request heads (a garbage line, a bad header line after a real key, a line
+    over 8 KB, a non-numeric Content-Length) each get a 400 on their connection and are counted;
+    the log holds one WARNING line naming the kind of error, no aiohttp ERROR with a traceback
+    per connection (a flood), and never the key; an SDK call is served afterwards, with no row
+    for the 20."""
+    caplog.set_level(logging.INFO, logger="aiohttp")
+    caplog.set_level(logging.WARNING, logger="proxy.serving")
+    key = guarded.keys["acme"]
+    heads = [
+        b"GARBAGE\r\n\r\n",
+        f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nbad header\r\n\r\n".encode(),
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    ] * 5
+    answers = [await _send_raw(guarded.proxy.port, head) for head in heads]
+    assert [a.split(b" ", 2)[1] for a in answers] == [b"400"] * 20
+    r = await guarded.openai().chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=5)
+    assert r.choices[0].message.content == ANSWER
+    assert len(await guarded.wait_terminal(1)) == 1
+    samples = await guarded.metric_samples()
+    assert samples["together_meter_malformed_requests_total"] == {(("listener", "public"),): 20.0}
+    ours = [rec for rec in caplog.records if rec.name == "proxy.serving"]
+    assert len(ours) == 1 and ours[0].levelno == logging.WARNING
+    assert "malformed request from 127.0.0.1 answered 400" in ours[0].getMessage()
+    assert not [
+        rec for rec in caplog.records if rec.name.startswith("aiohttp") and rec.levelno >= logging.ERROR
+    ]
+    assert key not in caplog.text
