@@ -19,16 +19,19 @@ from aiohttp import web
 
 from .admin import build_admin_app
 from .auth import KeyStore
-from .batches import BatchGateway, BatchTracker
+from .batches import BatchTracker
 from .budgets import BudgetBook
 from .config import Config
-from .errors import ConfigError, MethodNotAllowed, NotFound
+from .dispatch import Dispatcher
+from .errors import ConfigError
 from .ledger import Ledger, LedgerRow, LedgerUnavailable, now_us
 from .ledger.factory import open_ledger
 from .ledger.postgres import PostgresLedger
 from .metrics import Metrics
 from .notify import Notifier
-from .relay import ENDPOINTS, Relay, error_response
+from .objects import ObjectGateway
+from .passthrough import Passthrough
+from .relay import ENDPOINTS, Relay
 from .serving import HeadDeadlineRunner
 from .upstream import UpstreamClient
 from .usage import Tokenizer
@@ -125,12 +128,14 @@ class Proxy:
             client_max_size=self.config.limits.max_body_bytes, handler_args={"max_field_size": 16384}
         )
         app[RELAY_KEY] = self.relay
-        for path in ENDPOINTS:
-            app.router.add_post(path, self.relay.handle)
-        app.router.add_get("/v1/models", self.relay.models)
-        app.router.add_get("/v2/projects/{project}/models", self.relay.models)
-        BatchGateway(self.relay, self.batch_tracker.store, self.batch_tracker).add_routes(app)
-        app.router.add_route("*", "/{tail:.*}", _not_found)
+        passthrough = Passthrough(self.relay)
+        objects = ObjectGateway(self.relay, passthrough, self.ledger, self.batch_tracker)
+        dispatcher = Dispatcher(self.relay, objects, passthrough)
+        for path, endpoint in ENDPOINTS.items():  # the hot path: aiohttp's router finds these
+            app.router.add_post(path, _inference(self.relay, dispatcher, path, endpoint))
+        # everything else, and any target aiohttp would decode or normalise, goes through the
+        # route table (`[\s\S]`: a decoded line break must not fall to aiohttp's own 404)
+        app.router.add_route("*", "/{tail:[\\s\\S]*}", dispatcher.handle)
         return app
 
     def _on_terminal(self, row: LedgerRow) -> None:
@@ -323,18 +328,19 @@ def _spawn(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> N
     task.add_done_callback(tasks.discard)
 
 
-async def _not_found(request: web.Request) -> web.Response:
-    if request.path in ENDPOINTS:
-        return error_response(
-            MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use POST.")
-        )
-    return error_response(
-        NotFound(
-            f"Unknown request URL: {request.method} {request.path}. "
-            "together-meter serves /v1/chat/completions, "
-            "/v1/completions, /v1/embeddings, /v1/models, /v1/files and /v1/batches."
-        )
-    )
+def _inference(
+    relay: Relay, dispatcher: Dispatcher, path: str, endpoint: str
+) -> Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]:
+    """The handler of one inference route: the plain path goes straight to the relay; a target
+    aiohttp routed here after decoding or normalising it (`/v1/x/../chat/completions`, escapes,
+    a query) is validated by the dispatcher first."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.raw_path == path:
+            return await relay.handle(request, endpoint)
+        return await dispatcher.handle(request)
+
+    return handle
 
 
 def _bound_port(runner: web.AppRunner) -> int:

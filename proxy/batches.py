@@ -1,11 +1,10 @@
-"""together.ai Batch jobs: pass the Files and Batches API through, and meter what batches cost.
+"""together.ai Batch jobs: meter what batches cost.
 
-`BatchGateway` serves `/v1/files*` and `/v1/batches*` for tenants (their key swapped for the
-operator's, like every other route) and remembers which tenant created each batch. `BatchTracker`
-follows every unfinished batch to completion by itself, whether or not the client ever polls,
-then prices each output line at batch rates and records one ledger row per line. Its request ids
-are derived from the batch id and line number, so processing a batch twice (after a crash between
-the rows and the `recorded` mark) adds nothing.
+objects.py serves `/v1/files*` and `/v1/batches*` for tenants and remembers which tenant created
+each batch. `BatchTracker` follows every unfinished batch to completion by itself, whether or not
+the client ever polls, then prices each output line at batch rates and records one ledger row
+per line. Its request ids are derived from the batch id and line number, so processing a batch
+twice (after a crash between the rows and the `recorded` mark) adds nothing.
 """
 
 from __future__ import annotations
@@ -17,14 +16,14 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
-from aiohttp import web
 
 from .budgets import Periods
-from .config import LABEL_VALUE_RE, Config
-from .errors import InvalidField, MeterError, NotReady, UpstreamProtocolError, UpstreamTimeout
-from .ledger import BatchJob, LedgerRow, LedgerUnavailable, now_us
+from .config import Config
+from .errors import MeterError, UpstreamProtocolError, UpstreamTimeout
+from .ledger import BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
 from .pricing import BATCH, cost_pusd
-from .relay import ENDPOINTS, JSON_CT, Relay, error_response, new_request_id
+from .relay import ENDPOINTS
+from .routes import ID_RE
 from .upstream import UpstreamClient, UpstreamStreamError
 from .usage import Tokenizer, Usage, completion_text, estimate_prompt_tokens, usage_from_json
 
@@ -32,19 +31,14 @@ log = logging.getLogger(__name__)
 
 COMPLETED = "COMPLETED"
 FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "EXPIRED", "CANCELLED"})
-PATHS = (
-    ("POST", "/v1/files/upload"),
-    ("GET", "/v1/files"),
-    ("GET", "/v1/files/{id}"),
-    ("GET", "/v1/files/{id}/content"),
-    ("POST", "/v1/batches"),
-    ("GET", "/v1/batches"),
-    ("GET", "/v1/batches/{id}"),
-)
 
 
-class BatchStore(Protocol):
-    """What batch metering needs from the ledger (SQLiteLedger has it)."""
+class FileOwners(Protocol):
+    async def add_file(self, f: OwnedFile) -> bool: ...
+
+
+class BatchStore(FileOwners, Protocol):
+    """What batch metering needs from the ledger (both backends have it)."""
 
     async def add_batch(self, batch: BatchJob) -> bool: ...
 
@@ -62,7 +56,7 @@ def batch_request_id(batch_id: str, index: int) -> str:
     return f"batch_{batch_id}_{index}"
 
 
-def _job_of(data: bytes) -> dict[str, Any]:
+def job_of(data: bytes) -> dict[str, Any]:
     """The batch object of a create (`{"job": {...}}`) or retrieve (`{...}`) answer."""
     try:
         obj = orjson.loads(data)
@@ -73,111 +67,13 @@ def _job_of(data: bytes) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
-def _header_attribution(request: web.Request) -> tuple[str | None, str | None]:
-    values = []
-    for header in ("X-Meter-Feature", "X-Meter-Environment"):
-        value = request.headers.get(header)
-        if value is not None and not LABEL_VALUE_RE.match(value):
-            raise InvalidField(
-                f"{header} must be 1-64 characters of letters, digits, '.', '_', "
-                "':', '/', '-', starting with a letter or digit."
-            )
-        values.append(value)
-    return values[0], values[1]
-
-
-class BatchGateway:
-    """The tenant-facing Files and Batches routes: authenticated pass-through."""
-
-    def __init__(self, relay: Relay, store: BatchStore, tracker: BatchTracker) -> None:
-        self.relay, self.store, self.tracker = relay, store, tracker
-
-    def add_routes(self, app: web.Application) -> None:
-        for method, path in PATHS:
-            app.router.add_route(method, path, self.handle)
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        relay = self.relay
-        request_id = new_request_id()
-        creating = request.method == "POST" and request.path == "/v1/batches"
-        try:
-            principal = relay.authenticate(request)
-            if not relay.accepting:
-                raise NotReady("The proxy is shutting down; retry on another instance.")
-            body, ctype = None, JSON_CT
-            if request.method == "POST":
-                body = await relay._read_body(request)  # up to limits.max_body_bytes
-                ctype = request.headers.get("Content-Type", JSON_CT)
-            feature, environment = _header_attribution(request) if creating else (None, None)
-            if creating:  # nothing is reserved (the cost is unknown), but an exhausted budget refuses
-                relay.budgets.admit(principal.tenant, feature, relay._period(relay.clock()), 0)
-            up = await relay.upstream.request(
-                request.method,
-                request.path,
-                body=body,
-                incoming=request.headers,
-                query=request.query_string,
-                content_type=ctype,
-            )
-        except MeterError as exc:
-            return error_response(exc, request_id)
-        headers = {"x-request-id": request_id}
-        async with up:
-            if request.method == "GET" and up.status == 200:
-                return await self._relay_body(request, up, headers)
-            try:
-                data = await relay._read_upstream(up)
-            except MeterError as exc:
-                return error_response(exc, request_id)
-        if creating and 200 <= up.status < 300:
-            await self._remember(data, principal.tenant, principal.key_id, feature, environment)
-        return web.Response(
-            body=data, status=up.status, headers=headers, content_type=up.content_type or JSON_CT
-        )
-
-    async def _relay_body(self, request: web.Request, up: Any, headers: dict[str, str]) -> web.StreamResponse:
-        """Chunks as they arrive: a batch output file can be far larger than a chat answer."""
-        resp = web.StreamResponse(status=up.status, headers=headers)
-        resp.content_type = up.content_type or JSON_CT
-        await resp.prepare(request)
-        try:
-            while True:
-                async with asyncio.timeout(self.relay.config.upstream.idle_timeout):
-                    chunk = await up.readany()
-                if not chunk:
-                    break
-                await resp.write(chunk)
-        except (TimeoutError, UpstreamStreamError, ConnectionError):
-            if request.transport is not None:  # cut, so the client cannot take it for the whole file
-                request.transport.close()
-            return resp
-        await resp.write_eof()
-        return resp
-
-    async def _remember(
-        self, data: bytes, tenant: str, key_id: str, feature: str | None, environment: str | None
-    ) -> None:
-        job = _job_of(data)
-        batch_id = job.get("id")
-        if not isinstance(batch_id, str) or not batch_id:
-            log.error("batches: the upstream created a batch for %s without an id; it is not metered", tenant)
-            return
-        status = job.get("status")
-        batch = BatchJob(
-            batch_id,
-            tenant,
-            key_id,
-            feature,
-            environment,
-            now_us(),
-            status if isinstance(status, str) else "VALIDATING",
-        )
-        try:
-            await self.store.add_batch(batch)
-        except Exception:
-            log.exception("batches: could not remember batch %s of %s; it is not metered", batch_id, tenant)
-            return
-        self.tracker.poke()
+async def remember_batch_files(store: FileOwners, job: dict[str, Any], tenant: str, key_id: str) -> None:
+    """A batch's output and error files belong to the batch's tenant (first owner stays)."""
+    batch_id = job.get("id") if isinstance(job.get("id"), str) else None
+    for key, source in (("output_file_id", "batch_output"), ("error_file_id", "batch_error")):
+        file_id = job.get(key)
+        if isinstance(file_id, str) and ID_RE.match(file_id):
+            await store.add_file(OwnedFile(file_id, tenant, key_id, now_us(), source, batch_id))
 
 
 class BatchTracker:
@@ -239,6 +135,9 @@ class BatchTracker:
 
     async def follow(self, batch: BatchJob) -> bool:
         """One look at one batch; True when it reached its end and its rows are recorded."""
+        if not ID_RE.match(batch.batch_id):  # ids come from the upstream; never trust a path part
+            await self.store.update_batch(batch.batch_id, "INVALID_ID", None, now_us())
+            return True
         status_code, data = await self._get(f"/v1/batches/{batch.batch_id}")
         if status_code == 404:
             log.error("batches: the upstream no longer knows %s; giving up on it", batch.batch_id)
@@ -246,9 +145,10 @@ class BatchTracker:
             return True
         if status_code != 200:
             raise UpstreamProtocolError(f"GET /v1/batches/{batch.batch_id} answered {status_code}")
-        job = _job_of(data)
+        job = job_of(data)
         status = job["status"] if isinstance(job.get("status"), str) else batch.status
         output = job["output_file_id"] if isinstance(job.get("output_file_id"), str) else None
+        await remember_batch_files(self.store, job, batch.tenant, batch.key_id)
         if status not in FINAL_STATUSES:
             if status != batch.status:
                 await self.store.update_batch(batch.batch_id, status, None, None)
@@ -274,6 +174,8 @@ class BatchTracker:
             raise UpstreamProtocolError(f"{path} broke off: {exc}") from exc
 
     async def _file(self, file_id: str) -> bytes:
+        if not ID_RE.match(file_id):
+            raise UpstreamProtocolError(f"the upstream named an invalid file id {file_id!r}")
         status, data = await self._get(f"/v1/files/{file_id}/content")
         if status != 200:
             raise UpstreamProtocolError(f"GET /v1/files/{file_id}/content answered {status}")

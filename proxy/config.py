@@ -20,6 +20,7 @@ import yaml
 from .budgets import Budget, Periods
 from .errors import ConfigError
 from .pricing import PUSD_PER_USD, PriceTable, load_price_table
+from .routes import Grant
 
 DEFAULT_UPSTREAM = "https://api.together.xyz/v1"
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
@@ -85,6 +86,7 @@ class Tenant:
     models: tuple[str, ...] | None = None  # allow-list; None = every priced model
     budget: Budget | None = None
     feature_budgets: Mapping[str, Budget] = field(default_factory=dict)
+    routes: tuple[Grant, ...] = ()  # operator-account routes granted to this tenant (routes.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +261,7 @@ def _tenants(r: _Reader) -> dict[str, Tenant]:
         if not isinstance(name, str) or not TENANT_RE.match(name):
             raise r.err(str(name), "tenant names use letters, digits, '.', '_', '-' (<= 64)")
         t = r.section(name)
-        t.check_keys({"keys_sha256", "models", "description", "budget", "feature_budgets"})
+        t.check_keys({"keys_sha256", "models", "description", "budget", "feature_budgets", "routes"})
         digests = t.str_list("keys_sha256") or ()
         for d in digests:
             if not DIGEST_RE.match(d):
@@ -275,8 +277,19 @@ def _tenants(r: _Reader) -> dict[str, Tenant]:
             if not isinstance(feature, str) or not LABEL_VALUE_RE.match(feature):
                 raise fb.err(str(feature), "feature names use letters, digits, . _ : / - (<= 64)")
             feature_budgets[feature] = _budget(fb.section(feature))
-        tenants[name] = Tenant(name, digests, t.str_list("models"), budget, feature_budgets)
+        tenants[name] = Tenant(name, digests, t.str_list("models"), budget, feature_budgets, _grants(t))
     return tenants
+
+
+def _grants(t: _Reader) -> tuple[Grant, ...]:
+    """`routes:` entries like `GET /v1/fine-tunes/*` (see routes.Grant)."""
+    grants = []
+    for i, text in enumerate(t.str_list("routes") or ()):
+        try:
+            grants.append(Grant.parse(text))
+        except ValueError as exc:
+            raise t.err(f"routes[{i}]", f"{exc} (entries look like 'GET /v1/fine-tunes/*')") from None
+    return tuple(grants)
 
 
 def _budget(r: _Reader) -> Budget:

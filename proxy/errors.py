@@ -5,8 +5,10 @@ MeterError                      rendered as {"error": {"message", "type", "code"
 ├── BadRequest                  400 invalid_request_error / invalid_request
 │   ├── InvalidJSON             400 ... / invalid_json
 │   ├── InvalidField            400 ... / invalid_field
+│   ├── InvalidTarget           400 ... / invalid_request (a target or header unsafe to forward)
 │   └── ModelNotPriced          400 ... / model_not_priced
 ├── ModelNotAllowed             403 permission_error / model_not_allowed
+├── RouteNotAllowed             403 permission_error / route_not_allowed
 ├── NotFound                    404 invalid_request_error / unknown_url
 ├── MethodNotAllowed            405 invalid_request_error / method_not_allowed
 ├── BodyTimeout                 408 invalid_request_error / request_timeout
@@ -67,6 +69,10 @@ class InvalidField(BadRequest):
     code = "invalid_field"
 
 
+class InvalidTarget(BadRequest):
+    """The request target or a forwarded header cannot be sent upstream safely."""
+
+
 class ModelNotPriced(BadRequest):
     code = "model_not_priced"
 
@@ -75,6 +81,12 @@ class ModelNotAllowed(MeterError):
     status = 403
     type = "permission_error"
     code = "model_not_allowed"
+
+
+class RouteNotAllowed(MeterError):
+    status = 403
+    type = "permission_error"
+    code = "route_not_allowed"
 
 
 class NotFound(MeterError):

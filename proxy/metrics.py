@@ -24,6 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 from .budgets import BudgetBook
 from .config import Attribution
 from .ledger import LedgerRow
+from .routes import OBJECT_ENDPOINTS
 
 PREFIX = "together_meter_"
 NONE_LABEL = "none"
@@ -182,7 +183,10 @@ class Metrics:
             k3 = (row.tenant, model, feature, env)
             self.cost_pusd[k3] = self.cost_pusd.get(k3, 0) + row.cost_pusd
         if row.usage_source == "estimated" or (
-            row.usage_source == "none" and row.status not in ("rejected", "upstream_error")
+            row.usage_source == "none"
+            and row.status not in ("rejected", "upstream_error")
+            # files and batches calls: together bills nothing for them, their cost is known 0
+            and not (row.cost_pusd == 0 and row.endpoint in OBJECT_ENDPOINTS)
         ):
             k2 = (row.tenant, model)
             self.usage_unknown[k2] = self.usage_unknown.get(k2, 0) + 1

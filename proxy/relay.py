@@ -39,18 +39,17 @@ from .errors import (
 from .ledger import Ledger, LedgerRow, LedgerUnavailable, now_us
 from .metrics import Metrics
 from .pricing import SERVERLESS, Rates, cost_pusd, format_usd
+from .routes import ROUTES, check_header_values
 from .sse import SSEError, SSEFramer
 from .streaming import StreamMeter
-from .upstream import UpstreamClient, UpstreamResponse, UpstreamStreamError
+from .upstream import FORWARDED_HEADERS, UpstreamClient, UpstreamResponse, UpstreamStreamError
 from .usage import Tokenizer, Usage, completion_text, estimate_prompt_tokens, usage_from_json
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-}
+# path -> ledger endpoint of the metered inference routes (routes.py holds the whole table)
+ENDPOINTS = {r.pattern: r.name for r in ROUTES.routes if r.kind == "inference"}
+PATHS = {name: path for path, name in ENDPOINTS.items()}
 JSON_CT = "application/json"
 
 
@@ -205,7 +204,7 @@ class Relay:
             task.cancel("shutdown")
         return len(tasks)
 
-    def _period(self, ts_us: int) -> str:
+    def period(self, ts_us: int) -> str:
         """The budget period a request started in (cached per second: it is on the hot path)."""
         second = ts_us // 1_000_000
         if second != self._period_cache[0]:
@@ -214,21 +213,22 @@ class Relay:
 
     # -- the request path ------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        """One metered inference call; `endpoint` is its route's name (chat, completions, ...)."""
         t0 = time.perf_counter()
         request_id = new_request_id()
-        endpoint = ENDPOINTS[request.path]
         try:
             principal = self.authenticate(request)
             if not self.accepting:
                 raise NotReady("The proxy is shutting down; retry on another instance.")
+            check_header_values(request.headers, FORWARDED_HEADERS)  # they travel upstream
         except MeterError as exc:
             return error_response(exc, request_id)
         started = self.clock()
-        period = self._period(started)
+        period = self.period(started)
         model, feature, environment = "", None, None
         try:
-            call = parse_call(endpoint, await self._read_body(request))
+            call = parse_call(endpoint, await self.read_body(request))
             model = call.model
             rates = self._rates(principal, call.model)
             feature, environment = attribution(request, call)
@@ -295,7 +295,7 @@ class Relay:
             self.auth_failures.failed(peer or request.remote or "")
             raise
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.Request) -> bytes:
         limit = self.config.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.")
@@ -365,7 +365,7 @@ class Relay:
             environment,
             False,
             started,
-            self._period(started),
+            self.period(started),
             status="rejected",
             finished_us=now_us(),
             error_code=exc.code,
@@ -391,7 +391,7 @@ class Relay:
         answer when the upstream replies without SSE, e.g. with an error)."""
         try:
             async with up:
-                data = await self._read_upstream(up)
+                data = await self.read_upstream(up)
         except MeterError as exc:
             await meter.broke_off(exc, up.status)
             return error_response(exc, meter.row.request_id)
@@ -411,11 +411,13 @@ class Relay:
 
     async def _forward(self, request: web.Request, call: Call) -> UpstreamResponse:
         t = time.perf_counter()
-        up = await self.upstream.request("POST", request.path, body=call.forward, incoming=request.headers)
+        up = await self.upstream.request(
+            "POST", PATHS[call.endpoint], body=call.forward, incoming=request.headers
+        )
         self.metrics.upstream_duration.observe((call.endpoint,), time.perf_counter() - t)
         return up
 
-    async def _read_upstream(self, up: UpstreamResponse) -> bytes:
+    async def read_upstream(self, up: UpstreamResponse) -> bytes:
         limit = self.config.limits.max_response_bytes
         try:
             if up.complete:  # the usual case: the body came with the headers, no timer needed
@@ -592,16 +594,15 @@ class Relay:
 
     # -- pass-through of model listings (not metered) --------------------------------------
 
-    async def models(self, request: web.Request) -> web.Response:
-        """GET /v1/models (a bare array on together.ai) and /v2/... listings, passed through."""
+    async def models(self, request: web.Request, path: str, query: str) -> web.Response:
+        """GET /v1/models (a bare array on together.ai) and /v2/... listings, passed through;
+        `path` and `query` are validated (routes.parse_target)."""
         request_id = new_request_id()
         try:
             self.authenticate(request)
-            up = await self.upstream.request(
-                "GET", request.path, body=None, incoming=request.headers, query=request.query_string
-            )
+            up = await self.upstream.request("GET", path, body=None, incoming=request.headers, query=query)
             async with up:
-                data = await self._read_upstream(up)
+                data = await self.read_upstream(up)
         except MeterError as exc:
             return error_response(exc, request_id)
         return web.Response(

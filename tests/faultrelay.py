@@ -24,7 +24,8 @@ one. Modes switch at run time and apply to connections already open as well as n
 - `drop_all(rst=False)`: close every current connection (FIN, or reset).
 
 Counters: `accepted` (connections forwarded to the server), `refused` (connections reset or
-failed to reach the server), `bytes_down`/`bytes_up` (server -> client / client -> server).
+failed to reach the server), `bytes_down`/`bytes_up` (server -> client / client -> server);
+`received` holds the client -> server bytes themselves (what an upstream was really sent).
 Loopback and bounded: it binds 127.0.0.1 only, and `close()` (or `async with`) ends every
 connection and task it made.
 """
@@ -86,6 +87,7 @@ class FaultRelay:
         self.refused = 0
         self.bytes_up = 0
         self.bytes_down = 0
+        self.received = bytearray()  # every byte the server was sent through the relay, in order
         self._server: asyncio.Server | None = None
         self._conns: set[_Conn] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -272,6 +274,7 @@ class FaultRelay:
                     self.bytes_down += len(data)
                 else:
                     self.bytes_up += len(data)
+                    self.received += data
         except (OSError, asyncio.IncompleteReadError):
             conn.close(rst=True)  # one side failed: the other side learns it the same way
 

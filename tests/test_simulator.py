@@ -16,6 +16,8 @@ from together import AsyncTogether
 
 from proxy.simulator import (
     BILLED,
+    SEEN,
+    SEEN_MAX,
     BilledLog,
     RunningSimulator,
     SimulatorOptions,
@@ -531,3 +533,78 @@ async def test_loopback_only() -> None:
     assert main(["--host", "10.1.2.3"]) == 2
     with pytest.raises(SystemExit):
         main(["--usage", "sometimes"])
+
+
+async def _get_json(
+    sim: RunningSimulator, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(sim.origin + path, headers=AUTH if headers is None else headers) as r,
+    ):
+        return r.status, await r.json(content_type=None)
+
+
+async def test_hardware_lists_hardware_with_status(sim: RunningSimulator) -> None:
+    """GET /v1/hardware is a list of HardwareWithStatus (pricing, specs, ...); ?model= adds availability."""
+    status, body = await _get_json(sim, "/v1/hardware")
+    assert status == 200 and body["object"] == "list" and body["data"]
+    for hw in body["data"]:
+        assert hw["object"] == "hardware" and hw["id"] and hw["updated_at"].endswith("Z")
+        assert isinstance(hw["pricing"]["cents_per_minute"], float)
+        assert set(hw["specs"]) == {"gpu_type", "gpu_link", "gpu_memory", "gpu_count"}
+        assert "availability" not in hw
+    _, for_model = await _get_json(sim, f"/v1/hardware?model={CHAT_MODEL}")
+    assert {hw["availability"]["status"] for hw in for_model["data"]} == {"available"}
+    assert (await _get_json(sim, "/v1/hardware", {}))[0] == 401
+
+
+async def test_endpoints_lists_one_serverless_endpoint_per_model(sim: RunningSimulator) -> None:
+    """GET /v1/endpoints is a list of ListEndpoint objects; ?type=dedicated finds none; no key: 401."""
+    status, body = await _get_json(sim, "/v1/endpoints")
+    assert status == 200 and body["object"] == "list"
+    assert CHAT_MODEL in {e["model"] for e in body["data"]}
+    for e in body["data"]:
+        assert (e["object"], e["type"], e["owner"], e["state"]) == (
+            "endpoint",
+            "serverless",
+            "together",
+            "STARTED",
+        )
+        assert e["id"].startswith("endpoint-") and e["name"] == e["model"] and e["created_at"]
+    assert (await _get_json(sim, "/v1/endpoints?type=serverless"))[1] == body
+    assert (await _get_json(sim, "/v1/endpoints?type=dedicated"))[1] == {"object": "list", "data": []}
+    assert (await _get_json(sim, "/v1/endpoints", {}))[0] == 401
+
+
+async def test_seen_notes_every_request(sim: RunningSimulator, client: AsyncOpenAI) -> None:
+    """Every request is noted in order (method, path, raw query), refused and unknown ones included."""
+    await client.chat.completions.create(
+        model=CHAT_MODEL, max_tokens=1, messages=[{"role": "user", "content": "x"}]
+    )
+    await _get_json(sim, "/v1/hardware?model=a%26b&x=1")
+    await _get_json(sim, "/v1/fine-tunes", {})  # refused: no key
+    await _get_json(sim, "/v1/nowhere?q=1")  # unknown route: 404
+    assert list(sim.seen) == [
+        {"method": "POST", "path": "/v1/chat/completions", "query": ""},
+        {"method": "GET", "path": "/v1/hardware", "query": "model=a%26b&x=1"},
+        {"method": "GET", "path": "/v1/fine-tunes", "query": ""},
+        {"method": "GET", "path": "/v1/nowhere", "query": "q=1"},
+    ]
+    assert sim.app[SEEN] is sim.seen
+
+
+async def test_sim_seen_reads_and_reset_clears_the_log(sim: RunningSimulator) -> None:
+    """GET /_sim/seen answers the log as JSON (that read included); POST /_sim/reset empties it."""
+    await _get_json(sim, "/v1/endpoints")
+    status, seen = await _get_json(sim, "/_sim/seen", {})
+    assert status == 200 and [e["path"] for e in seen] == ["/v1/endpoints", "/_sim/seen"]
+    async with aiohttp.ClientSession() as s, s.post(sim.origin + "/_sim/reset") as r:
+        assert r.status == 200
+    assert list(sim.seen) == []
+
+
+def test_seen_log_is_bounded() -> None:
+    """The request log keeps the latest SEEN_MAX requests (10,000), so long benchmarks stay flat."""
+    app = create_app()
+    assert (app[SEEN].maxlen, SEEN_MAX) == (10_000, 10_000)

@@ -1,4 +1,4 @@
-"""The simulator's Files and Batches API: together.ai's shapes, one billed line per input line."""
+"""The simulator's Files, Batches and fine-tuning API: together.ai's shapes, one bill per batch line."""
 
 from __future__ import annotations
 
@@ -48,6 +48,23 @@ async def get(url: str, headers: dict[str, str]) -> tuple[int, bytes]:
         return r.status, await r.read()
 
 
+async def send(method: str, url: str, headers: dict[str, str], body: Any = None) -> tuple[int, Any]:
+    """Any method, an optional JSON body; the status and the decoded JSON answer."""
+    async with aiohttp.ClientSession() as s, s.request(method, url, json=body, headers=headers) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def create_batch(sim: RunningSimulator, file_id: str, **simulate: Any) -> str:
+    status, created = await send(
+        "POST",
+        f"{sim.url}/batches",
+        AUTH,
+        {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "simulate": simulate},
+    )
+    assert status == 200, created
+    return str(created["job"]["id"])
+
+
 @pytest.fixture
 async def sim() -> AsyncIterator[RunningSimulator]:
     running = await start(options=SimulatorOptions(batch_delay_ms=50))
@@ -90,6 +107,7 @@ async def test_batch_runs_to_completion_and_bills_each_line(
     await asyncio.sleep(0.08)
     job = await together.batches.retrieve(batch_id)
     assert job.status == "COMPLETED" and job.output_file_id and job.completed_at is not None
+    assert job.error_file_id is None
     status, output = await get(f"{sim.url}/files/{job.output_file_id}/content", AUTH)
     assert status == 200
     lines = [json.loads(line) for line in output.splitlines()]
@@ -165,3 +183,92 @@ async def test_batch_endpoints_require_a_key_and_known_ids(sim: RunningSimulator
         s.post(f"{sim.url}/batches", json={"input_file_id": "nope"}, headers=AUTH) as r,
     ):
         assert r.status == 400
+
+
+async def test_delete_answers_file_delete_response_and_forgets_the_file(
+    sim: RunningSimulator, together: AsyncTogether
+) -> None:
+    """DELETE /v1/files/{id} answers {"id", "deleted": true}; the file is gone from every route after."""
+    _, info = await upload(sim.url, batch_input(1), AUTH)
+    deleted = await together.files.delete(info["id"])
+    assert (deleted.id, deleted.deleted) == (info["id"], True)
+    assert (await get(f"{sim.url}/files/{info['id']}", AUTH))[0] == 404
+    assert (await get(f"{sim.url}/files/{info['id']}/content", AUTH))[0] == 404
+    assert (await send("GET", f"{sim.url}/files", AUTH))[1]["data"] == []
+    status, again = await send("DELETE", f"{sim.url}/files/{info['id']}", AUTH)
+    assert status == 404 and again["error"]["code"] == "not_found"
+
+
+async def test_delete_needs_the_key(sim: RunningSimulator) -> None:
+    """DELETE without a key is refused (401) and the file stays."""
+    _, info = await upload(sim.url, batch_input(1), AUTH)
+    assert (await send("DELETE", f"{sim.url}/files/{info['id']}", {}))[0] == 401
+    assert (await get(f"{sim.url}/files/{info['id']}", AUTH))[0] == 200
+
+
+async def test_a_batch_runs_even_if_its_input_file_was_deleted(sim: RunningSimulator) -> None:
+    """A batch reads its input at creation: deleting the input file afterwards changes nothing."""
+    _, info = await upload(sim.url, batch_input(2), AUTH)
+    batch_id = await create_batch(sim, info["id"], batch_delay_ms=0)
+    assert (await send("DELETE", f"{sim.url}/files/{info['id']}", AUTH))[0] == 200
+    status, job = await send("GET", f"{sim.url}/batches/{batch_id}", AUTH)
+    assert (status, job["status"]) == (200, "COMPLETED") and len(sim.billed.entries) == 2
+
+
+async def test_cancel_answers_the_job_cancelled_and_it_never_runs(
+    sim: RunningSimulator, together: AsyncTogether
+) -> None:
+    """Cancel answers the BatchJob itself as CANCELLED; past its due time it still never runs nor bills."""
+    _, info = await upload(sim.url, batch_input(3), AUTH)
+    batch_id = await create_batch(sim, info["id"], batch_delay_ms=50)
+    job = await together.batches.cancel(batch_id)
+    assert (job.id, job.status, job.output_file_id, job.error_file_id) == (batch_id, "CANCELLED", None, None)
+    await asyncio.sleep(0.08)
+    assert (await together.batches.retrieve(batch_id)).status == "CANCELLED"
+    assert [(b.id, b.status) for b in await together.batches.list()] == [(batch_id, "CANCELLED")]
+    status, again = await send("POST", f"{sim.url}/batches/{batch_id}/cancel", AUTH)
+    assert (status, again["status"], again["completed_at"]) == (200, "CANCELLED", None)
+    assert sim.billed.entries == []
+    assert [f["id"] for f in (await send("GET", f"{sim.url}/files", AUTH))[1]["data"]] == [info["id"]]
+
+
+async def test_cancel_refuses_unknown_unauthorised_and_finished_batches(sim: RunningSimulator) -> None:
+    """Cancel: 404 for an unknown batch, 401 without a key, 400 once the job has run (its bill unchanged)."""
+    assert (await send("POST", f"{sim.url}/batches/nope/cancel", AUTH))[0] == 404
+    _, info = await upload(sim.url, batch_input(2), AUTH)
+    batch_id = await create_batch(sim, info["id"], batch_delay_ms=0)
+    assert (await send("POST", f"{sim.url}/batches/{batch_id}/cancel", {}))[0] == 401
+    status, refused = await send("POST", f"{sim.url}/batches/{batch_id}/cancel", AUTH)
+    assert status == 400 and refused["error"]["code"] == "invalid_batch_state"
+    status, job = await send("GET", f"{sim.url}/batches/{batch_id}", AUTH)
+    assert job["status"] == "COMPLETED" and len(sim.billed.entries) == 2
+
+
+async def test_fine_tune_jobs_are_created_listed_and_retrieved(
+    sim: RunningSimulator, together: AsyncTogether
+) -> None:
+    """POST /v1/fine-tunes makes a pending ft-... job; the SDK lists it ({"data": [...]}) and retrieves it."""
+    _, info = await upload(sim.url, batch_input(1), AUTH)
+    status, job = await send(
+        "POST", f"{sim.url}/fine-tunes", AUTH, {"model": CHAT_MODEL, "training_file": info["id"]}
+    )
+    assert status == 200 and job["id"].startswith("ft-")
+    assert (job["status"], job["model"], job["training_file"]) == ("pending", CHAT_MODEL, info["id"])
+    assert job["created_at"] and job["updated_at"]
+    listed = await together.fine_tuning.list()
+    assert [(j.id, j.status) for j in listed.data] == [(job["id"], "pending")]
+    got = await together.fine_tuning.retrieve(job["id"])
+    assert (got.id, got.model, got.training_file) == (job["id"], CHAT_MODEL, info["id"])
+    assert (await send("GET", f"{sim.url}/fine-tunes/ft-nope", AUTH))[0] == 404
+
+
+async def test_fine_tune_create_checks_its_body_and_key(sim: RunningSimulator) -> None:
+    """A fine-tune needs a key (401), a model and an uploaded training file (400); else nothing is made."""
+    _, info = await upload(sim.url, batch_input(1), AUTH)
+    url = f"{sim.url}/fine-tunes"
+    assert (await send("POST", url, {}, {"model": CHAT_MODEL, "training_file": info["id"]}))[0] == 401
+    assert (await send("GET", url, {}))[0] == 401
+    assert (await send("POST", url, AUTH, {"training_file": info["id"]}))[0] == 400
+    status, refused = await send("POST", url, AUTH, {"model": CHAT_MODEL, "training_file": "file-nope"})
+    assert status == 400 and refused["error"]["code"] == "invalid_training_file"
+    assert (await send("GET", url, AUTH))[1] == {"data": []}

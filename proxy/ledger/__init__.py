@@ -184,6 +184,21 @@ class BatchJob:
     recorded_us: int | None = None  # when its rows went into the ledger; None: still followed
 
 
+@dataclass(frozen=True, slots=True)
+class OwnedFile:
+    """A together.ai file a tenant owns through the proxy.
+
+    Uploaded by it, or the output/error file of its batch.
+    """
+
+    file_id: str
+    tenant: str
+    key_id: str
+    created_us: int
+    source: str  # "upload" | "batch_output" | "batch_error"
+    batch_id: str | None = None
+
+
 def now_us() -> int:
     return time.time_ns() // 1000
 
@@ -264,6 +279,21 @@ class Ledger(Protocol):
 
     async def batches(self, *, unrecorded: bool = False) -> list[BatchJob]: ...
 
+    async def batch_owner(self, batch_id: str) -> str | None:
+        """The tenant that created the batch, or None if the proxy never saw it created."""
+
+    async def batches_of(self, tenant: str) -> set[str]:
+        """Ids of the batches the tenant created."""
+
+    async def add_file(self, f: OwnedFile) -> bool:
+        """Remember which tenant owns a file; False if it was already known (the first owner stays)."""
+
+    async def file_owner(self, file_id: str) -> str | None:
+        """The tenant that owns the file, or None if the proxy never saw it made."""
+
+    async def files_of(self, tenant: str) -> set[str]:
+        """Ids of the files the tenant owns."""
+
 
 __all__ = [
     "COLUMNS",
@@ -273,6 +303,7 @@ __all__ = [
     "Ledger",
     "LedgerRow",
     "LedgerUnavailable",
+    "OwnedFile",
     "now_us",
     "period_of",
 ]

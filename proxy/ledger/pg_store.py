@@ -18,7 +18,7 @@ import asyncpg
 
 from ..budgets import Periods
 from ..retention import KEY_FIELDS, SUM_FIELDS, Aggregate, PruneResult, aggregate_rows
-from . import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, now_us
+from . import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
 from .migrate import current_version, migrate
 
 _UPSERT_AGGREGATE = (
@@ -45,7 +45,7 @@ def _password(dsn: str) -> str | None:
 
 
 class PostgresStore:
-    """One PostgreSQL database holding the ledger: reads, notifications, batch jobs, retention."""
+    """One PostgreSQL database holding the ledger: reads, notifications, batch jobs, file owners, pruning."""
 
     def __init__(
         self, dsn: str, *, pool_size: int = 4, lease_seconds: float = 30.0, commit_timeout: float = 5.0
@@ -295,6 +295,41 @@ class PostgresStore:
         where = "WHERE recorded_us IS NULL " if unrecorded else ""
         found = await self._fetch(f"SELECT * FROM batches {where}ORDER BY created_us, batch_id")
         return [BatchJob(**dict(r)) for r in found]
+
+    async def batch_owner(self, batch_id: str) -> str | None:
+        """The tenant that created the batch, or None if the proxy never saw it created."""
+        found = await self._fetch("SELECT tenant FROM batches WHERE batch_id = $1", batch_id)
+        return str(found[0][0]) if found else None
+
+    async def batches_of(self, tenant: str) -> set[str]:
+        """Ids of the batches the tenant created."""
+        found = await self._fetch("SELECT batch_id FROM batches WHERE tenant = $1", tenant)
+        return {str(r[0]) for r in found}
+
+    # -- file ownership (tenant isolation) ----------------------------------------------------
+
+    async def add_file(self, f: OwnedFile) -> bool:
+        """Remember which tenant owns a file; False if it was already known (the first owner stays)."""
+        found = await self._fetch(
+            "INSERT INTO files VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (file_id) DO NOTHING RETURNING 1",
+            f.file_id,
+            f.tenant,
+            f.key_id,
+            f.created_us,
+            f.source,
+            f.batch_id,
+        )
+        return bool(found)
+
+    async def file_owner(self, file_id: str) -> str | None:
+        """The tenant that owns the file, or None if the proxy never saw it made."""
+        found = await self._fetch("SELECT tenant FROM files WHERE file_id = $1", file_id)
+        return str(found[0][0]) if found else None
+
+    async def files_of(self, tenant: str) -> set[str]:
+        """Ids of the files the tenant owns."""
+        found = await self._fetch("SELECT file_id FROM files WHERE tenant = $1", tenant)
+        return {str(r[0]) for r in found}
 
     # -- retention (retention.py) -----------------------------------------------------------
 

@@ -21,7 +21,7 @@ Same rows, statuses and idempotency as the SQLite ledger, plus what replicas nee
   at most `commit_timeout`. Retries are idempotent (by request id and status) and exact: a
   retried op whose earlier attempt did commit is recognised by its `finished_us`.
 
-Reads, notifications, batch jobs and retention live in `pg_store.PostgresStore`.
+Reads, notifications, batch jobs, file ownership and retention live in `pg_store.PostgresStore`.
 """
 
 from __future__ import annotations

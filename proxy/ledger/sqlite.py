@@ -21,7 +21,7 @@ from typing import Any
 
 from ..budgets import Periods
 from ..retention import Aggregate, PruneResult, aggregate_rows
-from . import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, now_us
+from . import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -109,6 +109,16 @@ CREATE TABLE IF NOT EXISTS batches (
     recorded_us INTEGER
 );
 CREATE INDEX IF NOT EXISTS batches_open ON batches (recorded_us) WHERE recorded_us IS NULL;
+CREATE INDEX IF NOT EXISTS batches_tenant ON batches (tenant);
+CREATE TABLE IF NOT EXISTS files (
+    file_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    batch_id TEXT
+);
+CREATE INDEX IF NOT EXISTS files_tenant ON files (tenant);
 """
     + AGGREGATES_SCHEMA
 )
@@ -488,6 +498,39 @@ class SQLiteLedger:
             self._read, f"SELECT * FROM batches {where}ORDER BY created_us, batch_id"
         )
         return [BatchJob(**dict(r)) for r in found]
+
+    async def batch_owner(self, batch_id: str) -> str | None:
+        """The tenant that created the batch, or None if the proxy never saw it created."""
+        return await self._owner("SELECT tenant FROM batches WHERE batch_id = ?", batch_id)
+
+    async def batches_of(self, tenant: str) -> set[str]:
+        """Ids of the batches the tenant created."""
+        return await self._ids("SELECT batch_id FROM batches WHERE tenant = ?", tenant)
+
+    # -- file ownership (tenant isolation) ----------------------------------------------------
+
+    async def add_file(self, f: OwnedFile) -> bool:
+        """Remember which tenant owns a file; False if it was already known (the first owner stays)."""
+        return await asyncio.to_thread(
+            self._write_one,
+            "INSERT OR IGNORE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+            (f.file_id, f.tenant, f.key_id, f.created_us, f.source, f.batch_id),
+        )
+
+    async def file_owner(self, file_id: str) -> str | None:
+        """The tenant that owns the file, or None if the proxy never saw it made."""
+        return await self._owner("SELECT tenant FROM files WHERE file_id = ?", file_id)
+
+    async def files_of(self, tenant: str) -> set[str]:
+        """Ids of the files the tenant owns."""
+        return await self._ids("SELECT file_id FROM files WHERE tenant = ?", tenant)
+
+    async def _owner(self, sql: str, key: str) -> str | None:
+        found = await asyncio.to_thread(self._read, sql, (key,))
+        return str(found[0][0]) if found else None
+
+    async def _ids(self, sql: str, tenant: str) -> set[str]:
+        return {str(r[0]) for r in await asyncio.to_thread(self._read, sql, (tenant,))}
 
     def _write_one(self, sql: str, params: tuple[Any, ...]) -> bool:
         conn = sqlite3.connect(self.path, isolation_level=None)

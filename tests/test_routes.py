@@ -1,0 +1,162 @@
+"""proxy/routes.py: target validation, the route table, query cuts and route grants."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.errors import MethodNotAllowed
+from proxy.routes import (
+    ROUTES,
+    Grant,
+    InvalidTarget,
+    check_header_values,
+    parse_target,
+)
+
+REFUSED = [
+    "/v1/models?x=%20HTTP/1.1%0D%0AHost:%20h%0D%0A%0D%0AGET%20/v1/SMUGGLED",
+    "/v1/files/abc%0D%0AInjected:%20yes/content",
+    "/v1/files/abc%0d%0a",
+    "/v1/files/a%00",
+    "/v1/files/a%7f",
+    "/v1/files/a%20b",
+    "/v1/files/%C3%A9",
+    "/v1/files/a%2Fb",
+    "/v1/files/a%2fb",
+    "/v1/files/a%3F",
+    "/v1/files/a%23",
+    "/v1/files/a%25",
+    "/v1/files/a%5C",
+    "/v1/files/a%zz",
+    "/v1/files/a%2",
+    "/v1/files/../batches",
+    "/v1/files/%2e%2e/batches",
+    "/v1/files/%2E%2e/batches",
+    "/v1/./models",
+    "/v1/files/.",
+    "//v1/models",
+    "/v1//models",
+    "/v1/models/",
+    "/v1/models#frag",
+    "v1/models",
+    "*",
+    "/v1/models?a=%0A",
+    "/v1/models?a=%00",
+    "/v1/models?a=%C3%A9",
+    "/v1/models?a=%20",
+    "/v1/models?a=b c",
+    "/v1/models?a=%",
+    "/v1/models?a=\x7f",
+    "/v1/files/\xe9",
+    "/v1/files/a\tb",
+    "/v1/files/a\\b",
+    '/v1/files/a"b',
+    "/v1/files/a<b",
+    "/v1/models?a=<script>",
+]
+
+
+@pytest.mark.parametrize("raw", REFUSED)
+def test_refused_targets(raw: str) -> None:
+    """Controls, spaces, non-ASCII (raw or encoded), bad escapes, dot and empty segments and
+    encoded separators are refused with 400 invalid_request."""
+    with pytest.raises(InvalidTarget) as info:
+        parse_target(raw)
+    assert (info.value.status, info.value.code) == (400, "invalid_request")
+
+
+def test_accepted_targets_decode_segments_and_keep_the_query_encoded() -> None:
+    """Segments are percent-decoded (only to safe characters); the query stays as sent."""
+    t = parse_target("/v1/files/file-%41bc/content?x=%250D")
+    assert t.segments == ("v1", "files", "file-Abc", "content")
+    assert t.path == "/v1/files/file-Abc/content"
+    assert t.query == "x=%250D"
+
+
+def test_absolute_form_ignores_the_authority() -> None:
+    """`http://elsewhere/v1/models` is the path /v1/models: the authority never picks the upstream."""
+    for raw in ("http://evil.example/v1/models", "https://u:p@evil:81/v1/models?dedicated=1"):
+        t = parse_target(raw)
+        assert t.path == "/v1/models"
+    assert parse_target("http://evil.example").path == "/"
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_whatever_is_accepted_is_safe_on_a_request_line(raw: str) -> None:
+    """Any accepted target rebuilds to a path and query of visible ASCII, without dot segments."""
+    try:
+        t = parse_target("/" + raw)
+    except InvalidTarget:
+        return
+    line = t.path + ("?" + t.query if t.query else "")
+    assert all("!" <= c <= "~" for c in line), line
+    assert ".." not in t.segments and "." not in t.segments and "" not in t.segments
+    assert all("/" not in s and "?" not in s and "%" not in s for s in t.segments)
+
+
+def test_resolve_names_routes_and_fills_patterns_from_validated_parts() -> None:
+    """Each route resolves by method and pattern; the upstream path comes from the pattern."""
+    m = ROUTES.resolve("GET", parse_target("/v1/files/file-1/content"))
+    assert m is not None and (m.route.name, m.route.kind) == ("files.content", "object")
+    assert m.upstream_path == "/v1/files/file-1/content" and m.params == {"id": "file-1"}
+    m = ROUTES.resolve("POST", parse_target("/v1/files/upload"))
+    assert m is not None and m.route.name == "files.upload"
+    m = ROUTES.resolve("GET", parse_target("/v1/files/upload"))  # an id that happens to be "upload"
+    assert m is not None and m.route.name == "files.retrieve"
+    m = ROUTES.resolve("POST", parse_target("/v1/chat/completions"))
+    assert m is not None and m.route.kind == "inference" and m.route.name == "chat"
+    m = ROUTES.resolve("POST", parse_target("/v1/fine-tunes"))
+    assert m is not None and m.route.kind == "operator"
+    assert ROUTES.resolve("GET", parse_target("/v1/assistants")) is None
+
+
+def test_a_known_path_with_another_method_is_405() -> None:
+    """GET on chat completions, or PUT on a file, is method_not_allowed naming the methods."""
+    with pytest.raises(MethodNotAllowed, match="use POST"):
+        ROUTES.resolve("GET", parse_target("/v1/chat/completions"))
+    with pytest.raises(MethodNotAllowed, match="DELETE or GET"):
+        ROUTES.resolve("PUT", parse_target("/v1/files/file-1"))
+
+
+def test_query_is_cut_to_the_route_parameters() -> None:
+    """Only the route's known parameters go upstream, in their order, still encoded."""
+    m = ROUTES.resolve("GET", parse_target("/v1/models?api_key=x&dedicated=true&dedicated%3D=1"))
+    assert m is not None and m.upstream_query == "dedicated=true"
+    m = ROUTES.resolve("GET", parse_target("/v1/files/f-1/content?dedicated=true"))
+    assert m is not None and m.upstream_query == ""
+    m = ROUTES.resolve("GET", parse_target("/v1/batches?limit=5&after=b-1&x=y"))
+    assert m is not None and m.upstream_query == "limit=5&after=b-1"
+
+
+def test_grants() -> None:
+    """`*` is one segment, a final `**` any rest (or none), `*` as method any method."""
+    one = Grant.parse("GET /v1/fine-tunes/*")
+    assert one.allows("GET", parse_target("/v1/fine-tunes/ft-1"))
+    assert not one.allows("GET", parse_target("/v1/fine-tunes"))
+    assert not one.allows("GET", parse_target("/v1/fine-tunes/ft-1/events"))
+    assert not one.allows("POST", parse_target("/v1/fine-tunes/ft-1"))
+    rest = Grant.parse("* /v1/fine-tunes/**")
+    assert rest.allows("DELETE", parse_target("/v1/fine-tunes"))
+    assert rest.allows("GET", parse_target("/v1/fine-tunes/ft-1/events"))
+    assert not rest.allows("GET", parse_target("/v1/fine-tunesX"))
+    assert str(Grant.parse("get /v1/hardware")) == "GET /v1/hardware"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["FETCH /v1/x", "GET v1/x", "GET /", "GET /v1/**/x", "GET /v1/../x", "GET /v1/a b", "GET"],
+)
+def test_bad_grants_are_refused(text: str) -> None:
+    """A grant names a method and an absolute path of valid segments; `**` only at the end."""
+    with pytest.raises(ValueError):
+        Grant.parse(text)
+
+
+def test_forwarded_header_values_are_checked() -> None:
+    """A forwarded header with a control or non-ASCII character is 400; others are not looked at."""
+    check_header_values({"user-agent": "openai/1.0 (x)\tok", "x-other": "caf\xe9"}, ("user-agent",))
+    for bad in ("caf\xe9", "a\x00b", "a\x7f", "a\rb"):
+        with pytest.raises(InvalidTarget):
+            check_header_values({"user-agent": bad}, ("user-agent", "accept"))
