@@ -16,7 +16,16 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip wheel --wheel-dir /wheels .
+# Dependencies come from PyPI, unless the build context holds a `wheelhouse/` directory: then
+# only those wheels are used (--no-index), for builds that cannot reach PyPI. The repository's
+# .dockerignore keeps `wheelhouse/` out of a plain `docker build .`; deploy/container-test.sh
+# builds from a context with one (wheels made on the host: docs/monitoring.md#what-ci-runs).
+RUN --mount=type=bind,source=.,target=/context \
+    if [ -d /context/wheelhouse ]; then \
+        pip wheel --no-index --find-links /context/wheelhouse --wheel-dir /wheels . ; \
+    else \
+        pip wheel --wheel-dir /wheels . ; \
+    fi
 
 # ---- final: a venv with only the installed wheels ----
 FROM python:3.11.14-slim-bookworm

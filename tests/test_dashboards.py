@@ -1,16 +1,22 @@
 """The Grafana dashboards are well-formed and consistent with their provisioning files.
 
-Static checks only; tests/e2e/test_prometheus.py evaluates every panel expression in Prometheus.
+Static checks only: each dashboard validates against Grafana's own dashboard schema
+(grafana/schema/dashboard.schema.json, generated from the `Dashboard` type of @grafana/schema, the
+version of the Grafana image in docker-compose.yml), which is shown to catch a wrong type, a
+misspelled key and a bad enum value; then the project's own rules. tests/e2e/test_prometheus.py
+(and `make container-test`) evaluate every panel expression in Prometheus.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
@@ -18,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS_DIR = ROOT / "grafana" / "dashboards"
 DATASOURCES = ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 PROVIDERS = ROOT / "grafana" / "provisioning" / "dashboards" / "dashboards.yml"
+SCHEMA = ROOT / "grafana" / "schema" / "dashboard.schema.json"
+SCHEMA_GENERATOR = ROOT / "grafana" / "schema" / "generate.sh"
+COMPOSE = ROOT / "docker-compose.yml"
 DASHBOARD_MOUNT = "/var/lib/grafana/dashboards"
 REQUIRED_VARIABLES = {"tenant", "model", "feature", "environment"}
 # Grafana's own variables, defined by Grafana rather than by the dashboard.
@@ -61,6 +70,160 @@ def provisioned_uid() -> str:
 @pytest.fixture(params=[p.name for p in dashboard_paths()])
 def dashboard(request: pytest.FixtureRequest) -> dict[str, Any]:
     return load_dashboard(DASHBOARDS_DIR / request.param)
+
+
+def grafana_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    return schema
+
+
+def schema_errors(document: dict[str, Any]) -> list[jsonschema.ValidationError]:
+    """Every violation of Grafana's dashboard schema, including those inside anyOf branches."""
+    validator = jsonschema.Draft7Validator(grafana_schema())
+    found, pending = [], list(validator.iter_errors(document))
+    while pending:
+        error = pending.pop()
+        found.append(error)
+        pending.extend(error.context or [])
+    return found
+
+
+def describe(errors: list[jsonschema.ValidationError]) -> str:
+    return "\n".join(f"  {'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message[:300]}" for e in errors)
+
+
+def test_the_schema_is_grafanas_own_for_the_grafana_in_compose() -> None:
+    """The committed schema comes from @grafana/schema of the Grafana version compose runs, unedited.
+
+    Closed where Grafana's types are closed (so misspelled keys are errors), open exactly where
+    Grafana's CUE source leaves its types open (template variables, annotations).
+    """
+    schema = grafana_schema()
+    jsonschema.Draft7Validator.check_schema(schema)
+    version = schema["x-grafana-schema-version"]
+    grafana_image = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))["services"]["grafana"]["image"]
+    assert grafana_image == f"grafana/grafana:{version}"
+    assert f"@grafana/schema@{version}" in schema["$comment"]
+    assert f"GRAFANA_SCHEMA_VERSION={version}\n" in SCHEMA_GENERATOR.read_text(encoding="utf-8")
+    definitions = schema["definitions"]
+    assert schema["$ref"] == "#/definitions/Dashboard"
+    closed = [
+        "Dashboard",
+        "Panel",
+        "RowPanel",
+        "GridPos",
+        "FieldConfigSource",
+        "FieldConfig",
+        "ThresholdsConfig",
+    ]
+    assert {name: definitions[name]["additionalProperties"] for name in closed} == dict.fromkeys(
+        closed, False
+    )
+    opened = ["VariableModel", "AnnotationQuery", "AnnotationTarget"]
+    assert {name: definitions[name]["additionalProperties"] for name in opened} == dict.fromkeys(opened, True)
+
+
+def test_dashboard_validates_against_grafanas_schema(dashboard: dict[str, Any]) -> None:
+    """Every key, type and enum value of the dashboard is one Grafana's dashboard model accepts."""
+    errors = list(jsonschema.Draft7Validator(grafana_schema()).iter_errors(dashboard))
+    assert not errors, f"{dashboard['title']} does not match Grafana's dashboard schema:\n{describe(errors)}"
+
+
+def _panel_with(dashboard: dict[str, Any], predicate: Callable[[dict[str, Any]], bool]) -> int:
+    return next(i for i, panel in enumerate(dashboard["panels"]) if predicate(panel))
+
+
+def _rename(mapping: dict[str, Any], old: str, new: str) -> None:
+    mapping[new] = mapping.pop(old)
+
+
+# (what is broken, how, (path of the error, JSON Schema keyword that must report it))
+Mutation = tuple[str, Callable[[dict[str, Any]], None], Callable[[dict[str, Any]], tuple[list[Any], str]]]
+
+
+def _threshold_panel(d: dict[str, Any]) -> int:
+    return _panel_with(d, lambda p: "thresholds" in p.get("fieldConfig", {}).get("defaults", {}))
+
+
+def _threshold_panel_renamed(d: dict[str, Any]) -> int:
+    return _panel_with(d, lambda p: "treshold" in p.get("fieldConfig", {}).get("defaults", {}))
+
+
+MUTATIONS: list[Mutation] = [
+    (
+        "wrong type: schemaVersion as a string",
+        lambda d: d.update(schemaVersion=str(d["schemaVersion"])),
+        lambda d: (["schemaVersion"], "type"),
+    ),
+    (
+        "wrong type: a panel's gridPos.w as a string",
+        lambda d: d["panels"][0]["gridPos"].update(w="12"),
+        lambda d: (["panels", 0, "gridPos", "w"], "type"),
+    ),
+    (
+        "wrong type: a variable's multi as a string",
+        lambda d: d["templating"]["list"][0].update(multi="true"),
+        lambda d: (["templating", "list", 0, "multi"], "type"),
+    ),
+    (
+        "misspelled key at the top: refesh",
+        lambda d: _rename(d, "refresh", "refesh"),
+        lambda d: ([], "additionalProperties"),
+    ),
+    (
+        "misspelled key in a panel: titel",
+        lambda d: _rename(d["panels"][1], "title", "titel"),
+        lambda d: (["panels", 1], "additionalProperties"),
+    ),
+    (
+        "misspelled key in a panel's fieldConfig.defaults: thresholds -> treshold",
+        lambda d: _rename(
+            d["panels"][_threshold_panel(d)]["fieldConfig"]["defaults"], "thresholds", "treshold"
+        ),
+        lambda d: (
+            ["panels", _threshold_panel_renamed(d), "fieldConfig", "defaults"],
+            "additionalProperties",
+        ),
+    ),
+    (
+        "bad enum: graphTooltip 3",
+        lambda d: d.update(graphTooltip=3),
+        lambda d: (["graphTooltip"], "enum"),
+    ),
+    (
+        "bad enum: a variable's hide 5 (variables are open, their known keys still checked)",
+        lambda d: d["templating"]["list"][0].update(hide=5),
+        lambda d: (["templating", "list", 0, "hide"], "enum"),
+    ),
+    (
+        "bad enum: a variable's type querry",
+        lambda d: d["templating"]["list"][0].update(type="querry"),
+        lambda d: (["templating", "list", 0, "type"], "enum"),
+    ),
+    (
+        "bad enum: thresholds mode relative",
+        lambda d: d["panels"][_threshold_panel(d)]["fieldConfig"]["defaults"]["thresholds"].update(
+            mode="relative"
+        ),
+        lambda d: (["panels", _threshold_panel(d), "fieldConfig", "defaults", "thresholds", "mode"], "enum"),
+    ),
+]
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_grafanas_schema_catches_a_broken_copy(mutation: Mutation) -> None:
+    """A copy of the Spend dashboard broken in one place fails validation, at that place."""
+    what, mutate, expected = mutation
+    original = load_dashboard(DASHBOARDS_DIR / "spend.json")
+    assert schema_errors(original) == []
+    broken = copy.deepcopy(original)
+    mutate(broken)
+    assert broken != original, what
+    path, keyword = expected(broken)
+    errors = schema_errors(broken)
+    assert errors, f"{what}: the schema accepted it"
+    matching = [e for e in errors if list(e.absolute_path) == path and e.validator == keyword]
+    assert matching, f"{what}: no {keyword!r} error at {path}; got:\n{describe(errors)}"
 
 
 def test_spend_and_operations_dashboards_exist() -> None:

@@ -1,13 +1,17 @@
-"""Dockerfile, docker-compose.yml and the container config hold together (Docker itself cannot run here).
+"""Dockerfile, docker-compose.yml, the container config and the container tier's files hold together.
 
-What is checked: compose parses, images are pinned, mounted host paths exist, ports stay on loopback,
-the Dockerfile runs as non-root with a healthcheck, config/docker.yaml loads and binds where the
-stack expects, and `promtool check config` accepts the compose Prometheus config (skipped without
-promtool, except under CI=true where a missing promtool fails).
+Static checks, in `make test`: compose parses, images are pinned, mounted host paths exist, ports
+stay on loopback, the Dockerfile runs as non-root with a healthcheck and can build from prebuilt
+wheels, config/docker.yaml loads and binds where the stack expects, `promtool check config`
+accepts the compose Prometheus config (skipped without promtool, except under CI=true where a
+missing promtool fails), and the override deploy/compose.ci.yml and deploy/container_checks.py
+agree with the files they stand in for. Building and running the image and the stack is
+`make container-test` (deploy/container-test.sh), which .ci/run runs after `make test`.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -25,6 +29,10 @@ DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKER_CONFIG = ROOT / "config" / "docker.yaml"
 PROMETHEUS_COMPOSE = ROOT / "config" / "prometheus-compose.yml"
+COMPOSE_CI = ROOT / "deploy" / "compose.ci.yml"
+CONTAINER_TEST = ROOT / "deploy" / "container-test.sh"
+CONTAINER_CHECKS = ROOT / "deploy" / "container_checks.py"
+E2E_PROMETHEUS = ROOT / "tests" / "e2e" / "test_prometheus.py"
 CONTAINER_CONFIG_DIR = "/etc/together-meter"
 LEDGER_DIR = "/var/lib/together-meter"
 # Written by other work in progress: a mount of these may point at a path not created yet.
@@ -173,3 +181,101 @@ def test_prometheus_compose_config_is_valid() -> None:
     assert "1 rule files found" in proc.stdout + proc.stderr
     compose = yaml.safe_load(PROMETHEUS_COMPOSE.read_text(encoding="utf-8"))
     assert [job["job_name"] for job in compose["scrape_configs"]] == ["together-meter"]
+
+
+def test_dockerfile_takes_prebuilt_wheels_only_from_a_wheelhouse_in_the_context() -> None:
+    """The build stage uses wheelhouse/ offline when the context has one, else `pip wheel` from PyPI.
+
+    The repository's .dockerignore keeps wheelhouse/ out of a plain `docker build .`, so that
+    build is what it always was; deploy/container-test.sh builds from a context that has one.
+    """
+    runs = [rest for word, rest in _dockerfile_instructions() if word == "RUN"]
+    (build,) = [run for run in runs if "pip wheel" in run]
+    assert "--mount=type=bind,source=.,target=/context" in build
+    assert "if [ -d /context/wheelhouse ]" in build
+    assert "pip wheel --no-index --find-links /context/wheelhouse --wheel-dir /wheels ." in build
+    assert "pip wheel --wheel-dir /wheels ." in build
+    ignore = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert ignore[0] == "*" and not [line for line in ignore if "wheelhouse" in line]
+
+
+def _compose_ci() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_CI.read_text(encoding="utf-8"))
+
+
+def test_compose_ci_override_uses_host_networking_and_loopback_only() -> None:
+    """deploy/compose.ci.yml: host networking, every listener on 127.0.0.1, no Grafana, no published ports."""
+    services = _compose_ci()["services"]
+    assert set(services) == {"proxy", "simulator", "prometheus", "alertmanager"}
+    assert set(services) - {"simulator"} <= set(_compose()["services"])
+    for name, service in services.items():
+        assert service["network_mode"] == "host", name
+        assert "ports" not in service, name
+        for volume in service.get("volumes", []):
+            assert volume.endswith(":ro"), f"{name}: {volume}"
+    assert "--upstream" in services["proxy"]["command"]
+    upstream = services["proxy"]["command"][services["proxy"]["command"].index("--upstream") + 1]
+    assert upstream.startswith("http://127.0.0.1:")
+    simulator_port = upstream.removeprefix("http://127.0.0.1:").removesuffix("/v1")
+    assert services["simulator"]["command"] == ["--host", "127.0.0.1", "--port", simulator_port]
+    assert services["simulator"]["entrypoint"] == ["python", "-m", "proxy.simulator"]
+    assert services["simulator"]["image"] == _compose()["services"]["proxy"]["image"]
+    assert "--web.listen-address=127.0.0.1:9090" in services["prometheus"]["command"]
+    assert "--web.listen-address=127.0.0.1:9093" in services["alertmanager"]["command"]
+    assert "--cluster.listen-address=" in services["alertmanager"]["command"]
+
+
+def test_compose_ci_override_resolves_the_names_prometheus_scrapes() -> None:
+    """The compose service names config/prometheus-compose.yml scrapes resolve to 127.0.0.1 (host network)."""
+    targets = re.findall(r'targets: \["([\w.-]+):(\d+)"\]', PROMETHEUS_COMPOSE.read_text(encoding="utf-8"))
+    assert {host for host, _ in targets} == {"proxy", "alertmanager"}
+    extra_hosts = _compose_ci()["services"]["prometheus"]["extra_hosts"]
+    assert sorted(extra_hosts) == sorted(f"{host}:127.0.0.1" for host, _ in targets)
+    # the images stand in for the pinned upstream ones, built by deploy/container-test.sh
+    services = _compose_ci()["services"]
+    for name in ("prometheus", "alertmanager"):
+        assert services[name]["image"] == f"localhost/together-meter-ci/{name}:debian12"
+        assert (ROOT / "deploy" / "images" / name / "Containerfile").is_file()
+    script = CONTAINER_TEST.read_text(encoding="utf-8")
+    assert 'podman tag "$image" "localhost/$PROJECT/$name:debian12"' in script
+
+
+def test_container_checks_substitute_dashboard_variables_as_the_e2e_test_does() -> None:
+    """deploy/container_checks.py and tests/e2e/test_prometheus.py turn panel queries into PromQL alike."""
+
+    def constants(path: Path) -> dict[str, str]:
+        found = {}
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if (
+                isinstance(node, ast.Assign)
+                and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id in {"BUILTINS", "VARIABLE"}
+            ):
+                found[node.targets[0].id] = ast.unparse(node.value)
+        return found
+
+    expected = constants(E2E_PROMETHEUS)
+    assert set(expected) == {"BUILTINS", "VARIABLE"}
+    assert constants(CONTAINER_CHECKS) == expected
+
+
+def test_ci_runs_the_container_tier_after_make_test_bounded_in_time() -> None:
+    """.ci/run runs `make container-test` after `make test`; the target is bounded by `timeout`."""
+    commands = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    assert "make test" in commands and "make container-test" in commands
+    assert commands.index("make test") < commands.index("make container-test")
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = re.search(r"^container-test:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe and re.search(
+        r"timeout (--kill-after=\d+ )?\d+ bash deploy/container-test\.sh", recipe.group(1)
+    )
+    assert "container-test" in re.search(r"^\.PHONY:.*$", makefile, re.M).group(0)  # type: ignore[union-attr]
