@@ -8,7 +8,7 @@ FUZZ_STAMP := $(VENV)/.installed-fuzz
 FUZZ_RUNS ?= 200000
 FUZZ_SECONDS ?= 60
 
-.PHONY: demo serve test test-long lint bench install clean fuzz
+.PHONY: demo serve test test-long lint bench install clean fuzz container-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,7 @@ test: $(STAMP)
 	$(PY) -m ruff check proxy tests
 	$(PY) -m ruff format --check proxy tests
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow"
 
 test-long: $(STAMP) $(FUZZ_STAMP)
@@ -44,6 +45,13 @@ lint: $(STAMP)
 	$(PY) -m ruff check proxy tests
 	$(PY) -m ruff format --check proxy tests
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
+
+# The container tier (root, podman): build the Dockerfile on a local base, run the image and the
+# compose stack (docker-compose.yml + deploy/compose.ci.yml) and check them; bounded to 20 min.
+# README.md#docker says what it proves. .ci/run runs it after `test`.
+container-test: $(STAMP)
+	CHECK_PYTHON=$(PY) timeout --kill-after=30 1200 bash deploy/container-test.sh
 
 bench: $(STAMP)
 	bash bench/run.sh

@@ -1,4 +1,4 @@
-"""proxy/auth.py: tenant keys are random, stored as digests, and map a bearer header to a tenant."""
+"""proxy/core/auth.py: tenant keys are random, stored as digests, and map a bearer header to a tenant."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from proxy.auth import KEY_PREFIX, KeyStore, Principal, digest, new_key
+from proxy.core.auth import KEY_PREFIX, KeyStore, Principal, digest, new_key
 from proxy.errors import AuthenticationError
 
 ACME_KEY = "tm-acme-secret-key-0123456789abcdefghijklmnopqrstuv"

@@ -1,4 +1,4 @@
-"""proxy/budgets.py: periods, admission at the limit, reservations, rollover, thresholds."""
+"""proxy/core/budgets.py: periods, admission at the limit, reservations, rollover, thresholds."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.budgets import Budget, BudgetBook, BudgetExceeded, Crossing, Periods, projected_month_end
+from proxy.core.budgets import Budget, BudgetBook, BudgetExceeded, Crossing, Periods, projected_month_end
 from proxy.ledger import LedgerRow
 
 NOV = "2026-11"

@@ -1,4 +1,4 @@
-"""Shared dedicated endpoint chargeback (proxy/chargeback.py) and its config (dedicated_endpoints)."""
+"""Shared dedicated endpoint chargeback (proxy/core/chargeback.py) and its config (dedicated_endpoints)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.chargeback import chargeback, chargeback_csv, chargeback_view, chargebacks, split_by_share
 from proxy.config import DedicatedEndpoint, parse_config
+from proxy.core.chargeback import chargeback, chargeback_csv, chargeback_view, chargebacks, split_by_share
+from proxy.core.report import ReportError
 from proxy.errors import ConfigError
 from proxy.ledger import IN_FLIGHT, LedgerRow
-from proxy.report import ReportError
 from tests.test_docs import ROOT
 
 MODEL = "arcee-ai/maestro-reasoning"

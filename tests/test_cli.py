@@ -13,9 +13,10 @@ import pytest
 import yaml
 
 from proxy import simulator
-from proxy.auth import KeyStore, digest
 from proxy.config import load_config
-from proxy.pricing import load_price_table, pusd_rate_to_decimal
+from proxy.config.prices import load_price_table
+from proxy.core.auth import KeyStore, digest
+from proxy.core.pricing import pusd_rate_to_decimal
 
 ROOT = Path(__file__).resolve().parent.parent
 

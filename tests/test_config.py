@@ -1,4 +1,4 @@
-"""proxy/config.py: YAML -> Config; every error names the file, the key path and the problem."""
+"""proxy/config/__init__.py: YAML -> Config; every error names the file, the key path and the problem."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.config import Config, load_config, parse_config
+from proxy.config.prices import load_price_table
 from proxy.errors import ConfigError
-from proxy.pricing import load_price_table
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "example.yaml"

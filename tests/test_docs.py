@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 import proxy.config
-import proxy.pricing
-from proxy.budgets import Budget, BudgetBook, Periods
+import proxy.core.pricing
 from proxy.config import load_config
+from proxy.core.budgets import Budget, BudgetBook, Periods
 from proxy.ledger import LedgerRow, now_us, period_of
-from proxy.metrics import Histogram, Metrics
+from proxy.server.metrics import Histogram, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DOC = ROOT / "docs" / "configuration.md"
@@ -40,7 +40,7 @@ def _string_sets(node: ast.AST) -> list[set[str]]:
 
 
 def _config_key_names() -> set[str]:
-    """Key names in TOP_KEYS and in every `check_keys({...})` call of proxy/config.py."""
+    """Key names in TOP_KEYS and in every `check_keys({...})` call of proxy/config/__init__.py."""
     tree = ast.parse(Path(proxy.config.__file__).read_text(encoding="utf-8"))
     names: set[str] = set(proxy.config.TOP_KEYS)
     for node in ast.walk(tree):
@@ -79,7 +79,7 @@ def _config_key_paths(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 
 
 def test_every_config_key_is_documented(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each key accepted by proxy/config.py appears in backticks in docs/configuration.md."""
+    """Each key accepted by proxy/config/__init__.py appears in backticks in docs/configuration.md."""
     documented = _backticked(CONFIG_DOC.read_text(encoding="utf-8"))
     paths = _config_key_paths(monkeypatch)
     missing = sorted(p for p in paths if p not in documented)
@@ -91,7 +91,7 @@ def test_every_config_key_is_documented(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_every_price_table_key_is_documented() -> None:
     """Each key parse_price_table accepts in prices.yaml appears in docs/configuration.md."""
-    tree = ast.parse(Path(proxy.pricing.__file__).read_text(encoding="utf-8"))
+    tree = ast.parse(Path(proxy.core.pricing.__file__).read_text(encoding="utf-8"))
     func = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "parse_price_table")
     names = set().union(*_string_sets(func))
     assert {"models", "input", "output", "batch_discount"} <= names

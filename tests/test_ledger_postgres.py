@@ -20,8 +20,8 @@ import asyncpg
 import pytest
 import yaml
 
-from proxy.budgets import BudgetExceeded
 from proxy.config import LedgerSettings
+from proxy.core.budgets import BudgetExceeded
 from proxy.errors import ConfigError
 from proxy.ledger import IN_FLIGHT, TERMINAL_STATUSES, LedgerRow, LedgerUnavailable, now_us, period_of
 from proxy.ledger.factory import open_ledger, postgres_dsn

@@ -1,4 +1,4 @@
-"""proxy/notify.py: one webhook POST per crossing, retried with backoff, recorded after a 2xx."""
+"""proxy/server/notify.py: one webhook POST per crossing, retried with backoff, recorded after a 2xx."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-import proxy.notify
-from proxy.budgets import Crossing
+import proxy.server.notify
 from proxy.config import Notify
+from proxy.core.budgets import Crossing
 from proxy.ledger.sqlite import SQLiteLedger
-from proxy.notify import Notifier, payload
+from proxy.server.notify import Notifier, payload
 
 if TYPE_CHECKING:
     from conftest import WebhookReceiver
@@ -52,7 +52,7 @@ async def ledger(tmp_path: Path) -> AsyncIterator[SQLiteLedger]:
 
 @pytest.fixture(autouse=True)
 def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proxy.notify, "FIRST_BACKOFF", 0.01)
+    monkeypatch.setattr(proxy.server.notify, "FIRST_BACKOFF", 0.01)
 
 
 async def deliver(
@@ -127,8 +127,8 @@ async def test_retries_after_500_with_doubling_backoff(
     assert len(webhook.posts) == 3
     assert all(p["threshold"] == 0.5 for p in webhook.posts)
     first_gap, second_gap = (b - a for a, b in zip(webhook.times, webhook.times[1:], strict=False))
-    assert first_gap >= proxy.notify.FIRST_BACKOFF
-    assert second_gap >= 2 * proxy.notify.FIRST_BACKOFF
+    assert first_gap >= proxy.server.notify.FIRST_BACKOFF
+    assert second_gap >= 2 * proxy.server.notify.FIRST_BACKOFF
     assert await ledger.notifications(PERIOD) == [("acme", None, "0.5")]
     assert (notifier.delivered, notifier.failed) == (1, 0)
 

@@ -1,4 +1,4 @@
-"""proxy/pricing.py: exact rates, exact request cost, price table parsing and dumping."""
+"""proxy/core/pricing.py: exact rates, exact request cost, price table parsing and dumping."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import ConfigError
-from proxy.pricing import (
+from proxy.config.prices import dump_price_table, load_price_table
+from proxy.core.pricing import (
     BATCH,
     PUSD_PER_USD,
     SERVERLESS,
@@ -19,14 +19,13 @@ from proxy.pricing import (
     Rates,
     cost_pusd,
     discounted,
-    dump_price_table,
     format_usd,
-    load_price_table,
     parse_price_table,
     rate_to_pusd,
     usd,
 )
-from proxy.usage import Usage
+from proxy.core.usage import Usage
+from proxy.errors import ConfigError
 
 PRICES_YAML = Path(__file__).resolve().parent.parent / "config" / "prices.yaml"
 SEED_MODEL = "example/seed-model"

@@ -1,4 +1,4 @@
-"""Report, forecast and estimate arithmetic (proxy/report.py, proxy/estimate.py), without a server."""
+"""Report, forecast and estimate arithmetic (proxy/core/report.py, estimate.py), without a server."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.budgets import Periods
-from proxy.estimate import (
+from proxy.config.prices import load_price_table
+from proxy.core.budgets import Periods
+from proxy.core.estimate import (
     EstimateParams,
     blended_rate,
     break_even_tokens,
@@ -26,9 +27,9 @@ from proxy.estimate import (
     plan_estimates,
     summary,
 )
+from proxy.core.pricing import PriceTable, Rates
+from proxy.core.report import GROUPINGS, ReportError, build_report, forecast, report_csv, report_view
 from proxy.ledger import IN_FLIGHT, LedgerRow
-from proxy.pricing import PriceTable, Rates, load_price_table
-from proxy.report import GROUPINGS, ReportError, build_report, forecast, report_csv, report_view
 from tests.test_docs import ROOT
 
 SEED_MODEL = "arcee-ai/maestro-reasoning"

@@ -12,11 +12,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.budgets import Periods
+from proxy.core.budgets import Periods
+from proxy.core.report import GROUPINGS, build_report, report_view
+from proxy.core.retention import aggregate_rows, export_record, merge
 from proxy.ledger import TERMINAL_STATUSES, LedgerRow, period_of
 from proxy.ledger.sqlite import SQLiteLedger
-from proxy.report import GROUPINGS, build_report, report_view
-from proxy.retention import aggregate_rows, export_record, merge
 from tests.test_cli import ROOT, run_cli
 
 CONFIG = str(ROOT / "config" / "example.yaml")

@@ -1,4 +1,4 @@
-"""proxy/routes.py: target validation, the route table, query cuts and route grants."""
+"""proxy/core/routes.py: target validation, the route table, query cuts and route grants."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.errors import MethodNotAllowed
-from proxy.routes import (
+from proxy.core.routes import (
     ROUTES,
     Grant,
     InvalidTarget,
     check_header_values,
     parse_target,
 )
+from proxy.errors import MethodNotAllowed
 
 REFUSED = [
     "/v1/models?x=%20HTTP/1.1%0D%0AHost:%20h%0D%0A%0D%0AGET%20/v1/SMUGGLED",

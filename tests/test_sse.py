@@ -1,4 +1,4 @@
-"""proxy/sse.py: the incremental SSE framer gives the same events however the bytes are split."""
+"""proxy/core/sse.py: the incremental SSE framer gives the same events however the bytes are split."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.sse import Event, SSEError, SSEFramer
+from proxy.core.sse import Event, SSEError, SSEFramer
 
 
 def frame(*chunks: bytes, max_event_bytes: int | None = None) -> list[Event]:

@@ -1,4 +1,4 @@
-"""Conformance of the upstream client (proxy/upstream.py) against real loopback servers.
+"""Conformance of the upstream client (proxy/upstream/client.py) against real loopback servers.
 
 The servers are raw asyncio servers (tests/upstream_support.py) that record the exact bytes they
 receive and answer scripted bytes, so framing, codings, head sizes, stale connections, TLS and a
@@ -20,7 +20,7 @@ import pytest
 
 from proxy.config import Upstream
 from proxy.errors import BadRequest, ConfigError, InvalidField, UpstreamError, UpstreamTimeout
-from proxy.upstream import (
+from proxy.upstream.client import (
     HIGH_WATER,
     MAX_HEAD_BYTES,
     MAX_HEADERS,

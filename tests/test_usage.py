@@ -1,4 +1,4 @@
-"""proxy/usage.py and proxy/streaming.py: reading usage, estimating tokens, metering a stream."""
+"""proxy/core/usage.py and proxy/core/streaming.py: reading usage, estimating tokens, metering a stream."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.sse import Event, parse_event
-from proxy.streaming import StreamMeter
-from proxy.usage import (
+from proxy.core.sse import Event, parse_event
+from proxy.core.streaming import StreamMeter
+from proxy.core.usage import (
     MAX_TOKENS_PER_REQUEST,
     PER_MESSAGE_OVERHEAD,
     Tokenizer,

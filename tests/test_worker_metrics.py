@@ -1,4 +1,4 @@
-"""The supervisor's merge of its workers' metrics (`serve --workers N`, proxy/worker_metrics.py)."""
+"""The supervisor's merge of its workers' metrics (`serve --workers N`, proxy/server/worker_metrics.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.budgets import Budget, BudgetBook, Periods
 from proxy.config import load_config
+from proxy.core.budgets import Budget, BudgetBook, Periods
 from proxy.ledger import LedgerRow, now_us, period_of
-from proxy.metrics import Metrics
-from proxy.worker_metrics import Tally, WorkerSlot, collect, merged
+from proxy.server.metrics import Metrics
+from proxy.server.worker_metrics import Tally, WorkerSlot, collect, merged
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = load_config(ROOT / "config" / "example.yaml")

@@ -12,11 +12,11 @@ from typing import IO, Any
 
 import orjson
 
-from .config import Config
-from .ledger import Ledger
-from .ledger.factory import open_ledger
-from .report import ReportError
-from .retention import check_period, export_aggregate, export_record
+from proxy.config import Config
+from proxy.core.report import ReportError
+from proxy.core.retention import check_period, export_aggregate, export_record
+from proxy.ledger import Ledger
+from proxy.ledger.factory import open_ledger
 
 
 def reading_ledger(config: Config, path: str | None) -> Ledger:
@@ -35,7 +35,7 @@ def run_migrate(config: Config) -> int:
     if config.ledger.backend != "postgres":
         print("ledger backend sqlite: the proxy creates the schema when it opens the file; nothing to do")
         return 0
-    from .ledger.postgres import PostgresLedger
+    from proxy.ledger.postgres import PostgresLedger
 
     ledger = reading_ledger(config, None)
     assert isinstance(ledger, PostgresLedger)

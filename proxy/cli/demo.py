@@ -19,12 +19,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import simulator
-from .app import Proxy, Secrets, with_overrides
-from .auth import digest, new_key
-from .config import Config, load_config
-from .ledger import LedgerRow
-from .pricing import format_usd
+from proxy import simulator
+from proxy.config import Config, load_config
+from proxy.core.auth import digest, new_key
+from proxy.core.pricing import format_usd
+from proxy.ledger import LedgerRow
+from proxy.server.app import Proxy, Secrets, with_overrides
 
 DEMO_DIR = Path(".demo")
 

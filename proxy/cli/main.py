@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from .auth import digest, new_key
-from .config import Config, load_config
-from .errors import ConfigError
-from .ledger import LedgerUnavailable
-from .report import ReportError
+from proxy.config import Config, load_config
+from proxy.core.auth import digest, new_key
+from proxy.core.report import ReportError
+from proxy.errors import ConfigError
+from proxy.ledger import LedgerUnavailable
 
 if TYPE_CHECKING:
-    from .app import Secrets
+    from proxy.server.app import Secrets
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DEFAULT_CONFIG = "config/example.yaml"
@@ -47,7 +47,7 @@ def _use_uvloop() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import Proxy, Secrets, with_overrides
+    from proxy.server.app import Proxy, Secrets, with_overrides
 
     def load() -> Config:
         return with_overrides(
@@ -80,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     secrets = Secrets(key, os.environ.get(config.admin_token_env) or None)
     _use_uvloop()
     if args.worker_fd is not None:  # started by a supervisor (`--workers N`), never by hand
-        from .workers import serve_worker, worker_log_format
+        from proxy.server.workers import serve_worker, worker_log_format
 
         worker_log_format(args.worker_slot)
         asyncio.run(serve_worker(Proxy(config, secrets, loader=load, role="worker"), args.worker_fd))
@@ -93,8 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _supervise(args: argparse.Namespace, config: Config, secrets: Secrets, load: Callable[[], Config]) -> int:
     """`serve --workers N`: the supervisor (admin listener) of N workers on the public port."""
-    from .app import Proxy
-    from .workers import Supervisor, reserve_port
+    from proxy.server.app import Proxy
+    from proxy.server.workers import Supervisor, reserve_port
 
     try:
         reserved = reserve_port(config.listen.host, config.listen.port)
@@ -164,7 +164,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_prices(args: argparse.Namespace) -> int:
-    from . import prices_cli
+    from proxy.cli import prices as prices_cli
 
     if args.prices_command == "list":
         return prices_cli.list_prices(load_config(args.config), args.format)
@@ -178,7 +178,7 @@ def cmd_prices(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report_cli import run_chargeback, run_report
+    from proxy.cli.report import run_chargeback, run_report
 
     if args.chargeback:
         return run_chargeback(load_config(args.config), args.ledger, args.month, args.tenant, args.format)
@@ -186,13 +186,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .report_cli import params_from_args, run_estimate
+    from proxy.cli.report import params_from_args, run_estimate
 
     return run_estimate(load_config(args.config), args.ledger, params_from_args(args), args.format)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from proxy.cli.demo import run_demo
 
     _use_uvloop()
     return asyncio.run(run_demo(args.config, keep_running=args.keep_running, requests=args.requests))
@@ -313,13 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_db_prune(args: argparse.Namespace) -> int:
-    from .db_cli import run_prune
+    from proxy.cli.db import run_prune
 
     return run_prune(load_config(args.config), args.ledger, args.before)
 
 
 def cmd_db_export(args: argparse.Namespace) -> int:
-    from .db_cli import run_export
+    from proxy.cli.db import run_export
 
     return run_export(
         load_config(args.config), args.ledger, args.month, args.since, args.aggregates, args.output
@@ -327,7 +327,7 @@ def cmd_db_export(args: argparse.Namespace) -> int:
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:
-    from .db_cli import run_migrate
+    from proxy.cli.db import run_migrate
 
     return run_migrate(load_config(args.config))
 

@@ -15,17 +15,17 @@ from typing import Any
 import aiohttp
 import yaml
 
-from .config import Config
-from .errors import ConfigError
-from .pricing import (
+from proxy.config import Config
+from proxy.config.prices import dump_price_table
+from proxy.core.pricing import (
     PriceTable,
     Rates,
     discounted,
-    dump_price_table,
     parse_price_table,
     pusd_rate_to_decimal,
     rate_to_pusd,
 )
+from proxy.errors import ConfigError
 
 PRICED_TYPES = {"chat", "language", "code", "embedding", "moderation", "rerank"}
 

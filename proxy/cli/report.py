@@ -9,10 +9,10 @@ import time
 from decimal import Decimal
 from typing import Any
 
-from .chargeback import CHARGEBACK_NOTES, chargeback_csv, chargeback_view, chargebacks
-from .config import Config
-from .db_cli import reading_ledger
-from .estimate import (
+from proxy.cli.db import reading_ledger
+from proxy.config import Config
+from proxy.core.chargeback import CHARGEBACK_NOTES, chargeback_csv, chargeback_view, chargebacks
+from proxy.core.estimate import (
     Estimate,
     EstimateParams,
     estimate_view,
@@ -22,9 +22,9 @@ from .estimate import (
     plan_estimates,
     summary,
 )
-from .ledger import LedgerRow
-from .report import Report, ReportError, build_report, forecast, report_csv, report_view
-from .retention import Aggregate
+from proxy.core.report import Report, ReportError, build_report, forecast, report_csv, report_view
+from proxy.core.retention import Aggregate
+from proxy.ledger import LedgerRow
 
 
 def read_ledger(
@@ -211,7 +211,7 @@ def print_estimates(found: list[Estimate]) -> None:
 
 
 def params_from_args(args: Any) -> EstimateParams:
-    from .estimate import parse_decimal
+    from proxy.core.estimate import parse_decimal
 
     def dec(name: str) -> Any:
         v = getattr(args, name)

@@ -17,10 +17,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from .budgets import Budget, Periods
-from .errors import ConfigError
-from .pricing import PUSD_PER_USD, PriceTable, load_price_table
-from .routes import Grant
+from proxy.config.prices import load_price_table
+from proxy.core.budgets import Budget, Periods
+from proxy.core.chargeback import DedicatedEndpoint
+from proxy.core.pricing import PUSD_PER_USD, PriceTable
+from proxy.core.routes import Grant
+from proxy.errors import ConfigError
 
 DEFAULT_UPSTREAM = "https://api.together.xyz/v1"
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
@@ -116,16 +118,6 @@ class BatchSettings:
     """How the proxy follows together.ai Batch jobs its tenants created (docs/batches.md)."""
 
     poll_interval: float = 30.0  # seconds between two looks at the unfinished batches
-
-
-@dataclass(frozen=True, slots=True)
-class DedicatedEndpoint:
-    """A dedicated endpoint shared by tenants; its cost is charged back by token share."""
-
-    name: str
-    model: str
-    monthly_pusd: int
-    basis: str  # how the monthly cost was given, e.g. "monthly_usd 2000" or "hourly_usd 3.2 x 730 h"
 
 
 @dataclass(frozen=True, slots=True)

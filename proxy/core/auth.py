@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .errors import AuthenticationError, RateLimited
+from proxy.errors import AuthenticationError, RateLimited
 
 KEY_PREFIX = "tm-"
 

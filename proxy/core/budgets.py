@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from .errors import MeterError
-from .ledger import LedgerRow
-from .pricing import format_usd
+from proxy.core.pricing import format_usd
+from proxy.core.records import LedgerRow
+from proxy.errors import MeterError
 
 TENANT = None  # the feature key of a tenant-wide budget
 

@@ -15,15 +15,24 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from .config import DedicatedEndpoint
-from .ledger import IN_FLIGHT, LedgerRow
-from .pricing import PUSD_PER_USD, format_usd
-from .report import ReportError, round_half_up
+from proxy.core.pricing import PUSD_PER_USD, format_usd
+from proxy.core.records import IN_FLIGHT, LedgerRow
+from proxy.core.report import ReportError, round_half_up
 
 TOKENS_PER_MTOK = 1_000_000
 
 CHARGED_STATUSES = frozenset({"ok", "client_aborted"})  # the upstream served (part of) these
 _MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+
+@dataclass(frozen=True, slots=True)
+class DedicatedEndpoint:
+    """A dedicated endpoint shared by tenants; its cost is charged back by token share."""
+
+    name: str
+    model: str
+    monthly_pusd: int
+    basis: str  # how the monthly cost was given, e.g. "monthly_usd 2000" or "hourly_usd 3.2 x 730 h"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Cost estimates (Serverless vs Batch vs Dedicated) and shared dedicated endpoint chargeback.
 
 Pure arithmetic like report.py: money in integer pico-USD, ratios as exact `Fraction`s until
-they are shown. report_cli.py and admin.py read the ledger and call these functions.
+they are shown. proxy/cli/report.py and proxy/server/admin.py read the ledger and call these functions.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from typing import Any
 
-from .ledger import IN_FLIGHT, LedgerRow
-from .pricing import PUSD_PER_USD, RATE_PLACES, PriceTable, Rates, format_usd
-from .report import ReportError
-from .report import round_half_up as _round
+from proxy.core.pricing import PUSD_PER_USD, RATE_PLACES, PriceTable, Rates, format_usd
+from proxy.core.records import IN_FLIGHT, LedgerRow
+from proxy.core.report import ReportError
+from proxy.core.report import round_half_up as _round
 
 DAYS_PER_MONTH = 30  # measured traffic is scaled to a 30-day month
 SECONDS_PER_MONTH = DAYS_PER_MONTH * 86_400

@@ -1,8 +1,9 @@
 """Cost reports and month-end forecasts: pure arithmetic over ledger rows.
 
 Money stays integer pico-USD and ratios stay exact `Fraction`s until they are shown; nothing is
-accumulated in floats. Nothing here does I/O: report_cli.py and admin.py read the ledger and
-call these functions. Estimates live in estimate.py, dedicated-endpoint chargeback in chargeback.py.
+accumulated in floats. Nothing here does I/O: proxy/cli/report.py and proxy/server/admin.py read
+the ledger and call these functions. Estimates live in estimate.py, dedicated-endpoint
+chargeback in chargeback.py.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from typing import Any
 
-from .budgets import Periods
-from .ledger import IN_FLIGHT, LedgerRow
-from .pricing import format_usd
-from .retention import Aggregate
+from proxy.core.budgets import Periods
+from proxy.core.pricing import format_usd
+from proxy.core.records import IN_FLIGHT, LedgerRow
+from proxy.core.retention import Aggregate
 
 GROUPINGS = ("model", "tenant", "feature", "environment", "day")
 _PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")

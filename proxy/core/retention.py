@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .budgets import Periods
-from .ledger import IN_FLIGHT, LedgerRow
-from .pricing import format_usd
+from proxy.core.budgets import Periods
+from proxy.core.pricing import format_usd
+from proxy.core.records import IN_FLIGHT, LedgerRow
 
 _PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import InvalidTarget, MethodNotAllowed
+from proxy.errors import InvalidTarget, MethodNotAllowed
 
 Kind = Literal["inference", "object", "catalogue", "operator"]
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 import orjson
 
-from .sse import Event
-from .usage import Usage, completion_text, usage_from_json
+from proxy.core.sse import Event
+from proxy.core.usage import Usage, completion_text, usage_from_json
 
 KEEP_TEXT_BYTES = 1 << 20  # payloads kept for an estimate; beyond this only their size counts
 

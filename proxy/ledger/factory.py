@@ -10,12 +10,12 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
-from . import Ledger, LedgerRow
+from proxy.errors import ConfigError
+from proxy.ledger import Ledger, LedgerRow
 
 if TYPE_CHECKING:
-    from ..config import LedgerSettings
-    from .postgres import HardLimits
+    from proxy.config import LedgerSettings
+    from proxy.ledger.postgres import HardLimits
 
 
 def postgres_dsn(settings: LedgerSettings, file: str = "config") -> str:
@@ -46,7 +46,7 @@ def open_ledger(
     Reads work without `open()` (no writer, no reaper: a proxy may be running beside).
     """
     if settings.backend == "postgres":
-        from .postgres import PostgresLedger
+        from proxy.ledger.postgres import PostgresLedger
 
         return PostgresLedger(
             postgres_dsn(settings, file),
@@ -57,7 +57,7 @@ def open_ledger(
             on_terminal=on_terminal,
             hard_limits=hard_limits,
         )
-    from .sqlite import SQLiteLedger
+    from proxy.ledger.sqlite import SQLiteLedger
 
     return SQLiteLedger(
         path or settings.path,

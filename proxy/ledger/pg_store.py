@@ -16,10 +16,10 @@ from typing import Any
 
 import asyncpg
 
-from ..budgets import Periods
-from ..retention import KEY_FIELDS, SUM_FIELDS, Aggregate, PruneResult, aggregate_rows
-from . import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
-from .migrate import current_version, migrate
+from proxy.core.budgets import Periods
+from proxy.core.retention import KEY_FIELDS, SUM_FIELDS, Aggregate, PruneResult, aggregate_rows
+from proxy.ledger import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
+from proxy.ledger.migrate import current_version, migrate
 
 _UPSERT_AGGREGATE = (
     "INSERT INTO aggregates VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) "
@@ -258,7 +258,7 @@ class PostgresStore:
         )
         return bool(found)
 
-    # -- batch jobs (proxy/batches.py) ------------------------------------------------------
+    # -- batch jobs (proxy/server/batches.py) ------------------------------------------------------
 
     async def add_batch(self, batch: BatchJob) -> bool:
         """Remember which tenant created a batch; False if it was already known."""

@@ -37,9 +37,9 @@ from typing import Any
 
 import asyncpg
 
-from ..budgets import BudgetExceeded, budget_exceeded
-from . import COLUMNS, IN_FLIGHT, LedgerRow, LedgerUnavailable, now_us
-from .pg_store import PostgresStore
+from proxy.core.budgets import BudgetExceeded, budget_exceeded
+from proxy.ledger import COLUMNS, IN_FLIGHT, LedgerRow, LedgerUnavailable, now_us
+from proxy.ledger.pg_store import PostgresStore
 
 log = logging.getLogger(__name__)
 

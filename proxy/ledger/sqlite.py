@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ..budgets import Periods
-from ..retention import Aggregate, PruneResult, aggregate_rows
-from . import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
+from proxy.core.budgets import Periods
+from proxy.core.retention import Aggregate, PruneResult, aggregate_rows
+from proxy.ledger import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -462,7 +462,7 @@ class SQLiteLedger:
 
         return await asyncio.to_thread(write)
 
-    # -- batch jobs (proxy/batches.py) ------------------------------------------------------
+    # -- batch jobs (proxy/server/batches.py) ------------------------------------------------------
 
     async def add_batch(self, batch: BatchJob) -> bool:
         """Remember which tenant created a batch; False if it was already known."""

@@ -12,22 +12,20 @@ import hmac
 import re
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .budgets import Budget, projected_month_end
-from .chargeback import CHARGEBACK_NOTES, chargeback_csv, chargeback_view, chargebacks
-from .errors import AuthenticationError, BadRequest, ConfigError, MeterError, NotFound
-from .estimate import estimate_view, params_from_mapping, parse_window, plan_estimates
-from .metrics import build_registry, render
-from .pricing import format_usd
-from .report import ReportError, build_report, forecast, report_csv, report_view
-
-if TYPE_CHECKING:
-    from .app import Proxy
+from proxy.core.budgets import Budget, projected_month_end
+from proxy.core.chargeback import CHARGEBACK_NOTES, chargeback_csv, chargeback_view, chargebacks
+from proxy.core.estimate import estimate_view, params_from_mapping, parse_window, plan_estimates
+from proxy.core.pricing import format_usd
+from proxy.core.report import ReportError, build_report, forecast, report_csv, report_view
+from proxy.errors import AuthenticationError, BadRequest, ConfigError, MeterError, NotFound
+from proxy.server.metrics import build_registry, render
+from proxy.server.state import Operated
 
 PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -91,7 +89,7 @@ def page_handlers() -> dict[str, Handler]:
     return handlers
 
 
-def build_admin_app(proxy: Proxy) -> web.Application:
+def build_admin_app(proxy: Operated) -> web.Application:
     registry = build_registry(proxy.metrics)
 
     def operator(handler: Handler) -> Handler:

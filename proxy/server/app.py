@@ -10,59 +10,40 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from aiohttp import web
 
-from .admin import build_admin_app
-from .auth import KeyStore
-from .batches import BatchTracker
-from .budgets import BudgetBook
-from .config import Config
-from .dispatch import Dispatcher
-from .errors import ConfigError
-from .ledger import Ledger, LedgerRow, LedgerUnavailable, now_us
-from .ledger.factory import open_ledger
-from .ledger.postgres import PostgresLedger
-from .metrics import Metrics
-from .notify import Notifier
-from .objects import ObjectGateway
-from .passthrough import Passthrough
-from .relay import ENDPOINTS, Relay
-from .serving import HeadDeadlineRunner
-from .upstream import UpstreamClient
-from .usage import Tokenizer
+from proxy.config import Config
+from proxy.core.auth import KeyStore
+from proxy.core.budgets import BudgetBook
+from proxy.core.usage import Tokenizer
+from proxy.errors import ConfigError
+from proxy.ledger import Ledger, LedgerRow, LedgerUnavailable, now_us
+from proxy.ledger.factory import open_ledger
+from proxy.ledger.postgres import PostgresLedger
+from proxy.server.admin import build_admin_app
+from proxy.server.batches import BatchTracker
+from proxy.server.dispatch import Dispatcher
+from proxy.server.metrics import Metrics
+from proxy.server.notify import Notifier
+from proxy.server.objects import ObjectGateway
+from proxy.server.passthrough import Passthrough
+from proxy.server.relay import ENDPOINTS, Relay
+from proxy.server.serving import HeadDeadlineRunner
+from proxy.server.state import Fleet, Secrets
+from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
 BUDGET_SYNC_INTERVAL = 1.0  # seconds between reads of a shared ledger's budget accounts
 RELAY_KEY: web.AppKey[Relay] = web.AppKey("relay", Relay)
-# single: public + admin listeners (the default). `serve --workers N` (proxy/workers.py): each
+# single: public + admin listeners (the default). `serve --workers N` (proxy/server/workers.py): each
 # worker serves the public port (SO_REUSEPORT) without an admin listener; the supervisor serves
 # only the admin listener and forwards nothing
 Role = Literal["single", "worker", "supervisor"]
-
-
-class Fleet(Protocol):
-    """A supervisor's workers, as its Proxy sees them (proxy/workers.py)."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def reload(self) -> dict[str, str]: ...
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Secrets:
-    """What never comes from the config file: the together key, the operator token."""
-
-    together_key: str
-    admin_token: str | None = None
 
 
 class Proxy:
@@ -81,7 +62,7 @@ class Proxy:
     ) -> None:
         self.config = config
         self.role = role
-        self.fleet: Fleet | None = None  # role "supervisor": set by proxy/workers.py
+        self.fleet: Fleet | None = None  # role "supervisor": set by proxy/server/workers.py
         self.secrets = secrets
         self._loader = loader  # reads the config again for SIGHUP / POST /admin/reload
         self.periods = config.budgets.periods

@@ -17,15 +17,15 @@ from typing import Any, Protocol
 
 import orjson
 
-from .budgets import Periods
-from .config import Config
-from .errors import MeterError, UpstreamProtocolError, UpstreamTimeout
-from .ledger import BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
-from .pricing import BATCH, cost_pusd
-from .relay import ENDPOINTS
-from .routes import ID_RE
-from .upstream import UpstreamClient, UpstreamStreamError
-from .usage import Tokenizer, Usage, completion_text, estimate_prompt_tokens, usage_from_json
+from proxy.config import Config
+from proxy.core.budgets import Periods
+from proxy.core.pricing import BATCH, cost_pusd
+from proxy.core.routes import ID_RE
+from proxy.core.usage import Tokenizer, Usage, completion_text, estimate_prompt_tokens, usage_from_json
+from proxy.errors import MeterError, UpstreamProtocolError, UpstreamTimeout
+from proxy.ledger import BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
+from proxy.server.relay import ENDPOINTS
+from proxy.upstream.client import UpstreamClient, UpstreamStreamError
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .auth import Principal
-from .errors import MeterError, NotFound, NotReady, RouteNotAllowed
-from .objects import ObjectGateway
-from .passthrough import Outbound, Passthrough, respond
-from .relay import ENDPOINTS, Relay, error_response
-from .routes import ROUTES, Match, Route, RouteTable, Target, check_header_values, parse_target
-from .upstream import FORWARDED_HEADERS
+from proxy.core.auth import Principal
+from proxy.core.routes import ROUTES, Match, Route, RouteTable, Target, check_header_values, parse_target
+from proxy.errors import MeterError, NotFound, NotReady, RouteNotAllowed
+from proxy.server.objects import ObjectGateway
+from proxy.server.passthrough import Outbound, Passthrough, respond
+from proxy.server.relay import ENDPOINTS, Relay, error_response
+from proxy.upstream.client import FORWARDED_HEADERS
 
 UPSTREAM_HEADERS = (*FORWARDED_HEADERS, "content-type")  # what may travel upstream
 

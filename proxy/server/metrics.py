@@ -21,10 +21,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
-from .budgets import BudgetBook
-from .config import Attribution
-from .ledger import LedgerRow
-from .routes import OBJECT_ENDPOINTS
+from proxy.config import Attribution
+from proxy.core.budgets import BudgetBook
+from proxy.core.routes import OBJECT_ENDPOINTS
+from proxy.ledger import LedgerRow
 
 PREFIX = "together_meter_"
 NONE_LABEL = "none"

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from .budgets import Crossing
-from .config import Notify
-from .pricing import format_usd
+from proxy.config import Notify
+from proxy.core.budgets import Crossing
+from proxy.core.pricing import format_usd
 
 log = logging.getLogger(__name__)
 FIRST_BACKOFF = 0.5  # seconds; doubled after every failed attempt

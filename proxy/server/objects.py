@@ -16,13 +16,13 @@ from typing import Protocol
 import orjson
 from aiohttp import web
 
-from .auth import Principal
-from .batches import BatchTracker, job_of, remember_batch_files
-from .errors import InvalidField, InvalidJSON, NotFound, UpstreamProtocolError
-from .ledger import BatchJob, OwnedFile, now_us
-from .passthrough import Outbound, Passthrough, header_attribution, respond
-from .relay import JSON_CT, Relay, new_request_id
-from .routes import ID_RE, Match
+from proxy.core.auth import Principal
+from proxy.core.routes import ID_RE, Match
+from proxy.errors import InvalidField, InvalidJSON, NotFound, UpstreamProtocolError
+from proxy.ledger import BatchJob, OwnedFile, now_us
+from proxy.server.batches import BatchTracker, job_of, remember_batch_files
+from proxy.server.passthrough import Outbound, Passthrough, header_attribution, respond
+from proxy.server.relay import JSON_CT, Relay, new_request_id
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request, Principal, Match], Awaitable[web.StreamResponse]]

@@ -18,14 +18,14 @@ from dataclasses import dataclass, replace
 import aiohttp
 from aiohttp import web
 
-from .auth import Principal
-from .budgets import BudgetExceeded
-from .config import LABEL_VALUE_RE
-from .errors import InvalidField, MeterError, NotReady, UpstreamTimeout
-from .ledger import LedgerRow, LedgerUnavailable, now_us
-from .pricing import SERVERLESS
-from .relay import JSON_CT, Relay, new_request_id
-from .upstream import UpstreamResponse, UpstreamStreamError
+from proxy.config import LABEL_VALUE_RE
+from proxy.core.auth import Principal
+from proxy.core.budgets import BudgetExceeded
+from proxy.core.pricing import SERVERLESS
+from proxy.errors import InvalidField, MeterError, NotReady, UpstreamTimeout
+from proxy.ledger import LedgerRow, LedgerUnavailable, now_us
+from proxy.server.relay import JSON_CT, Relay, new_request_id
+from proxy.upstream.client import UpstreamResponse, UpstreamStreamError
 
 log = logging.getLogger(__name__)
 # answer headers a client may need besides the body: together's rate-limit headers and retries

@@ -20,10 +20,15 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .auth import FailureLimiter, KeyStore, Principal
-from .budgets import BudgetBook, BudgetExceeded
-from .config import LABEL_VALUE_RE, Config
-from .errors import (
+from proxy.config import LABEL_VALUE_RE, Config
+from proxy.core.auth import FailureLimiter, KeyStore, Principal
+from proxy.core.budgets import BudgetBook, BudgetExceeded
+from proxy.core.pricing import SERVERLESS, Rates, cost_pusd, format_usd
+from proxy.core.routes import ROUTES, check_header_values
+from proxy.core.sse import SSEError, SSEFramer
+from proxy.core.streaming import StreamMeter
+from proxy.core.usage import Tokenizer, Usage, completion_text, estimate_prompt_tokens, usage_from_json
+from proxy.errors import (
     AuthenticationError,
     BodyTimeout,
     BodyTooLarge,
@@ -36,14 +41,9 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from .ledger import Ledger, LedgerRow, LedgerUnavailable, now_us
-from .metrics import Metrics
-from .pricing import SERVERLESS, Rates, cost_pusd, format_usd
-from .routes import ROUTES, check_header_values
-from .sse import SSEError, SSEFramer
-from .streaming import StreamMeter
-from .upstream import FORWARDED_HEADERS, UpstreamClient, UpstreamResponse, UpstreamStreamError
-from .usage import Tokenizer, Usage, completion_text, estimate_prompt_tokens, usage_from_json
+from proxy.ledger import Ledger, LedgerRow, LedgerUnavailable, now_us
+from proxy.server.metrics import Metrics
+from proxy.upstream.client import FORWARDED_HEADERS, UpstreamClient, UpstreamResponse, UpstreamStreamError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .metrics import PREFIX, Histogram, Metrics
+from proxy.server.metrics import PREFIX, Histogram, Metrics
 
 PUSH_INTERVAL = 0.5  # seconds between two states a worker sends
 LIVE_GAUGES = frozenset({"in_flight"})  # summed over running workers, never kept after an exit

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import Metric
 
-from . import worker_metrics
-from .errors import ConfigError
-from .worker_metrics import PUSH_INTERVAL, Tally, WorkerSlot
+from proxy.errors import ConfigError
+from proxy.server import worker_metrics
+from proxy.server.worker_metrics import PUSH_INTERVAL, Tally, WorkerSlot
 
 if TYPE_CHECKING:
-    from .app import Proxy
+    from proxy.server.app import Proxy
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Supervisor:
         proxy.metrics.fleet = self
         proxy.port = self.port
 
-    # -- Fleet (proxy/app.py) ---------------------------------------------------------------
+    # -- Fleet (proxy/server/app.py) ---------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -167,7 +167,7 @@ class Supervisor:
             view[str(s.index)] = entry
         return all(e["ready"] for e in view.values()), view
 
-    # -- MetricSource (proxy/metrics.py) -----------------------------------------------------
+    # -- MetricSource (proxy/server/metrics.py) -----------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
         return worker_metrics.collect(self.proxy.metrics, self.slots)

@@ -208,7 +208,7 @@ class _State:
         return len(self.encoder().encode_ordinary(text)) if text else 0
 
     def prompt_tokens(self, kind: str, body: dict[str, Any]) -> int:
-        """Input tokens: each text piece counted apart (like proxy.usage), +3 per chat message."""
+        """Input tokens: each text piece counted apart (like proxy.core.usage), +3 per chat message."""
         if kind != "chat":
             return max(self._count_input(body.get("input" if kind == "embedding" else "prompt")), 1)
         total = 0

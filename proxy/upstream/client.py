@@ -36,8 +36,8 @@ from urllib.parse import unquote, urlsplit
 
 import httptools
 
-from .config import Upstream
-from .errors import BadRequest, ConfigError, InvalidField, UpstreamError, UpstreamTimeout
+from proxy.config import Upstream
+from proxy.errors import BadRequest, ConfigError, InvalidField, UpstreamError, UpstreamTimeout
 
 # Headers a client may send that are useful upstream and reveal nothing about the tenant.
 FORWARDED_HEADERS = ("accept", "user-agent")

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.usage import Tokenizer
+from proxy.core.usage import Tokenizer
 
 from .support import Meter, StartMeter, running_meter_on
 

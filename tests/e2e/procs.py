@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.auth import digest, new_key
+from proxy.core.auth import digest, new_key
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_KEY = "sk-operator-canary-proc-41c2"

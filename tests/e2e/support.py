@@ -23,13 +23,13 @@ from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import simulator
-from proxy.app import Proxy, Secrets, with_overrides
-from proxy.auth import digest, new_key
 from proxy.config import Config, load_config
+from proxy.core.auth import digest, new_key
+from proxy.core.pricing import cost_pusd, format_usd
+from proxy.core.usage import Tokenizer, Usage
 from proxy.ledger import IN_FLIGHT, LedgerRow
-from proxy.pricing import cost_pusd, format_usd
+from proxy.server.app import Proxy, Secrets, with_overrides
 from proxy.simulator import RunningSimulator
-from proxy.usage import Tokenizer, Usage
 
 CONFIG_PATH = Path(__file__).resolve().parents[2] / "config" / "example.yaml"
 # A canary: if this string shows up anywhere a client can see, the operator key leaked.

@@ -19,10 +19,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.budgets import Budget
 from proxy.config import Config
+from proxy.core.budgets import Budget
+from proxy.core.pricing import format_usd
 from proxy.ledger import IN_FLIGHT
-from proxy.pricing import format_usd
 
 from .support import CHAT_MODEL, MESSAGES, Meter, StartMeter
 

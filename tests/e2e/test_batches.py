@@ -14,9 +14,9 @@ import pytest
 from together import AsyncTogether
 
 from proxy.config import Config
+from proxy.core.pricing import SERVERLESS, cost_pusd
+from proxy.core.usage import Usage
 from proxy.ledger import LedgerRow
-from proxy.pricing import SERVERLESS, cost_pusd
-from proxy.usage import Usage
 
 from .support import CHAT_MODEL, Meter, StartMeter
 

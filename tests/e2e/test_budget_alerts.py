@@ -10,10 +10,10 @@ import aiohttp
 import orjson
 import pytest
 
-import proxy.notify
-from proxy.budgets import Budget
+import proxy.server.notify
 from proxy.config import Config, Notify
-from proxy.pricing import PriceTable, Rates
+from proxy.core.budgets import Budget
+from proxy.core.pricing import PriceTable, Rates
 
 from .support import MESSAGES, Meter, StartMeter
 
@@ -102,7 +102,7 @@ async def test_a_notification_that_failed_is_sent_after_a_restart(
     start_meter: StartMeter, webhook: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A crossing whose every attempt failed is not recorded, so the next start delivers it once."""
-    monkeypatch.setattr(proxy.notify, "FIRST_BACKOFF", 0.01)
+    monkeypatch.setattr(proxy.server.notify, "FIRST_BACKOFF", 0.01)
     webhook.fail_first = 2
     async with start_meter(change=with_webhook(webhook.url, max_attempts=2)) as meter:
         await spend(meter, 60)

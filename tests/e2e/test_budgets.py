@@ -13,9 +13,9 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.budgets import Budget
 from proxy.config import Config
-from proxy.pricing import PriceTable, Rates
+from proxy.core.budgets import Budget
+from proxy.core.pricing import PriceTable, Rates
 
 from .support import MESSAGES, Meter, StartMeter, error_of
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import orjson
 
-from proxy.app import Proxy
 from proxy.config import Config
+from proxy.core.pricing import format_usd
+from proxy.core.usage import Tokenizer
 from proxy.ledger import LedgerRow, now_us, period_of
-from proxy.pricing import format_usd
-from proxy.usage import Tokenizer
+from proxy.server.app import Proxy
 
 from .support import (
     ACME_ONLY_MODEL,

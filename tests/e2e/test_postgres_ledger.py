@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 import aiohttp
 import orjson
 
-from proxy.app import Proxy
 from proxy.config import Config
+from proxy.core.usage import Tokenizer
 from proxy.ledger import IN_FLIGHT
 from proxy.ledger.postgres import PostgresLedger
-from proxy.usage import Tokenizer
+from proxy.server.app import Proxy
 from tests.faultrelay import FaultRelay
 from tests.pg import HOST, PORT, pg_database
 

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.auth import FailureLimiter
+from proxy.core.auth import FailureLimiter
 from proxy.errors import RateLimited
 
 from .support import CHAT_MODEL, Meter, StartMeter, error_of, post_raw

@@ -177,7 +177,7 @@ async def test_malformed_heads_get_400_a_count_and_one_quiet_log_line(
     per connection (a flood), and never the key; an SDK call is served afterwards, with no row
     for the 20."""
     caplog.set_level(logging.INFO, logger="aiohttp")
-    caplog.set_level(logging.WARNING, logger="proxy.serving")
+    caplog.set_level(logging.WARNING, logger="proxy.server.serving")
     key = guarded.keys["acme"]
     heads = [
         b"GARBAGE\r\n\r\n",
@@ -192,7 +192,7 @@ async def test_malformed_heads_get_400_a_count_and_one_quiet_log_line(
     assert len(await guarded.wait_terminal(1)) == 1
     samples = await guarded.metric_samples()
     assert samples["together_meter_malformed_requests_total"] == {(("listener", "public"),): 20.0}
-    ours = [rec for rec in caplog.records if rec.name == "proxy.serving"]
+    ours = [rec for rec in caplog.records if rec.name == "proxy.server.serving"]
     assert len(ours) == 1 and ours[0].levelno == logging.WARNING
     assert "malformed request from 127.0.0.1 answered 400" in ours[0].getMessage()
     assert not [

@@ -20,7 +20,7 @@ import httptools
 import pytest
 
 from proxy.config import Config
-from proxy.routes import Grant
+from proxy.core.routes import Grant
 from tests.faultrelay import FaultRelay
 
 from .support import CHAT_MODEL, OPERATOR_KEY, Meter, StartMeter, error_of, start_simulator

@@ -28,7 +28,7 @@ from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import simulator
-from proxy.auth import digest, new_key
+from proxy.core.auth import digest, new_key
 from proxy.simulator import RunningSimulator
 from tests.pg import pg_database
 
@@ -377,7 +377,7 @@ async def test_sighup_reloads_every_worker_and_a_bad_config_changes_none(
     assert w.proc is not None
     w.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
-    while len(re.findall(r"worker \d \[\d+\] proxy\.app: config reloaded", w.tail(200))) < 2:
+    while len(re.findall(r"worker \d \[\d+\] proxy\.server\.app: config reloaded", w.tail(200))) < 2:
         assert time.monotonic() < deadline, w.tail()
         await asyncio.sleep(0.05)
     statuses = await fresh_connections(w, globex_key, 24)
@@ -392,7 +392,7 @@ async def test_sighup_reloads_every_worker_and_a_bad_config_changes_none(
     assert status == 400 and "the running config stays" in body["error"]["message"]
     assert await fresh_connections(w, globex_key, 12) == [200] * 12
     assert await fresh_connections(w, acme_key, 12) == [200] * 12
-    assert len(re.findall(r"worker \d \[\d+\] proxy\.app: config reloaded", w.tail(400))) == 4
+    assert len(re.findall(r"worker \d \[\d+\] proxy\.server\.app: config reloaded", w.tail(400))) == 4
 
 
 async def fresh_connections(w: Workers, key: str, n: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Fuzz target: request validation on the hot path (proxy/relay.py) with arbitrary bytes.
+"""Fuzz target: request validation on the hot path (proxy/server/relay.py) with arbitrary bytes.
 
 Input layout: byte 0 picks the endpoint (byte mod 3) and whether an X-Meter-Feature (bit 2) and
 an X-Meter-Environment (bit 3) header is sent; each header value is the next line of the input
@@ -23,14 +23,14 @@ import orjson
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from proxy.auth import KeyStore
 from proxy.config import load_config
+from proxy.core.auth import KeyStore
+from proxy.core.usage import Tokenizer
 from proxy.errors import MeterError
 from proxy.ledger.sqlite import SQLiteLedger
-from proxy.metrics import Metrics
-from proxy.relay import ENDPOINTS, Relay, attribution, error_response, parse_call
-from proxy.upstream import UpstreamClient
-from proxy.usage import Tokenizer
+from proxy.server.metrics import Metrics
+from proxy.server.relay import ENDPOINTS, Relay, attribution, error_response, parse_call
+from proxy.upstream.client import UpstreamClient
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "example.yaml"
 PATHS = {name: path for path, name in ENDPOINTS.items()}
@@ -121,7 +121,7 @@ if __name__ == "__main__":
     from atheris_main import fuzz
 
     import proxy.errors
-    import proxy.relay
+    import proxy.server.relay
 
     relay()  # load the config before fuzzing, not inside the first run
-    fuzz(check, [proxy.relay, proxy.errors, sys.modules[__name__]])
+    fuzz(check, [proxy.server.relay, proxy.errors, sys.modules[__name__]])

@@ -1,4 +1,4 @@
-"""Fuzz target: the SSE framer (proxy/sse.py) on arbitrary bytes in arbitrary splits.
+"""Fuzz target: the SSE framer (proxy/core/sse.py) on arbitrary bytes in arbitrary splits.
 
 Input layout: byte 0 picks the split (0: one read, 1: one byte per read, else up to 16 cuts from
 a seeded RNG), byte 1 the event-size bound (1 + 8 x byte), the rest is the stream. Properties:
@@ -16,7 +16,7 @@ import random
 import re
 import sys
 
-from proxy.sse import SSEError, SSEFramer
+from proxy.core.sse import SSEError, SSEFramer
 
 UNBOUNDED = 1 << 40
 EventTuple = tuple[bytes, bytes | None, bytes | None]
@@ -101,6 +101,6 @@ def check(data: bytes) -> None:
 if __name__ == "__main__":
     from atheris_main import fuzz
 
-    import proxy.sse
+    import proxy.core.sse
 
-    fuzz(check, [proxy.sse, sys.modules[__name__]])
+    fuzz(check, [proxy.core.sse, sys.modules[__name__]])

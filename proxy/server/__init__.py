@@ -1,0 +1,1 @@
+"""The running proxy: app wiring, the request path, admin API, listeners, metrics, workers."""
