@@ -99,3 +99,51 @@ def test_import_contracts_hold() -> None:
     out = subprocess.run([str(exe)], capture_output=True, text=True, cwd=ROOT, check=False)
     assert out.returncode == 0, out.stdout[-3000:]
     assert "0 broken" in out.stdout
+
+
+# the request path: what every proxied request runs through
+REQUEST_PATH = [
+    "proxy/core/calls.py",
+    "proxy/core/routes.py",
+    "proxy/core/sse.py",
+    "proxy/core/streaming.py",
+    "proxy/server/relay.py",
+    "proxy/server/stream_relay.py",
+    "proxy/server/recorder.py",
+    "proxy/server/dispatch.py",
+    "proxy/server/objects.py",
+    "proxy/server/passthrough.py",
+    "proxy/server/responses.py",
+]
+MAX_LINES = 60
+MAX_COMPLEXITY = 15
+
+
+def test_request_path_functions_are_short() -> None:
+    """No function on the request path is longer than MAX_LINES lines (docstring included)."""
+    import ast
+
+    long = []
+    for name in REQUEST_PATH:
+        tree = ast.parse((ROOT / name).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_LINES:
+                    long.append(f"{name}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, long
+
+
+def test_request_path_functions_are_simple() -> None:
+    """No function on the request path has a cyclomatic complexity above MAX_COMPLEXITY (ruff C901)."""
+    ruff = Path(sys.executable).with_name("ruff")
+    args = [
+        str(ruff),
+        "check",
+        "--select",
+        "C901",
+        "--config",
+        f"lint.mccabe.max-complexity={MAX_COMPLEXITY}",
+    ]
+    out = subprocess.run([*args, *REQUEST_PATH], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stdout[-3000:]

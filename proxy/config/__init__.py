@@ -19,6 +19,7 @@ import yaml
 
 from proxy.config.prices import load_price_table
 from proxy.core.budgets import Budget, Periods
+from proxy.core.calls import LABEL_VALUE_RE
 from proxy.core.chargeback import DedicatedEndpoint
 from proxy.core.pricing import PUSD_PER_USD, PriceTable
 from proxy.core.routes import Grant
@@ -26,7 +27,6 @@ from proxy.errors import ConfigError
 
 DEFAULT_UPSTREAM = "https://api.together.xyz/v1"
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
-LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}\Z")
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 

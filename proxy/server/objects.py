@@ -17,12 +17,14 @@ import orjson
 from aiohttp import web
 
 from proxy.core.auth import Principal
+from proxy.core.calls import header_attribution, new_request_id
 from proxy.core.routes import ID_RE, Match
 from proxy.errors import InvalidField, InvalidJSON, NotFound, UpstreamProtocolError
 from proxy.ledger import BatchJob, OwnedFile, now_us
 from proxy.server.batches import BatchTracker, job_of, remember_batch_files
-from proxy.server.passthrough import Outbound, Passthrough, header_attribution, respond
-from proxy.server.relay import JSON_CT, Relay, new_request_id
+from proxy.server.passthrough import Outbound, Passthrough, respond
+from proxy.server.relay import Relay
+from proxy.server.responses import JSON_CT
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request, Principal, Match], Awaitable[web.StreamResponse]]
@@ -152,7 +154,7 @@ class ObjectGateway:
         """A batch over one of the caller's files; the proxy then follows it (batches.py)."""
         body = await self.relay.read_body(request)
         await self._check_input(body, principal.tenant)
-        feature, environment = header_attribution(request)
+        feature, environment = header_attribution(request.headers)
         pt = self.pt
         row = await pt.begin(request, principal, match.route.name, 0, admit=True)
         try:

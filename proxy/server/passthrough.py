@@ -18,13 +18,14 @@ from dataclasses import dataclass, replace
 import aiohttp
 from aiohttp import web
 
-from proxy.config import LABEL_VALUE_RE
 from proxy.core.auth import Principal
 from proxy.core.budgets import BudgetExceeded
+from proxy.core.calls import header_attribution, new_request_id
 from proxy.core.pricing import SERVERLESS
-from proxy.errors import InvalidField, MeterError, NotReady, UpstreamTimeout
+from proxy.errors import MeterError, NotReady, UpstreamTimeout
 from proxy.ledger import LedgerRow, LedgerUnavailable, now_us
-from proxy.server.relay import JSON_CT, Relay, new_request_id
+from proxy.server.relay import Relay
+from proxy.server.responses import JSON_CT
 from proxy.upstream.client import UpstreamResponse, UpstreamStreamError
 
 log = logging.getLogger(__name__)
@@ -50,20 +51,6 @@ class Outbound:
     content_type: str = JSON_CT
 
 
-def header_attribution(request: web.Request) -> tuple[str | None, str | None]:
-    """Feature and environment from the X-Meter-* headers (validated like the body's)."""
-    values = []
-    for header in ("X-Meter-Feature", "X-Meter-Environment"):
-        value = request.headers.get(header)
-        if value is not None and not LABEL_VALUE_RE.match(value):
-            raise InvalidField(
-                f"{header} must be 1-64 characters of letters, digits, '.', '_', "
-                "':', '/', '-', starting with a letter or digit."
-            )
-        values.append(value)
-    return values[0], values[1]
-
-
 class Passthrough:
     """Sends one call upstream for a tenant and keeps its row; see the module docstring."""
 
@@ -82,7 +69,7 @@ class Passthrough:
     ) -> LedgerRow:
         """Commit the in-flight row (an exhausted budget refuses creating calls when `admit`)."""
         relay = self.relay
-        feature, environment = header_attribution(request)
+        feature, environment = header_attribution(request.headers)
         started = relay.clock()
         row = LedgerRow(
             new_request_id(),

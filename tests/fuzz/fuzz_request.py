@@ -1,4 +1,4 @@
-"""Fuzz target: request validation on the hot path (proxy/server/relay.py) with arbitrary bytes.
+"""Fuzz target: request validation on the hot path (core/calls.py, server/relay.py) with arbitrary bytes.
 
 Input layout: byte 0 picks the endpoint (byte mod 3) and whether an X-Meter-Feature (bit 2) and
 an X-Meter-Environment (bit 3) header is sent; each header value is the next line of the input
@@ -25,11 +25,13 @@ from multidict import CIMultiDict
 
 from proxy.config import load_config
 from proxy.core.auth import KeyStore
+from proxy.core.calls import attribution, parse_call
 from proxy.core.usage import Tokenizer
 from proxy.errors import MeterError
 from proxy.ledger.sqlite import SQLiteLedger
 from proxy.server.metrics import Metrics
-from proxy.server.relay import ENDPOINTS, Relay, attribution, error_response, parse_call
+from proxy.server.relay import ENDPOINTS, Relay
+from proxy.server.responses import error_response
 from proxy.upstream.client import UpstreamClient
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "example.yaml"
@@ -75,7 +77,7 @@ def check(data: bytes) -> None:
     try:
         call = parse_call(endpoint, body)
         request = make_mocked_request("POST", PATHS[endpoint], headers=CIMultiDict(headers))
-        feature, environment = attribution(request, call)
+        feature, environment = attribution(request.headers, call)
         rates = r.config.prices.get(call.model) or r.config.prices.get(FALLBACK_MODEL)
         reserved = r._reserve(call, rates)
         forwarded = call.forward
@@ -120,8 +122,9 @@ def _same(a: Any, b: Any) -> bool:
 if __name__ == "__main__":
     from atheris_main import fuzz
 
+    import proxy.core.calls
     import proxy.errors
     import proxy.server.relay
 
     relay()  # load the config before fuzzing, not inside the first run
-    fuzz(check, [proxy.server.relay, proxy.errors, sys.modules[__name__]])
+    fuzz(check, [proxy.core.calls, proxy.server.relay, proxy.errors, sys.modules[__name__]])
