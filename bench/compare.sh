@@ -46,7 +46,7 @@ start() {  # NAME SOURCE_DIR PORT ADMIN_PORT [serve args...]
   local name=$1 src=$2 port=$3 admin=$4
   shift 4
   PYTHONPATH="$src" TOGETHER_API_KEY=fake-together-key taskset -c "$ONE_CPUS" \
-    "$ROOT/.venv/bin/python" -c "import sys; from proxy.cli import main; sys.exit(main())" \
+    "$ROOT/.venv/bin/python" -P -c "import sys; from proxy.cli import main; sys.exit(main())" \
     --log-level WARNING serve --port "$port" --admin-port "$admin" "$@" >"$OUT/$name.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 1 100); do

@@ -92,15 +92,20 @@ taskset -c "$PROXY_CPUS" "$PY" "$SHARED_BENCH/naive_proxy.py" --port "$NAIVE_POR
 PIDS+=($!); NAMES+=(naive)
 wait_ready naive "http://127.0.0.1:$NAIVE_PORT/metrics" "${PIDS[-1]}"
 
-# load average every 30 s during the run (a `sleep` loop: no measurable CPU)
-( while :; do echo "$(date +%H:%M:%S) $(cut -d' ' -f1-3 /proc/loadavg)"; sleep 30; done ) >"$OUT/load.txt" 2>&1 &
+# load average (and CPU pressure, where the kernel reports it) every 30 s during the run, to tell
+# a disturbed run from a slow commit (a `sleep` loop: no measurable CPU)
+loadline() {
+  echo "$(date +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg)" \
+    "cpu-pressure $(head -1 /proc/pressure/cpu 2>/dev/null | cut -d' ' -f2-3)"
+}
+( while :; do loadline; sleep 30; done ) >"$OUT/load.txt" 2>&1 &
 LOADMON=$!
 
 UPSTREAM_PORT="$UPSTREAM_PORT" bash "$SHARED_BENCH/run_bench.sh" \
   "old=http://127.0.0.1:$OLD_PORT/v1@${PIDS[0]}" \
   "new=http://127.0.0.1:$NEW_PORT/v1@${PIDS[1]}" \
   "naive=http://127.0.0.1:$NAIVE_PORT/v1@${PIDS[2]}"
-echo "$(date +%H:%M:%S) $(cut -d' ' -f1-3 /proc/loadavg) (end)" >>"$OUT/load.txt"
+echo "$(loadline) (end)" >>"$OUT/load.txt"
 
 for i in "${!PIDS[@]}"; do
   kill -0 "${PIDS[$i]}" 2>/dev/null || echo "WARNING: ${NAMES[$i]} (pid ${PIDS[$i]}) died during the run: see $OUT/${NAMES[$i]}.log" >&2
