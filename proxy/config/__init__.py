@@ -89,6 +89,7 @@ class Tenant:
     budget: Budget | None = None
     feature_budgets: Mapping[str, Budget] = field(default_factory=dict)
     routes: tuple[Grant, ...] = ()  # operator-account routes granted to this tenant (routes.py)
+    cost_in_body: bool = False  # usage.cost in every answer unless X-Meter-Cost: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +254,9 @@ def _tenants(r: _Reader) -> dict[str, Tenant]:
         if not isinstance(name, str) or not TENANT_RE.match(name):
             raise r.err(str(name), "tenant names use letters, digits, '.', '_', '-' (<= 64)")
         t = r.section(name)
-        t.check_keys({"keys_sha256", "models", "description", "budget", "feature_budgets", "routes"})
+        t.check_keys(
+            {"keys_sha256", "models", "description", "budget", "feature_budgets", "routes", "cost_in_body"}
+        )
         digests = t.str_list("keys_sha256") or ()
         for d in digests:
             if not DIGEST_RE.match(d):
@@ -269,7 +272,12 @@ def _tenants(r: _Reader) -> dict[str, Tenant]:
             if not isinstance(feature, str) or not LABEL_VALUE_RE.match(feature):
                 raise fb.err(str(feature), "feature names use letters, digits, . _ : / - (<= 64)")
             feature_budgets[feature] = _budget(fb.section(feature))
-        tenants[name] = Tenant(name, digests, t.str_list("models"), budget, feature_budgets, _grants(t))
+        cost_in_body = t.data.get("cost_in_body", False)
+        if not isinstance(cost_in_body, bool):
+            raise t.err("cost_in_body", f"must be true or false, got {cost_in_body!r}")
+        tenants[name] = Tenant(
+            name, digests, t.str_list("models"), budget, feature_budgets, _grants(t), cost_in_body
+        )
     return tenants
 
 

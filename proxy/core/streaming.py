@@ -7,10 +7,11 @@ never the sum), or not at all (then the caller estimates from the text the strea
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import orjson
 
+from proxy.core.cost_body import event_with_cost
 from proxy.core.sse import Event
 from proxy.core.usage import Usage, completion_text, usage_from_json
 
@@ -42,14 +43,16 @@ class StreamMeter:
         "error_event",
         "first_token_at",
         "hide_usage_chunk",
+        "price",
         "saw_content",
         "upstream_id",
         "usage",
     )
 
-    def __init__(self, hide_usage_chunk: bool) -> None:
+    def __init__(self, hide_usage_chunk: bool, price: Callable[[Usage], str | None] | None = None) -> None:
         # we added include_usage for our own metering: the client did not ask for that chunk
         self.hide_usage_chunk = hide_usage_chunk
+        self.price = price  # opted in to the cost in the body: usage -> cost text (or None)
         self.usage: Usage | None = None
         self.upstream_id: str | None = None
         self.done = False
@@ -77,29 +80,40 @@ class StreamMeter:
                 self.error_event = True
                 out.append(ev.raw)
                 continue
-            if _has_usage_object(data) and not self._take_usage(data):
-                continue  # the usage-only chunk the client did not ask for
+            raw = ev.raw
+            if _has_usage_object(data):
+                shown = self._take_usage(ev)
+                if shown is None:
+                    continue  # the usage-only chunk the client did not ask for
+                raw = shown
             self.saw_content = True
-            out.append(ev.raw)
+            out.append(raw)
             if self.usage is None:
                 self._keep(data)
         return b"".join(out) if len(out) != 1 else out[0]
 
-    def _take_usage(self, data: bytes) -> bool:
-        """Record the chunk's usage; False if the chunk should be hidden from the client."""
+    def _take_usage(self, ev: Event) -> bytes | None:
+        """Record the chunk's usage; the bytes to relay (with the cost when opted in), or None
+        if the chunk should be hidden from the client."""
         try:
-            obj = orjson.loads(data)
+            obj = orjson.loads(ev.data or b"")
         except orjson.JSONDecodeError:
-            return True
+            return ev.raw
         if not isinstance(obj, dict):
-            return True
+            return ev.raw
+        raw = ev.raw
         usage = usage_from_json(obj.get("usage"))
         if usage is not None:
             self.usage = usage
             self._kept.clear()
             if isinstance(obj.get("id"), str):
                 self.upstream_id = obj["id"]
-        return not (self.hide_usage_chunk and obj.get("choices") == [])
+            cost = self.price(usage) if self.price is not None and ev.event is None else None
+            if cost is not None:
+                raw = event_with_cost(obj, cost) or raw
+        if self.hide_usage_chunk and obj.get("choices") == []:
+            return None
+        return raw
 
     def _keep(self, data: bytes) -> None:
         if self._kept_bytes + len(data) <= KEEP_TEXT_BYTES:

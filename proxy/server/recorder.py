@@ -36,6 +36,7 @@ class Recorder:
 
     __slots__ = (
         "choices",
+        "cost_in_body",
         "cost_text",
         "finished",
         "model_label",
@@ -54,6 +55,7 @@ class Recorder:
         self.choices = choices  # the request's `n` (bounds a believable usage)
         self.started = asyncio.get_running_loop().time()
         self.finished = False
+        self.cost_in_body = False  # the client opted in to usage.cost (relay.py)
         self.cost_text = "unknown"
         self.usage_source = "none"
         self.model_label = sinks.metrics.model_label(row.model)
@@ -105,6 +107,17 @@ class Recorder:
                 upstream_id=upstream_id,
             )
         await self._commit(row)
+
+    def quote(self, usage: Usage) -> str | None:
+        """The cost `finish` will record for `usage`, as text (the reservation when the usage
+        is not believable); None when the model has no price."""
+        if self.rates is None:
+            return None
+        cost = cost_pusd(usage, self.rates, self.row.mode)
+        reserved = self.row.reserved_pusd
+        if reserved is not None and not 0 <= cost <= reserved and not self._plausible(cost):
+            cost = reserved
+        return format_usd(cost)
 
     def _plausible(self, cost: int) -> bool:
         """A usage above the reservation can still be real: without max_tokens the reservation

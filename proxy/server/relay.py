@@ -21,6 +21,7 @@ from proxy.config import Config
 from proxy.core.auth import FailureLimiter, KeyStore, Principal
 from proxy.core.budgets import BudgetBook, BudgetExceeded
 from proxy.core.calls import Call, attribution, new_request_id, parse_call
+from proxy.core.cost_body import body_with_cost
 from proxy.core.pricing import SERVERLESS, Rates
 from proxy.core.routes import ROUTES, check_header_values
 from proxy.core.usage import Tokenizer, Usage, completion_text, estimate_prompt_tokens, usage_from_json
@@ -28,6 +29,7 @@ from proxy.errors import (
     AuthenticationError,
     BodyTimeout,
     BodyTooLarge,
+    InvalidField,
     MeterError,
     ModelNotAllowed,
     ModelNotPriced,
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 # path -> ledger endpoint of the metered inference routes (routes.py holds the whole table)
 ENDPOINTS = {r.pattern: r.name for r in ROUTES.routes if r.kind == "inference"}
 PATHS = {name: path for path, name in ENDPOINTS.items()}
+COST_OPTIONS = ("usage", "none")  # X-Meter-Cost
 __all__ = ["ENDPOINTS", "JSON_CT", "PATHS", "Relay", "error_response", "new_request_id"]
 
 
@@ -112,6 +115,7 @@ class Relay:
             if not self.accepting:
                 raise NotReady("The proxy is shutting down; retry on another instance.")
             check_header_values(request.headers, FORWARDED_HEADERS)  # they travel upstream
+            cost_in_body = self._cost_in_body(request, principal)
         except MeterError as exc:
             return error_response(exc, request_id)
         admitted = await self._admit(request, principal, endpoint, request_id)
@@ -120,7 +124,17 @@ class Relay:
         call, rates, row = admitted
         self.metrics.overhead.observe((endpoint,), time.perf_counter() - t0)
         meter = Recorder(self.sinks, row, rates, t0, call.body.get("n") or 1)
+        meter.cost_in_body = cost_in_body
         return await self._run(request, call, meter)
+
+    def _cost_in_body(self, request: web.Request, principal: Principal) -> bool:
+        """`X-Meter-Cost: usage` (or `none`) per request, else the tenant's `cost_in_body`."""
+        value = request.headers.get("X-Meter-Cost")
+        if value is None:
+            return self.config.tenants[principal.tenant].cost_in_body
+        if value not in COST_OPTIONS:
+            raise InvalidField("X-Meter-Cost must be 'usage' (usage.cost in the body) or 'none'.")
+        return value == "usage"
 
     async def _admit(
         self, request: web.Request, principal: Principal, endpoint: str, request_id: str
@@ -310,6 +324,8 @@ class Relay:
             "x-meter-cost-usd": meter.cost_text,
             "x-meter-usage-source": meter.usage_source,
         }
+        if meter.cost_in_body and meter.cost_text != "unknown":
+            data = body_with_cost(data, meter.cost_text)
         return web.Response(body=data, status=200, headers=headers, content_type=up.content_type or JSON_CT)
 
     async def _forward(self, request: web.Request, call: Call) -> UpstreamResponse:

@@ -77,7 +77,9 @@ class _Stream:
         self.loop = asyncio.get_running_loop()
         self.deadline = meter.started + self.cfg.total_timeout
         self.framer = SSEFramer(config.limits.max_event_bytes)
-        self.sm = StreamMeter(hide_usage_chunk=not call.wants_usage)
+        # a client that opted in to the cost in the body gets the usage chunk, with the cost
+        price = meter.quote if meter.cost_in_body else None
+        self.sm = StreamMeter(hide_usage_chunk=not (call.wants_usage or meter.cost_in_body), price=price)
         self.client_gone = False
         headers = {**SSE_HEADERS, "x-request-id": meter.row.request_id}
         self.resp = web.StreamResponse(status=200, headers=headers)
