@@ -23,6 +23,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from proxy.config import Attribution
 from proxy.core.budgets import BudgetBook
+from proxy.core.ratelimits import LastSeen
 from proxy.core.routes import OBJECT_ENDPOINTS
 from proxy.ledger import LedgerRow
 
@@ -127,6 +128,7 @@ class Metrics:
         self.upstream_errors: dict[str, int] = {}
         self.header_timeouts: dict[str, int] = {}  # listener -> connections closed, head late
         self.malformed_requests: dict[str, int] = {}  # listener -> malformed heads answered 400
+        self.rate_limits = LastSeen()  # together's rate-limit headers, last values per model
         self.prices_last_sync: float | None = None
         self.budgets: BudgetBook | None = None  # month-to-date spend and budget gauges
         # `serve --workers N`: the supervisor's /metrics renders its workers' merged totals
@@ -162,6 +164,9 @@ class Metrics:
             (),
             (*OVERHEAD_BUCKETS, 1.0, 5.0),
         )
+
+    def _rate_limit_family(self) -> GaugeMetricFamily:
+        return _rate_limit_gauges(self.rate_limits)
 
     def model_label(self, model: str) -> str:
         return model if model in self._models else OTHER_LABEL
@@ -221,6 +226,7 @@ class Metrics:
         if self.fleet is not None:
             yield from self.fleet.collect()
             return
+        yield self._rate_limit_family()
         fam = CounterMetricFamily(
             PREFIX + "requests",
             "Requests by final status.",
@@ -334,6 +340,18 @@ def budget_gauges(book: BudgetBook) -> Iterator[Metric]:
             thresholds.add_metric([tenant, str(t)], float(t))
     yield from fams.values()
     yield thresholds
+
+
+def _rate_limit_gauges(seen: LastSeen) -> GaugeMetricFamily:
+    fam = GaugeMetricFamily(
+        PREFIX + "upstream_rate_limit",
+        "The last value of together.ai's rate-limit headers seen per model "
+        "(x-ratelimit-limit|remaining|reset, x-tokenlimit-limit|remaining).",
+        labels=("model", "kind"),
+    )
+    for (model, kind), value in sorted(seen.values.items()):
+        fam.add_metric([model, kind], value)
+    return fam
 
 
 class _Adapter:

@@ -22,6 +22,7 @@ from proxy.core.auth import Principal
 from proxy.core.budgets import BudgetExceeded
 from proxy.core.calls import header_attribution, new_request_id
 from proxy.core.pricing import SERVERLESS
+from proxy.core.ratelimits import RATE_LIMIT_HEADERS
 from proxy.errors import MeterError, NotReady, UpstreamTimeout
 from proxy.ledger import LedgerRow, LedgerUnavailable, now_us
 from proxy.server.relay import Relay
@@ -30,14 +31,7 @@ from proxy.upstream.client import UpstreamResponse, UpstreamStreamError
 
 log = logging.getLogger(__name__)
 # answer headers a client may need besides the body: together's rate-limit headers and retries
-PASSED_HEADERS = (
-    "retry-after",
-    "retry-after-ms",
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-    "content-disposition",
-)
+PASSED_HEADERS = (*RATE_LIMIT_HEADERS, "content-disposition")
 
 
 @dataclass(frozen=True, slots=True)

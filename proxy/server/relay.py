@@ -23,7 +23,9 @@ from proxy.core.budgets import BudgetBook, BudgetExceeded
 from proxy.core.calls import Call, attribution, new_request_id, parse_call
 from proxy.core.cost_body import body_with_cost
 from proxy.core.pricing import SERVERLESS, Rates
+from proxy.core.ratelimits import passed
 from proxy.core.routes import ROUTES, check_header_values
+from proxy.core.shapes import embeddings_as_base64, openai_list, wants_openai_list
 from proxy.core.usage import Tokenizer, Usage, completion_text, estimate_prompt_tokens, usage_from_json
 from proxy.errors import (
     AuthenticationError,
@@ -312,7 +314,7 @@ class Relay:
             return error_response(exc, meter.row.request_id)
         if up.status != 200:
             await meter.upstream_error(up.status)
-            return self._passthrough(up, data, meter.row.request_id)
+            return self._passthrough(up, data, meter.row.request_id, self._limits(meter, up))
         if self.tokenizer.needs_loading and (call.endpoint == "embeddings" or b'"usage"' not in data):
             await loaded(self.tokenizer)  # an estimate is coming: load it off the loop, once
         usage, upstream_id = self._usage_of_body(call, data)
@@ -323,9 +325,12 @@ class Relay:
             "x-request-id": meter.row.request_id,
             "x-meter-cost-usd": meter.cost_text,
             "x-meter-usage-source": meter.usage_source,
+            **self._limits(meter, up),
         }
         if meter.cost_in_body and meter.cost_text != "unknown":
             data = body_with_cost(data, meter.cost_text)
+        if call.endpoint == "embeddings" and call.body.get("encoding_format") == "base64":
+            data = embeddings_as_base64(data)  # together answers floats; the client decodes base64
         return web.Response(body=data, status=200, headers=headers, content_type=up.content_type or JSON_CT)
 
     async def _forward(self, request: web.Request, call: Call) -> UpstreamResponse:
@@ -369,12 +374,18 @@ class Relay:
             )
         return Usage(prompt, completion, "estimated"), None
 
+    def _limits(self, meter: Recorder, up: UpstreamResponse) -> dict[str, str]:
+        """together's rate-limit headers of this answer (passed on; remembered per model)."""
+        limits = passed(up.headers)
+        if limits:
+            self.metrics.rate_limits.observe(meter.model_label, limits)
+        return limits
+
     @staticmethod
-    def _passthrough(up: UpstreamResponse, data: bytes, request_id: str) -> web.Response:
-        headers = {"x-request-id": request_id}
-        retry_after = up.headers.get("retry-after")
-        if retry_after is not None:
-            headers["Retry-After"] = retry_after
+    def _passthrough(
+        up: UpstreamResponse, data: bytes, request_id: str, limits: dict[str, str]
+    ) -> web.Response:
+        headers = {"x-request-id": request_id, **limits}
         return web.Response(
             body=data, status=up.status, headers=headers, content_type=up.content_type or JSON_CT
         )
@@ -390,7 +401,7 @@ class Relay:
         if up.status != 200 or up.content_type != "text/event-stream":
             return await self._respond_whole(request, call, meter, up)
         async with up:
-            return await self.streams.relay(request, call, meter, up)
+            return await self.streams.relay(request, call, meter, up, self._limits(meter, up))
 
     # -- pass-through of model listings (not metered) --------------------------------------
 
@@ -405,6 +416,8 @@ class Relay:
                 data = await self.read_upstream(up)
         except MeterError as exc:
             return error_response(exc, request_id)
+        if up.status == 200 and path == "/v1/models" and wants_openai_list(request.headers):
+            data = openai_list(data)  # together's bare array would make OpenAI SDKs raise
         return web.Response(
             body=data,
             status=up.status,

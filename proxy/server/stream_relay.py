@@ -44,10 +44,16 @@ class StreamRelay:
         self.tokenizer = tokenizer
 
     async def relay(
-        self, request: web.Request, call: Call, meter: Recorder, up: UpstreamResponse
+        self,
+        request: web.Request,
+        call: Call,
+        meter: Recorder,
+        up: UpstreamResponse,
+        extra_headers: dict[str, str] | None = None,
     ) -> web.StreamResponse:
-        """Relay `up` (an open 200 text/event-stream answer) to the client and record it."""
-        stream = _Stream(self, request, call, meter, up)
+        """Relay `up` (an open 200 text/event-stream answer) to the client and record it;
+        `extra_headers` (together's rate-limit headers) go with the response head."""
+        stream = _Stream(self, request, call, meter, up, extra_headers or {})
         await stream.open()
         try:
             status = await stream.pump()
@@ -69,7 +75,13 @@ class _Stream:
     """One stream being relayed: its response, framer, meter, deadline and client state."""
 
     def __init__(
-        self, owner: StreamRelay, request: web.Request, call: Call, meter: Recorder, up: UpstreamResponse
+        self,
+        owner: StreamRelay,
+        request: web.Request,
+        call: Call,
+        meter: Recorder,
+        up: UpstreamResponse,
+        extra_headers: dict[str, str],
     ) -> None:
         config = owner.config()
         self.owner, self.request, self.call, self.meter, self.up = owner, request, call, meter, up
@@ -81,7 +93,7 @@ class _Stream:
         price = meter.quote if meter.cost_in_body else None
         self.sm = StreamMeter(hide_usage_chunk=not (call.wants_usage or meter.cost_in_body), price=price)
         self.client_gone = False
-        headers = {**SSE_HEADERS, "x-request-id": meter.row.request_id}
+        headers = {**SSE_HEADERS, **extra_headers, "x-request-id": meter.row.request_id}
         self.resp = web.StreamResponse(status=200, headers=headers)
 
     async def open(self) -> None:

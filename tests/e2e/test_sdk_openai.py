@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from .support import (
@@ -15,6 +16,11 @@ from .support import (
 
 ATTRIBUTION = {"X-Meter-Feature": "search", "X-Meter-Environment": "staging"}
 PROMPT = "Once upon a time in a metered land"
+
+
+def float32(vector: list[float]) -> list[float]:
+    """`vector` rounded to float32, as a base64 embedding carries it."""
+    return list(struct.unpack(f"<{len(vector)}f", struct.pack(f"<{len(vector)}f", *vector)))
 
 
 def _dump(obj: Any) -> dict[str, Any]:
@@ -139,7 +145,9 @@ async def test_embeddings_estimated(meter: Meter) -> None:
     r = raw.parse()
     (entry,) = meter.sim.billed.entries
     direct = await meter.direct_openai().embeddings.create(model=EMBEDDING_MODEL, input=inputs)
-    assert [d.embedding for d in r.data] == [d.embedding for d in direct.data]
+    # the SDK asks for base64 by itself; the proxy answers base64 float32 as OpenAI does (the
+    # simulator, like together, sends floats), so the vectors are the upstream's at float32
+    assert [d.embedding for d in r.data] == [float32(d.embedding) for d in direct.data]
     assert len(r.data) == 2 and len(r.data[0].embedding) == 8
     (row,) = await meter.rows()
     assert row.prompt_tokens is not None and row.prompt_tokens > 0 and row.completion_tokens == 0

@@ -1,0 +1,57 @@
+"""Answer shapes the OpenAI SDKs expect where together.ai's differ (opt-in per client).
+
+- `GET /v1/models`: together answers a bare JSON array; the OpenAI SDKs need
+  `{"object": "list", "data": [...]}` (their `models.list()` raises on the array).
+- Embeddings: the Node `openai` SDK asks for `encoding_format: "base64"` by default and decodes
+  what comes back as base64; together answers floats, which that SDK would turn into a wrong vector.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import Mapping
+
+import orjson
+
+SHAPE_HEADER = "X-Meter-Models-Shape"  # openai | together: overrides the User-Agent guess
+
+
+def wants_openai_list(headers: Mapping[str, str]) -> bool:
+    """An OpenAI SDK (its User-Agent says `OpenAI/...` or `AsyncOpenAI/...`), or asked for."""
+    shape = headers.get(SHAPE_HEADER)
+    if shape is not None:
+        return shape.strip().lower() == "openai"
+    agent = headers.get("User-Agent", "")
+    return agent.startswith(("OpenAI/", "AsyncOpenAI/"))
+
+
+def openai_list(data: bytes) -> bytes:
+    """A bare JSON array as `{"object": "list", "data": [...]}`; anything else unchanged."""
+    if not data.lstrip().startswith(b"["):
+        return data
+    try:
+        items = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data
+    return orjson.dumps({"object": "list", "data": items})
+
+
+def embeddings_as_base64(data: bytes) -> bytes:
+    """Float embeddings re-encoded as base64 of little-endian float32 (what OpenAI sends for
+    `encoding_format: "base64"`); an answer already in base64, or not JSON, unchanged."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data
+    items = obj.get("data") if isinstance(obj, dict) else None
+    if not isinstance(items, list):
+        return data
+    changed = False
+    for item in items:
+        vector = item.get("embedding") if isinstance(item, dict) else None
+        if isinstance(vector, list) and all(isinstance(x, int | float) for x in vector):
+            packed = struct.pack(f"<{len(vector)}f", *vector)
+            item["embedding"] = base64.b64encode(packed).decode("ascii")
+            changed = True
+    return orjson.dumps(obj) if changed else data
