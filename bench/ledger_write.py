@@ -2,10 +2,13 @@
 
 Each simulated request does what the relay does: `begin` (commit the in_flight row) then `finish`
 (make it terminal), awaiting each commit. C concurrent "requests" loop until N requests are
-done; we report requests/s, row writes/s and the latency of one awaited commit.
+done; we report requests/s, row writes/s, the latency of one awaited commit, and the CPU time
+per request of this process and (PostgreSQL) of the database's backends serving it, which a
+busy shared machine disturbs less than wall-clock rates.
 
   .venv/bin/python bench/ledger_write.py --backend sqlite --concurrency 1 64 --requests 20000
   .venv/bin/python bench/ledger_write.py --backend postgres --dsn postgresql://postgres@127.0.0.1/DB ...
+  .venv/bin/python bench/ledger_write.py --root /tmp/old-checkout ...   # that checkout's ledger
 
 Loopback / local files only; every run is bounded by --requests and --max-seconds.
 """
@@ -23,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if "--root" in sys.argv:  # measure another checkout's ledger (an A/B against an older commit)
+    ROOT = Path(sys.argv[sys.argv.index("--root") + 1]).resolve()
 sys.path.insert(0, str(ROOT))
 
 from proxy.config import LedgerSettings  # noqa: E402
@@ -94,9 +99,15 @@ async def one_run(
                 latencies.append(t2 - t1)
                 done += 1
 
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
+        db_start = await _db_cpu(dsn) if backend == "postgres" else {}
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t_start
+        elapsed, cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
+        db_cpu = (
+            sum(v - db_start.get(k, 0.0) for k, v in (await _db_cpu(dsn)).items())
+            if backend == "postgres"
+            else 0
+        )
         await ledger.close()
     latencies.sort()
     return {
@@ -108,7 +119,33 @@ async def one_run(
         "row_writes_per_s": round(2 * done / elapsed),
         "commit_wait_p50_ms": round(statistics.median(latencies) * 1000, 3),
         "commit_wait_p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 3),
+        "proxy_cpu_us_per_request": round(cpu / done * 1e6, 1),
+        "db_cpu_us_per_request": round(db_cpu / done * 1e6, 1),
+        "proxy_package": str(Path(sys.modules["proxy"].__file__ or "").parent),  # the code measured
     }
+
+
+async def _db_cpu(dsn: str | None) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend connected to the benchmark's database."""
+    import os
+
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        pids = [r[0] for r in await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )]  # fmt: skip
+    finally:
+        await conn.close()
+    out = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # noqa: ASYNC240
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def main() -> int:
@@ -119,6 +156,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=20_000, help="requests per run (2 row writes each)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="upper bound of one run")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--root", help="the checkout whose ledger to measure (default: this one)")
     args = p.parse_args()
     results = []
     for c in args.concurrency:

@@ -11,8 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.config import DedicatedEndpoint, parse_config
-from proxy.core.chargeback import chargeback, chargeback_csv, chargeback_view, chargebacks, split_by_share
+from proxy.core.budgets import Periods
+from proxy.core.chargeback import Chargeback, chargeback_csv, chargeback_view, chargebacks, split_by_share
+from proxy.core.chargeback import chargeback as chargeback_of
 from proxy.core.report import ReportError
+from proxy.core.rollups import rollup_rows
 from proxy.errors import ConfigError
 from proxy.ledger import IN_FLIGHT, LedgerRow
 from tests.test_docs import ROOT
@@ -45,6 +48,11 @@ def row(i: int, tenant: str, prompt: int | None, completion: int | None, **kw: o
     }
     base.update(kw)
     return LedgerRow(**base)  # type: ignore[arg-type]
+
+
+def chargeback(rows: list[LedgerRow], *args: Any) -> Chargeback:
+    """The chargeback of these rows, through their rollups (as the ledger keeps them)."""
+    return chargeback_of(rollup_rows(rows, Periods()), *args)
 
 
 def test_hand_computed_example() -> None:

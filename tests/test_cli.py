@@ -1,4 +1,4 @@
-"""The command line, run as a real subprocess: keys, config errors, prices list/sync/check."""
+"""The command line, run as a real subprocess: keys, config errors, serve errors, prices list/sync/check."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -163,4 +166,81 @@ async def test_prices_sync_check_detects_drift_then_sync_fixes_it(config_dir: Pa
         )
         assert code == 0, out
     finally:
+        await sim.stop()
+
+
+@pytest.mark.parametrize("listener", ["--port", "--admin-port"])
+async def test_serve_on_a_port_in_use_is_one_line_and_exit_1(config_dir: Path, listener: str) -> None:
+    """A public or admin port already taken: exit 1 with one line naming the address, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = {"--port": "0", "--admin-port": "0", listener: port}
+        code, out, err = await run_cli(
+            "serve",
+            "--config",
+            str(config_dir / "example.yaml"),
+            "--ledger",
+            str(config_dir / "l.db"),
+            "--upstream",
+            f"http://127.0.0.1:{_closed_port()}/v1",
+            *(x for kv in ports.items() for x in kv),
+            env={"TOGETHER_API_KEY": "x"},
+        )
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"('127.0.0.1', {port})" in err and "address already in use" in err and listener in err
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_keys_create_says_a_reload_takes_the_key_without_restart(config_dir: Path) -> None:
+    """The confirmation points to SIGHUP and POST /admin/reload, not to a restart."""
+    code, _, err = await run_cli(
+        "keys", "create", "--tenant", "acme", "--config", str(config_dir / "example.yaml")
+    )
+    assert code == 0, err
+    assert "SIGHUP" in err and "POST /admin/reload" in err and "restart" in err.lower()
+    assert "Restart the proxy" not in err
+
+
+async def test_a_key_created_while_serving_works_after_post_admin_reload(config_dir: Path) -> None:
+    """What `keys create` says holds: a running proxy refuses the new key (401) until
+    POST /admin/reload, then accepts it; no restart."""
+    from proxy.server.app import Proxy, Secrets, with_overrides
+
+    cfg = config_dir / "example.yaml"
+    sim = await simulator.start()
+    ledger = config_dir / "l.db"
+
+    def load() -> Any:
+        return with_overrides(load_config(cfg), upstream=sim.url, port=0, admin_port=0, ledger_path=ledger)
+
+    proxy = Proxy(load(), Secrets("sim-key", admin_token="admin-token"), loader=load)
+    try:
+        await proxy.start()
+        code, out, err = await run_cli("keys", "create", "--tenant", "acme", "--config", str(cfg))
+        assert code == 0, err
+        chat = {
+            "model": "deepseek-ai/DeepSeek-V3",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+        }
+        base = f"http://127.0.0.1:{proxy.port}/v1/chat/completions"
+        async with aiohttp.ClientSession() as s:
+            headers = {"Authorization": f"Bearer {out.strip()}"}
+            async with s.post(base, json=chat, headers=headers) as r:
+                assert r.status == 401
+            admin = f"http://127.0.0.1:{proxy.admin_port}/admin/reload"
+            async with s.post(admin, headers={"Authorization": "Bearer admin-token"}) as r:
+                assert r.status == 200, await r.text()
+            async with s.post(base, json=chat, headers=headers) as r:
+                assert r.status == 200, await r.text()
+    finally:
+        await proxy.stop()
         await sim.stop()

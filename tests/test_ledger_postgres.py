@@ -469,10 +469,14 @@ async def test_commands_read_and_prune_the_postgres_ledger(pg_dsn: str, tmp_path
     env = {"TM_TEST_LEDGER_DSN": pg_dsn.replace("postgres@", "postgres:pw-canary-77@")}
     code, out, err = await run_cli("db", "migrate", "--config", config, env=env)
     assert code == 0 and "pw-canary-77" not in out + err
-    assert out.splitlines()[:2] == ["applied 0001_initial", "applied 0002_owned_files"]
-    assert out.splitlines()[2].endswith("schema at version 2")
+    assert out.splitlines()[:3] == [
+        "applied 0001_initial",
+        "applied 0002_owned_files",
+        "applied 0003_rollups",
+    ]
+    assert out.splitlines()[3].endswith("schema at version 3")
     code, out, _ = await run_cli("db", "migrate", "--config", config, env=env)
-    assert code == 0 and out.strip().endswith("schema at version 2 (up to date)") and ":***@" in out
+    assert code == 0 and out.strip().endswith("schema at version 3 (up to date)") and ":***@" in out
     ledger = PostgresLedger(pg_dsn)
     await ledger.open()
     start = 1767225600 * 1_000_000  # 2026-01-01T00:00:00Z
@@ -493,7 +497,8 @@ async def test_commands_read_and_prune_the_postgres_ledger(pg_dsn: str, tmp_path
     code, out, err = await run_cli("db", "prune", "--config", config, "--before", "2026-02", env=env)
     assert (code, out.strip()) == (
         0,
-        "pruned 31 row(s) before 2026-02 into 31 aggregate line(s); periods: 2026-01",
+        "pruned 31 row(s) before 2026-02; their rollups stay, so reports of those months are unchanged; "
+        "periods: 2026-01",
     )
     code, after, err = await run_cli(*report, env=env)
     assert code == 0 and json.loads(after) == json.loads(before)

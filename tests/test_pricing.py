@@ -13,18 +13,23 @@ from hypothesis import strategies as st
 from proxy.config.prices import dump_price_table, load_price_table
 from proxy.core.pricing import (
     BATCH,
+    BATCH_DISCOUNT,
+    BATCH_NONE,
+    BATCH_RATES,
+    BATCH_UNKNOWN,
     PUSD_PER_USD,
     SERVERLESS,
     PriceTable,
     Rates,
+    batch_rate,
+    cache_savings_pusd,
     cost_pusd,
-    discounted,
     format_usd,
     parse_price_table,
     rate_to_pusd,
     usd,
 )
-from proxy.core.usage import Usage
+from proxy.core.usage import Usage, usage_from_json
 from proxy.errors import ConfigError
 
 PRICES_YAML = Path(__file__).resolve().parent.parent / "config" / "prices.yaml"
@@ -62,9 +67,9 @@ def test_two_million_seed_requests_cost_exactly_12000_usd() -> None:
     assert format_usd(total) == "12000"
 
 
-def test_batch_at_default_discount_is_half_the_serverless_cost() -> None:
-    """Without batch rates, batch mode prices at the default 0.5 discount: $6,000 per 2M requests."""
-    rates = seed_rates()
+def test_batch_at_a_fifty_percent_discount_is_half_the_serverless_cost() -> None:
+    """The seed at `batch: {discount: 0.5}` (Batch at 50 %): $6,000 per 2M requests."""
+    rates = seed_rates(batch={"discount": 0.5})
     one = cost_pusd(SEED_USAGE, rates, BATCH)
     assert one * 2 == cost_pusd(SEED_USAGE, rates, SERVERLESS)
     assert usd(one * 2_000_000) == Decimal(6_000)
@@ -163,50 +168,129 @@ def test_missing_rate_is_rejected(missing: str) -> None:
     assert info.value.key == f"models.m.{missing}"
 
 
-# -- batch and cached rates ---------------------------------------------------------------------
+# -- batch rates, per model -------------------------------------------------------------------
 
 
-def test_batch_rates_default_to_the_table_discount() -> None:
-    """batch_input/batch_output default to batch_discount x the serverless rates."""
+def test_a_model_without_batch_terms_is_priced_at_serverless_rates_in_batch() -> None:
+    """No `batch` key: nothing known, so batch lines cost the serverless rates, and that is said."""
+    rates = seed_rates()
+    assert (rates.batch, rates.batch_input, rates.batch_output) == (BATCH_UNKNOWN, rates.input, rates.output)
+    assert cost_pusd(SEED_USAGE, rates, BATCH) == cost_pusd(SEED_USAGE, rates, SERVERLESS)
+    assert rates.batch_terms == "no batch discount known"
+
+
+def test_batch_none_is_the_serverless_rate_and_says_so() -> None:
+    """`batch: none` (together gives the model no discount): serverless rates, 'no batch discount'."""
+    rates = seed_rates(batch="none")
+    assert (rates.batch, rates.batch_input, rates.batch_output) == (BATCH_NONE, rates.input, rates.output)
+    assert rates.batch_terms == "no batch discount"
+
+
+def test_batch_discount_takes_that_fraction_off_each_rate() -> None:
+    """`batch: {discount: 0.25}`: each batch rate is 75 % of its serverless rate, exactly."""
+    rates = seed_rates(batch={"discount": "0.25"})
+    assert rates.batch == BATCH_DISCOUNT and rates.batch_discount == Decimal("0.25")
+    assert (rates.batch_input, rates.batch_output) == (rate_to_pusd("0.675"), rate_to_pusd("2.475"))
+    assert rates.batch_terms == "25 % off"
+
+
+def test_a_discounted_rate_rounds_half_up_to_six_decimals() -> None:
+    """$0.000001 per 1M at 50 % off is $0.0000005: rounded half-up to the rate quantum."""
     table = parse_price_table(
-        {"batch_discount": 0.4, "models": {"m": {"input": 1.0, "output": 2.5}}}, "p.yaml"
+        {"models": {"m": {"input": 0.000001, "output": 0.000003, "batch": {"discount": 0.5}}}}, "p"
     )
     rates = table.get("m")
-    assert rates is not None
-    assert rates.batch_input == rate_to_pusd("0.4")
-    assert rates.batch_output == rate_to_pusd("1.0")
-    assert cost_pusd(Usage(1_000_000, 1_000_000), rates, BATCH) == rate_to_pusd("1.4") * 1_000_000
+    assert rates is not None and (rates.batch_input, rates.batch_output) == (1, 2)
 
 
-def test_explicit_batch_rates_override_the_discount() -> None:
+def test_explicit_batch_rates_are_used_as_written() -> None:
     """Explicit batch rates are used as written, for batch mode only."""
     rates = seed_rates(batch_input=0.6, batch_output=2.2)
+    assert rates.batch == BATCH_RATES and rates.batch_terms == "batch rates set by hand"
     assert usd(cost_pusd(SEED_USAGE, rates, BATCH)) == Decimal("0.0040")  # 3k*0.6 + 1k*2.2 per 1M
     assert usd(cost_pusd(SEED_USAGE, rates, SERVERLESS)) == Decimal("0.0060")
 
 
-@pytest.mark.parametrize("discount", [-0.1, 1.5, "half", None, True, float("nan")])
-def test_bad_batch_discount_is_a_config_error(discount: object) -> None:
-    """batch_discount must be a number between 0 and 1; anything else names the key."""
+def test_one_explicit_batch_rate_leaves_the_other_at_its_basis() -> None:
+    """batch_input alone: batch_output is the serverless rate, or the discounted one with a discount."""
+    alone = seed_rates(batch_input=0.6)
+    assert (alone.batch_input, alone.batch_output) == (rate_to_pusd("0.6"), rate_to_pusd("3.3"))
+    with_discount = seed_rates(batch={"discount": 0.5}, batch_input=0.6)
+    assert (with_discount.batch, with_discount.batch_output) == (BATCH_DISCOUNT, rate_to_pusd("1.65"))
+
+
+def test_a_global_batch_discount_is_refused_with_the_way_to_migrate() -> None:
+    """The old top-level batch_discount no longer silently applies to every model: a config error."""
+    with pytest.raises(ConfigError) as info:
+        parse_price_table({"batch_discount": 0.5, "models": {"m": {"input": 1, "output": 1}}}, "prices.yaml")
+    assert info.value.key == "batch_discount"
+    assert "batch: {discount: 0.5}" in info.value.problem and "selected models" in info.value.problem
+
+
+@pytest.mark.parametrize(
+    "batch",
+    ["half", 0.5, True, {"discount": 1.5}, {"discount": -0.1}, {"discount": "x"}, {"rate": 0.5}, [0.5]],
+)
+def test_bad_batch_terms_are_a_config_error(batch: object) -> None:
+    """`batch` is none, unknown or {discount: 0..1}; a bare number is ambiguous, so refused too."""
+    with pytest.raises(ConfigError) as info:
+        parse_price_table({"models": {"m": {"input": 1, "output": 1, "batch": batch}}}, "prices.yaml")
+    assert info.value.key.startswith("models.m.batch")
+
+
+@pytest.mark.parametrize("batch", ["none", "unknown"])
+def test_batch_none_or_unknown_contradicts_explicit_batch_rates(batch: str) -> None:
+    """`batch: none` with a batch_output set by hand is a contradiction, named."""
     with pytest.raises(ConfigError) as info:
         parse_price_table(
-            {"batch_discount": discount, "models": {"m": {"input": 1, "output": 1}}}, "prices.yaml"
+            {"models": {"m": {"input": 1, "output": 1, "batch": batch, "batch_output": 0.5}}}, "p"
         )
-    assert info.value.key == "batch_discount"
+    assert info.value.key == "models.m.batch_output" and batch in info.value.problem
 
 
-def test_cached_input_tokens_are_priced_at_the_cached_rate() -> None:
-    """Cached prompt tokens cost cached_input; the rest of the prompt costs input."""
-    rates = seed_rates(cached_input=0.45)
-    usage = Usage(3_000, 1_000, cached_tokens=2_000)
+# -- cached input, with together's usage shapes ---------------------------------------------------
+
+TOGETHER_CACHED = {  # usage.prompt_tokens_details.cached_tokens (the OpenAI shape)
+    "prompt_tokens": 3_000,
+    "completion_tokens": 1_000,
+    "total_tokens": 4_000,
+    "prompt_tokens_details": {"cached_tokens": 2_000},
+}
+TOGETHER_FLAT_CACHED = {
+    "prompt_tokens": 3_000,
+    "completion_tokens": 1_000,
+    "total_tokens": 4_000,
+    "cached_tokens": 2_000,
+}
+TOGETHER_REASONING = {  # reasoning tokens are a part of completion_tokens
+    "prompt_tokens": 3_000,
+    "completion_tokens": 1_000,
+    "total_tokens": 4_000,
+    "completion_tokens_details": {"reasoning_tokens": 600},
+}
+
+
+@pytest.mark.parametrize("shape", [TOGETHER_CACHED, TOGETHER_FLAT_CACHED], ids=["details", "flat"])
+def test_cached_input_tokens_are_priced_at_the_cached_rate(shape: dict[str, object]) -> None:
+    """(prompt - cached) x input + cached x cached_input + completion x output, either usage shape."""
+    usage = usage_from_json(shape)
+    assert usage is not None and usage.cached_tokens == 2_000
     # 1,000 x 0.90 + 2,000 x 0.45 + 1,000 x 3.30 per 1M = 0.0009 + 0.0009 + 0.0033
-    assert usd(cost_pusd(usage, rates)) == Decimal("0.0051")
+    assert cost_pusd(usage, seed_rates(cached_input=0.45)) == 5_100_000_000
+
+
+def test_reasoning_tokens_are_never_priced_twice() -> None:
+    """Reasoning tokens are inside completion_tokens: the cost is that of the bare counts."""
+    usage = usage_from_json(TOGETHER_REASONING)
+    assert usage is not None and usage.reasoning_tokens == 600
+    assert cost_pusd(usage, seed_rates()) == cost_pusd(SEED_USAGE, seed_rates()) == 6_000_000_000
 
 
 def test_cached_tokens_without_a_cached_rate_cost_the_full_input_rate() -> None:
     """A model without cached_input prices cached tokens as ordinary input."""
     usage = Usage(3_000, 1_000, cached_tokens=2_000)
     assert cost_pusd(usage, seed_rates()) == cost_pusd(SEED_USAGE, seed_rates())
+    assert cache_savings_pusd(2_000, seed_rates(), SERVERLESS) == 0
 
 
 def test_cached_tokens_are_never_more_than_the_prompt() -> None:
@@ -216,11 +300,34 @@ def test_cached_tokens_are_never_more_than_the_prompt() -> None:
     assert over == cost_pusd(Usage(3_000, 1_000, cached_tokens=3_000), rates)
 
 
-def test_batch_mode_ignores_the_cached_rate() -> None:
-    """Batch mode prices the whole prompt at the batch input rate."""
-    rates = seed_rates(cached_input=0.45)
+def test_batch_lines_price_cached_tokens_at_the_batch_input_rate() -> None:
+    """together documents no cached rate for batches: a batch line's whole prompt is at batch input."""
+    rates = seed_rates(cached_input=0.45, batch={"discount": 0.5})
     usage = Usage(3_000, 1_000, cached_tokens=2_000)
-    assert cost_pusd(usage, rates, BATCH) == cost_pusd(SEED_USAGE, rates, BATCH)
+    assert cost_pusd(usage, rates, BATCH) == cost_pusd(SEED_USAGE, rates, BATCH) == 3_000_000_000
+    assert cache_savings_pusd(2_000, rates, BATCH) == 0
+
+
+def test_cache_savings_is_cached_tokens_times_the_rate_difference() -> None:
+    """2,000 cached tokens at $0.45 instead of $0.90 per 1M saved exactly $0.0009."""
+    rates = seed_rates(cached_input=0.45)
+    assert usd(cache_savings_pusd(2_000, rates, SERVERLESS)) == Decimal("0.0009")
+    assert cache_savings_pusd(2_000, None, SERVERLESS) == 0
+
+
+def test_cached_input_above_input_is_a_config_error() -> None:
+    """A cache hit is a discount: cached_input above input is refused, naming the key."""
+    with pytest.raises(ConfigError) as info:
+        seed_rates(cached_input=1.0)
+    assert info.value.key == f"models.{SEED_MODEL}.cached_input"
+
+
+def test_a_note_must_be_text() -> None:
+    """`note` is free text kept by `prices sync`; anything else names the key."""
+    assert seed_rates(note="together: 50 % off").note == "together: 50 % off"
+    with pytest.raises(ConfigError) as info:
+        seed_rates(note=3)
+    assert info.value.key == f"models.{SEED_MODEL}.note"
 
 
 # -- properties: exact arithmetic ---------------------------------------------------------------
@@ -258,6 +365,15 @@ def test_cost_is_linear_in_usage(batch: list[Usage], rates: Rates, mode: str) ->
     assert sum(cost_pusd(u, rates, mode) for u in batch) == cost_pusd(summed, rates, mode)
 
 
+@settings(max_examples=150, deadline=None)
+@given(usages(), rates_strategy(), st.sampled_from([SERVERLESS, BATCH]))
+def test_cost_plus_savings_is_the_cost_without_the_cache(usage: Usage, rates: Rates, mode: str) -> None:
+    """What caching saved is exactly the difference to pricing the same prompt uncached."""
+    uncached = Usage(usage.prompt_tokens, usage.completion_tokens)
+    saved = cache_savings_pusd(usage.cached_tokens or 0, rates, mode)
+    assert cost_pusd(usage, rates, mode) + saved == cost_pusd(uncached, rates, mode)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(min_value=0, max_value=10**24))
 def test_format_usd_is_exact(pusd: int) -> None:
@@ -273,32 +389,42 @@ model_ids = st.from_regex(r"[a-z][a-z0-9-]{0,12}/[A-Za-z0-9][A-Za-z0-9._-]{0,20}
 
 
 @st.composite
+def model_rates(draw: st.DrawFn) -> Rates:
+    """Rates as a prices file can say them: each batch basis, overrides, cached rate, note."""
+    rin, rout = draw(rate_values), draw(rate_values)
+    basis = draw(st.sampled_from([BATCH_DISCOUNT, BATCH_RATES, BATCH_NONE, BATCH_UNKNOWN]))
+    discount = draw(st.sampled_from([Decimal("0.5"), Decimal("0.25"), Decimal("1"), Decimal("0")]))
+    discount_or_none = discount if basis == BATCH_DISCOUNT else None
+    bin_, bout = batch_rate(rin, basis, discount_or_none), batch_rate(rout, basis, discount_or_none)
+    if basis in (BATCH_DISCOUNT, BATCH_RATES):
+        bin_ = draw(st.one_of(st.just(bin_), rate_values))
+        bout = draw(st.one_of(st.just(bout), rate_values))
+    return Rates(
+        rin,
+        rout,
+        bin_,
+        bout,
+        draw(st.one_of(st.none(), st.integers(0, rin))),
+        draw(st.one_of(st.none(), st.integers(1, 2_000_000))),
+        draw(st.one_of(st.none(), st.sampled_from(["2026-11-01", "2025-01-31"]))),
+        draw(st.one_of(st.none(), st.sampled_from(["chat", "embedding", "language"]))),
+        basis,
+        discount_or_none,
+        draw(st.one_of(st.none(), st.text(max_size=20))),
+    )
+
+
+@st.composite
 def price_tables(draw: st.DrawFn) -> PriceTable:
-    discount = draw(st.sampled_from([Decimal("0.5"), Decimal("0.4"), Decimal("1"), Decimal("0")]))
-    models = {}
-    for model_id in draw(st.sets(model_ids, min_size=1, max_size=5)):
-        rin, rout = draw(rate_values), draw(rate_values)
-        bin_ = draw(st.one_of(st.none(), rate_values))
-        bout = draw(st.one_of(st.none(), rate_values))
-        models[model_id] = Rates(
-            rin,
-            rout,
-            discounted(rin, discount) if bin_ is None else bin_,
-            discounted(rout, discount) if bout is None else bout,
-            draw(st.one_of(st.none(), rate_values)),
-            draw(st.one_of(st.none(), st.integers(1, 2_000_000))),
-            draw(st.one_of(st.none(), st.sampled_from(["2026-11-01", "2025-01-31"]))),
-            draw(st.one_of(st.none(), st.sampled_from(["chat", "embedding", "language"]))),
-        )
-    return PriceTable(models, discount)
+    models = {model_id: draw(model_rates()) for model_id in draw(st.sets(model_ids, min_size=1, max_size=5))}
+    return PriceTable(models)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(price_tables())
 def test_dump_then_parse_round_trips_exactly(table: PriceTable) -> None:
-    """dump_price_table's YAML parses back to exactly the same rates."""
+    """dump_price_table's YAML parses back to exactly the same rates, batch terms and notes."""
     again = parse_price_table(yaml.safe_load(dump_price_table(table)), "dumped.yaml")
-    assert again.batch_discount == table.batch_discount
     assert dict(again.models) == dict(table.models)
 
 
@@ -319,7 +445,18 @@ junk = st.recursive(
 )
 junk_specs = st.dictionaries(
     st.sampled_from(
-        ["input", "output", "batch_input", "batch_output", "cached_input", "context_length", "read", "type"]
+        [
+            "input",
+            "output",
+            "batch",
+            "batch_input",
+            "batch_output",
+            "cached_input",
+            "context_length",
+            "read",
+            "type",
+            "note",
+        ]
     )
     | st.text(max_size=6)
     | st.integers(),
@@ -358,6 +495,16 @@ def test_project_price_table_loads() -> None:
         assert rates is not None
         assert rates.input == rate_to_pusd(spec["input"])
         assert rates.output == rate_to_pusd(spec["output"])
+
+
+def test_project_price_table_says_for_each_model_whether_batches_are_discounted() -> None:
+    """Every model of config/prices.yaml states its batch terms; the discounted ones are together's."""
+    table = load_price_table(PRICES_YAML)
+    raw = yaml.safe_load(PRICES_YAML.read_text(encoding="utf-8"))["models"]
+    assert all("batch" in spec for spec in raw.values())
+    discounted = {m for m, r in table.models.items() if r.batch == BATCH_DISCOUNT}
+    assert discounted == {"meta-llama/Llama-3.3-70B-Instruct-Turbo", "mistralai/Mixtral-8x7B-Instruct-v0.1"}
+    assert table.header and "docs.together.ai/docs/inference/batch/overview" in "\n".join(table.header)
 
 
 def test_missing_price_file_is_a_config_error(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from decimal import Decimal
 from fractions import Fraction
 
@@ -22,6 +23,7 @@ from proxy.core.estimate import (
     estimate,
     given_traffic,
     measured_traffic,
+    measuring_window,
     params_from_mapping,
     parse_window,
     plan_estimates,
@@ -29,6 +31,7 @@ from proxy.core.estimate import (
 )
 from proxy.core.pricing import PriceTable, Rates
 from proxy.core.report import GROUPINGS, ReportError, build_report, forecast, report_csv, report_view
+from proxy.core.rollups import rollup_rows
 from proxy.ledger import IN_FLIGHT, LedgerRow
 from tests.test_docs import ROOT
 
@@ -97,7 +100,7 @@ def test_report_totals_equal_the_sum_of_rows_exactly(rows: list[LedgerRow], by: 
     unknown = [r for r in terminal if r.cost_pusd is None and r.status != "rejected"]
     assert report.total.cost_unknown == len(unknown) == sum(g.cost_unknown for g in report.groups)
     assert report.total.estimated == sum(r.usage_source == "estimated" for r in terminal)
-    assert report.total.rejected == sum(r.cost_pusd is None and r.status == "rejected" for r in terminal)
+    assert report.total.rejected == sum(r.status == "rejected" for r in terminal)
 
 
 @settings(max_examples=40, deadline=None)
@@ -138,6 +141,21 @@ def test_report_keeps_other_months_and_tenants_out_and_groups_by_day() -> None:
         build_report(rows, "2026-11", "colour")
 
 
+def test_rejected_rows_written_with_cost_zero_count_as_rejected() -> None:
+    """A rejected row as the proxy writes it (cost 0) counts as rejected, from rows and from rollups."""
+    rows = [
+        row(1, cost_pusd=10, prompt_tokens=1, completion_tokens=1),
+        row(2, status="rejected", cost_pusd=0, error_code="model_not_priced"),
+        row(3, status="rejected", cost_pusd=None),  # as rows written before cost 0 was recorded
+    ]
+    for report in (
+        build_report(rows, "2026-11", "model"),
+        build_report([], "2026-11", "model", rollups=rollup_rows(rows, Periods())),
+    ):
+        t = report.total
+        assert (t.requests, t.rejected, t.cost_unknown, t.cost_pusd) == (3, 2, 0, 10)
+
+
 def test_share_and_averages_are_exact() -> None:
     """Shares and averages come from exact integer ratios, rounded half-up only for display."""
     rows = [
@@ -162,16 +180,19 @@ def test_forecast_is_a_linear_run_rate_over_the_elapsed_month() -> None:
 
 
 def test_seed_example_exactly() -> None:
-    """maestro-reasoning, 3,000 in / 1,000 out, 2M requests: $0.0060, $12,000 Serverless, $6,000 Batch."""
-    rates = PRICES.get(SEED_MODEL)
-    assert rates is not None
+    """maestro, 3,000 in / 1,000 out, 2M requests: $0.006, $12,000 Serverless, $6,000 Batch at 50 % off."""
+    served = PRICES.get(SEED_MODEL)
+    assert served is not None
+    rates = replace(
+        served, batch="discount", batch_discount=Decimal("0.5"), batch_input=450_000, batch_output=1_650_000
+    )
     e = estimate(SEED_MODEL, rates, given_traffic(3000, 1000, 2_000_000))
     assert e.per_request == 6_000_000_000  # pico-USD
     assert e.monthly == 12_000 * 10**12
     assert e.monthly_batch == 6_000 * 10**12
     assert summary(e) == (
         "arcee-ai/maestro-reasoning at $0.90/$3.30, 3,000 in / 1,000 out, 2,000,000 requests/month -> "
-        "$0.0060 per request, $12,000 per month Serverless, $6,000 Batch"
+        "$0.006000 per request, $12,000.00 per month Serverless, $6,000.00 Batch"
     )
 
 
@@ -204,7 +225,8 @@ def test_measured_traffic_scales_the_window_to_30_days() -> None:
     """7 days of 70 requests -> 300 requests a month; averages over rows with usage only."""
     rows = [row(i, prompt_tokens=100 + i % 2, completion_tokens=10) for i in range(70)]
     rows.append(row(99, status="rejected"))  # no usage: not counted
-    t = measured_traffic(rows, parse_window("7d"), "7d")
+    now = NOV_START_US + 7 * DAY_US  # midnight: the 7-day window is 7 whole days
+    t = measured_traffic(rollup_rows(rows, Periods()), measuring_window("7d", now, Periods()))
     assert t is not None
     assert t.requests_per_month == 300
     assert t.input_tokens == Fraction(201, 2)
@@ -212,6 +234,19 @@ def test_measured_traffic_scales_the_window_to_30_days() -> None:
     assert parse_window("24h") == 86_400
     with pytest.raises(ReportError):
         parse_window("7 weeks")
+
+
+def test_a_measuring_window_is_widened_to_whole_days_and_scaled_by_its_true_length() -> None:
+    """7d asked at noon: from midnight 7 days and a half ago; the volume scales by 7.5 days."""
+    noon = NOV_START_US + 10 * DAY_US + DAY_US // 2
+    window = measuring_window("7d", noon, Periods())
+    assert (window.first_day, window.seconds) == ("2026-11-04", Fraction(15, 2) * 86_400)
+    rows = [row(i, started_us=NOV_START_US + 3 * DAY_US + i * DAY_US, prompt_tokens=10, completion_tokens=1)
+            for i in range(8)]  # fmt: skip
+    t = measured_traffic(rollup_rows(rows[1:], Periods()), window)  # 11-04 .. 11-10: 7 rows
+    assert t is not None and t.requests_per_month == Fraction(7 * 30, 1) / Fraction(15, 2)
+    berlin = measuring_window("24h", NOV_START_US + 12 * 3_600_000_000, Periods("Europe/Berlin"))
+    assert (berlin.first_day, berlin.periods) == ("2026-10-31", ("2026-10", "2026-11"))
 
 
 def test_plan_estimates_compares_models_on_the_same_traffic() -> None:

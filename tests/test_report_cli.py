@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import fcntl
 import io
 import json
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -95,7 +105,7 @@ async def test_report_csv_by_tenant_and_table(tmp_path: Path) -> None:
 
 
 async def test_estimate_seed_example_prints_exact_numbers() -> None:
-    """The seed: $0.0060 per request, $12,000 per month Serverless, $6,000 Batch."""
+    """The seed: $0.006000 per request, $12,000.00 a month Serverless and Batch (no batch discount)."""
     code, out, err = await run_cli(
         "estimate",
         "--config",
@@ -112,7 +122,7 @@ async def test_estimate_seed_example_prints_exact_numbers() -> None:
     assert code == 0, err
     assert (
         "arcee-ai/maestro-reasoning at $0.90/$3.30, 3,000 in / 1,000 out, 2,000,000 requests/month -> "
-        "$0.0060 per request, $12,000 per month Serverless, $6,000 Batch"
+        "$0.006000 per request, $12,000.00 per month Serverless, $12,000.00 Batch (no batch discount)"
     ) in out
 
 
@@ -142,7 +152,9 @@ async def test_estimate_from_ledger_with_dedicated_json(tmp_path: Path) -> None:
     assert code == 0, err
     first, second = json.loads(out)["estimates"]
     assert first["traffic"]["input_tokens"] == "3000"
-    assert first["traffic"]["requests_per_month"] == "17.143"  # 4 requests x 30 / 7, shown to 3 places
+    # 4 requests x 30 days / the window widened to whole days: 7 days and today's part of an 8th
+    assert 15 < Decimal(first["traffic"]["requests_per_month"]) <= Decimal("17.143")
+    assert "widened to whole days" in first["traffic"]["source"]
     assert first["dedicated"]["break_even_monthly_tokens"] == 1_000_000  # $1.5 / $1.50 per 1M
     assert second["model"] == V3
 
@@ -209,3 +221,133 @@ async def test_report_chargeback_splits_a_dedicated_endpoint(tmp_path: Path) -> 
     assert "reasoning" in out and "$1,080.00" in out and "$67,500.0000" in out
     code, _, err = await run_cli("report", "--config", CONFIG, "--month", month, "--chargeback")
     assert code == 2 and "no dedicated_endpoints" in err
+
+
+async def test_report_of_an_unknown_tenant_exits_2(tmp_path: Path) -> None:
+    """--tenant neither in the config nor in the month's ledger: exit 2 naming it and the known ones."""
+    month, _ = await write_ledger(tmp_path / "l.db")
+    base = ("report", "--config", CONFIG, "--ledger", str(tmp_path / "l.db"), "--month", month)
+    code, out, err = await run_cli(*base, "--tenant", "nobody")
+    assert code == 2 and out == ""
+    assert "no tenant 'nobody'" in err and "acme, globex" in err and month in err
+
+
+async def test_report_of_a_tenant_only_in_the_ledger_or_only_in_the_config(tmp_path: Path) -> None:
+    """A tenant since removed from the config but in the ledger is reported; a configured tenant
+    without rows gets an empty report; both exit 0."""
+    path = tmp_path / "l.db"
+    month, _ = await write_ledger(path)
+    ledger = SQLiteLedger(path)
+    await ledger.open()
+    assert await ledger.record(_row(9, now_us() - 3_600_000_000, tenant="initech"))
+    await ledger.close()
+    base = ("report", "--config", CONFIG, "--ledger", str(path), "--month", month, "--format", "json")
+    code, out, err = await run_cli(*base, "--tenant", "initech")
+    assert code == 0, err
+    assert json.loads(out)["total"]["requests"] == 1
+    code, out, err = await run_cli(
+        "report",
+        "--config",
+        CONFIG,
+        "--ledger",
+        str(path),
+        "--month",
+        "2020-01",
+        "--tenant",
+        "globex",
+        "--format",
+        "json",
+    )
+    assert code == 0, err
+    assert json.loads(out)["total"]["requests"] == 0
+
+
+async def test_report_into_a_closed_pipe_exits_141_quietly(tmp_path: Path) -> None:
+    """`report ... | head` when head has gone: exit 141 (as SIGPIPE would), nothing on stderr."""
+    month, _ = await write_ledger(tmp_path / "l.db")
+    base = ("report", "--config", CONFIG, "--ledger", str(tmp_path / "l.db"), "--month", month)
+    for fmt in ("table", "json", "csv"):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before anything is written
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "proxy.cli",
+                *base,
+                "--format",
+                fmt,
+                cwd=ROOT,
+                stdout=write,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        finally:
+            os.close(write)
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+        assert (proc.returncode, err.decode()) == (141, ""), fmt
+
+
+def test_report_table_in_a_narrow_terminal_shows_every_cost_whole(tmp_path: Path) -> None:
+    """On a 60-column terminal (a pty, COLUMNS=60) no figure is cut to '…': every cost of the
+    JSON report appears whole in the table."""
+    month, _ = asyncio.run(write_ledger(tmp_path / "l.db"))
+    base = ["report", "--config", CONFIG, "--ledger", str(tmp_path / "l.db"), "--month", month]
+    data = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "proxy.cli", *base, "--format", "json"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+    )
+    screen = _on_a_terminal([sys.executable, "-m", "proxy.cli", *base], columns=60)
+    assert "…" not in screen, screen
+    for line in [*data["groups"], data["total"]]:
+        for cost in (line["cost_usd"], line["avg_cost_usd"]):
+            assert cost is None or cost in screen, (cost, screen)
+
+
+def _on_a_terminal(argv: list[str], columns: int) -> str:
+    """What `argv` prints on a pseudo-terminal `columns` wide (ANSI styles removed)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {**os.environ, "COLUMNS": str(columns), "LINES": "50", "TERM": "xterm"}
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=follower, stderr=subprocess.DEVNULL, env=env)
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1)
+            try:
+                chunk = os.read(leader, 65536) if ready else b""
+            except OSError:  # EIO: the terminal's other end closed (the process exited)
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        os.close(leader)
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode()).replace("\r\n", "\n")
+
+
+async def test_estimate_compare_without_model(tmp_path: Path) -> None:
+    """--compare M1,M2 alone prices the given traffic on M1 and M2."""
+    code, out, err = await run_cli(
+        "estimate",
+        "--config",
+        CONFIG,
+        "--requests-per-month",
+        "2000000",
+        "--input-tokens",
+        "3000",
+        "--output-tokens",
+        "1000",
+        "--compare",
+        f"{SEED},{V3}",
+        "--format",
+        "json",
+    )
+    assert code == 0, err
+    found = json.loads(out)["estimates"]
+    assert [(e["model"], e["serverless"]["monthly_usd"]) for e in found] == [(SEED, "12000"), (V3, "10000")]

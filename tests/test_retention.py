@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.core.budgets import Periods
-from proxy.core.report import GROUPINGS, build_report, report_view
-from proxy.core.retention import aggregate_rows, export_record, merge
+from proxy.core.report import GROUPINGS, build_report, report_keep, report_view
+from proxy.core.retention import export_record
+from proxy.core.rollups import RollupFilter, merge, rollup_rows
 from proxy.ledger import TERMINAL_STATUSES, LedgerRow, period_of
 from proxy.ledger.sqlite import SQLiteLedger
 from tests.test_cli import ROOT, run_cli
@@ -78,8 +79,8 @@ def _row_strategy(i: int) -> st.SearchStrategy[LedgerRow]:
 ledgers = st.integers(1, 40).flatmap(lambda n: st.tuples(*(_row_strategy(i) for i in range(n))))
 
 
-async def _write(path: Path, rows: tuple[LedgerRow, ...]) -> SQLiteLedger:
-    ledger = SQLiteLedger(path)
+async def _write(path: Path, rows: tuple[LedgerRow, ...], zone: Periods = UTC) -> SQLiteLedger:
+    ledger = SQLiteLedger(path, timezone=zone.timezone)
     await ledger.open()
     for r in rows:
         assert await ledger.record(r)
@@ -87,9 +88,19 @@ async def _write(path: Path, rows: tuple[LedgerRow, ...]) -> SQLiteLedger:
     return ledger
 
 
-def _views(rows: list[LedgerRow], aggs: list, period: str, periods: Periods) -> dict[str, object]:  # type: ignore[type-arg]
+async def _views(ledger: SQLiteLedger, period: str, periods: Periods) -> dict[str, object]:
+    """Every grouping and tenant filter of the period's report, from the ledger's rollups."""
+    views = {}
+    for by in GROUPINGS:
+        for tenant in (None, "acme"):
+            summed = await ledger.rollups(report_keep(by), RollupFilter(periods=(period,), tenant=tenant))
+            views[f"{by}/{tenant}"] = report_view(build_report((), period, by, tenant, periods, summed))
+    return views
+
+
+def _row_views(rows: tuple[LedgerRow, ...], period: str, periods: Periods) -> dict[str, object]:
     return {
-        f"{by}/{tenant}": report_view(build_report(rows, period, by, tenant, periods, aggs))
+        f"{by}/{tenant}": report_view(build_report(rows, period, by, tenant, periods))
         for by in GROUPINGS
         for tenant in (None, "acme")
     }
@@ -100,37 +111,36 @@ def _views(rows: list[LedgerRow], aggs: list, period: str, periods: Periods) -> 
 def test_reports_are_identical_before_and_after_a_prune(
     tmp_path_factory: object, rows: tuple[LedgerRow, ...], zone: Periods
 ) -> None:
-    """Every grouping and tenant filter of every month reports the same figures after `prune`."""
+    """Every grouping and tenant filter of every month reports the rows' figures, before and after `prune`."""
     path = tmp_path_factory.mktemp("prune") / "l.db"  # type: ignore[attr-defined]
 
     async def run() -> None:
-        ledger = await _write(path, rows)
+        ledger = await _write(path, rows, zone)
         months = ["2026-01", "2026-02", "2026-03", "2026-04"]
-        before = {m: _views(await ledger.rows(period=m), [], m, zone) for m in months}
-        result = await ledger.prune("2026-03", zone)
+        for m in months:
+            assert await _views(ledger, m, zone) == _row_views(rows, m, zone), m
+        result = await ledger.prune("2026-03")
         assert result.rows == sum(1 for r in rows if r.period < "2026-03")
         for m in months:
             kept = await ledger.rows(period=m)
-            aggs = await ledger.aggregates(m)
             assert (kept == []) == (m < "2026-03") or not any(r.period == m for r in rows)
-            assert (aggs == []) == (m >= "2026-03" or not any(r.period == m for r in rows))
-            assert _views(kept, aggs, m, zone) == before[m], m
-        again = await ledger.prune("2026-03", zone)
-        assert (again.rows, again.aggregates) == (0, 0)
+            assert await _views(ledger, m, zone) == _row_views(rows, m, zone), m
+        again = await ledger.prune("2026-03")
+        assert again.rows == 0
 
     asyncio.run(run())
 
 
-def test_aggregates_add_up_to_the_rows_and_merge_is_associative() -> None:
-    """Folding in two halves and merging gives the aggregates of folding everything at once."""
+def test_rollups_add_up_to_the_rows_and_merge_is_associative() -> None:
+    """Summing in two halves and merging gives the rollups of summing everything at once."""
     rows = [
         LedgerRow(f"r{i}", "acme", "k", "m/a", "chat", "serverless", None, None, False,
                   START + i * 3_600_000_000, "2026-01", "ok", None, 200, 10 * i, i,
                   usage_source="upstream", cost_pusd=7 * i)
         for i in range(50)
     ]  # fmt: skip
-    whole = aggregate_rows(rows, UTC)
-    halves = merge([*aggregate_rows(rows[:17], UTC), *aggregate_rows(rows[17:], UTC)])
+    whole = rollup_rows(rows, UTC)
+    halves = merge([*rollup_rows(rows[:17], UTC), *rollup_rows(rows[17:], UTC)])
     assert whole == halves
     assert sum(a.cost_pusd for a in whole) == sum(7 * i for i in range(50))
     assert sum(a.requests for a in whole) == 50
@@ -150,7 +160,7 @@ async def test_in_flight_rows_and_the_kept_periods_are_never_pruned(tmp_path: Pa
     await ledger.begin(
         LedgerRow("f1", "acme", "k", "m/a", "chat", "serverless", None, None, True, jan + 2, "2026-01")
     )
-    result = await ledger.prune("2026-03", UTC)
+    result = await ledger.prune("2026-03")
     await ledger.close()
     reader = SQLiteLedger(tmp_path / "l.db")
     left = {r.request_id: r.status for r in await reader.rows()}

@@ -110,6 +110,45 @@ def test_reasoning_tokens_are_read() -> None:
     assert usage is not None and usage.reasoning_tokens == 30
 
 
+def test_details_win_over_a_flat_cached_count() -> None:
+    """Both shapes in one usage: prompt_tokens_details.cached_tokens is taken (the OpenAI shape)."""
+    usage = usage_from_json(
+        {
+            "prompt_tokens": 100,
+            "completion_tokens": 5,
+            "cached_tokens": 90,
+            "prompt_tokens_details": {"cached_tokens": 60},
+        }
+    )
+    assert usage is not None and usage.cached_tokens == 60
+
+
+def test_null_details_fall_back_to_the_flat_count() -> None:
+    """prompt_tokens_details with a null cached count: the flat `cached_tokens` is read instead."""
+    usage = usage_from_json(
+        {
+            "prompt_tokens": 100,
+            "completion_tokens": 5,
+            "cached_tokens": 40,
+            "prompt_tokens_details": {"cached_tokens": None},
+        }
+    )
+    assert usage is not None and usage.cached_tokens == 40
+
+
+def test_reasoning_tokens_stay_inside_the_completion_count() -> None:
+    """Reasoning tokens are a part of completion_tokens: the token counts are not changed by them."""
+    usage = usage_from_json(
+        {
+            "prompt_tokens": 10,
+            "completion_tokens": 50,
+            "total_tokens": 60,
+            "completion_tokens_details": {"reasoning_tokens": 30},
+        }
+    )
+    assert usage == Usage(10, 50, "upstream", None, 30) and usage.total_tokens == 60
+
+
 # -- token estimation ---------------------------------------------------------------------------
 
 
@@ -295,6 +334,20 @@ def test_trailing_usage_only_chunk(hide: bool) -> None:
     assert meter.usage == Usage(9, 5)
     relayed = b"".join(e.raw for e in content)
     assert out == (relayed if hide else relayed + trailer.raw)
+
+
+@pytest.mark.parametrize(
+    "cached",
+    [{"prompt_tokens_details": {"cached_tokens": 6}}, {"cached_tokens": 6}],
+    ids=["details", "flat"],
+)
+def test_cached_and_reasoning_counts_on_a_streamed_usage(cached: dict[str, Any]) -> None:
+    """together's finish chunk with cached (either shape) and reasoning counts: all are recorded."""
+    usage = {**u(9, 5), **cached, "completion_tokens_details": {"reasoning_tokens": 2}}
+    events = [ev(chunk(w)) for w in WORDS] + [ev(chunk(None, finish="stop", usage=usage)), DONE]
+    meter = StreamMeter(hide_usage_chunk=True)
+    meter.feed(events)
+    assert meter.usage == Usage(9, 5, "upstream", 6, 2)
 
 
 def test_cumulative_usage_takes_the_last_never_the_sum() -> None:

@@ -1,4 +1,4 @@
-"""`together-meter db prune|export|migrate`: retention, billing-pipeline exports, schema migrations."""
+"""`together-meter db prune|export|import|migrate`: retention, exports, imports, schema migrations."""
 
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ import orjson
 
 from proxy.config import Config
 from proxy.core.report import ReportError
-from proxy.core.retention import check_period, export_aggregate, export_record
+from proxy.core.retention import (
+    ImportConflict,
+    Numbered,
+    check_period,
+    export_record,
+    export_rollup,
+    import_record,
+)
+from proxy.core.rollups import ROLLUP_KEY, RollupFilter
 from proxy.ledger import Ledger
 from proxy.ledger.factory import open_ledger
 
@@ -30,14 +38,18 @@ def reading_ledger(config: Config, path: str | None) -> Ledger:
     return open_ledger(config.ledger, path=path, file=config.file)
 
 
-def run_migrate(config: Config) -> int:
-    """Apply the PostgreSQL ledger's pending schema migrations and say which."""
+def run_migrate(config: Config, path: str | None = None) -> int:
+    """Apply the ledger's pending schema migrations and say which (SQLite: make its rollups)."""
+    ledger = reading_ledger(config, path)
     if config.ledger.backend != "postgres":
-        print("ledger backend sqlite: the proxy creates the schema when it opens the file; nothing to do")
+        from proxy.ledger.sqlite import SQLiteLedger
+
+        assert isinstance(ledger, SQLiteLedger)
+        done, _ = asyncio.run(ledger.migrate())
+        print(f"{ledger.path}: " + ("; ".join(done) if done else "schema and rollups up to date"))
         return 0
     from proxy.ledger.postgres import PostgresLedger
 
-    ledger = reading_ledger(config, None)
     assert isinstance(ledger, PostgresLedger)
 
     async def run() -> tuple[list[str], int]:
@@ -54,7 +66,7 @@ def run_migrate(config: Config) -> int:
 
 
 def run_prune(config: Config, path: str | None, before: str, now_us: int | None = None) -> int:
-    """Fold every period before `before` into daily aggregates; the current period is refused."""
+    """Delete the rows of every period before `before` (their rollups stay); the current period is refused."""
     try:
         check_period(before)
     except ValueError as exc:
@@ -70,7 +82,7 @@ def run_prune(config: Config, path: str | None, before: str, now_us: int | None 
 
     async def run() -> Any:
         try:
-            return await ledger.prune(before, periods)
+            return await ledger.prune(before)
         finally:
             with contextlib.suppress(Exception):
                 await ledger.close()
@@ -78,8 +90,8 @@ def run_prune(config: Config, path: str | None, before: str, now_us: int | None 
     result = asyncio.run(run())
     months = ", ".join(result.periods) or "none"
     print(
-        f"pruned {result.rows} row(s) before {before} into {result.aggregates} aggregate line(s); "
-        f"periods: {months}"
+        f"pruned {result.rows} row(s) before {before}; their rollups stay, so reports of those "
+        f"months are unchanged; periods: {months}"
     )
     return 0
 
@@ -92,7 +104,7 @@ def run_export(
     aggregates: bool,
     output: str | None,
 ) -> int:
-    """Rows (or a pruned month's aggregates) as JSON Lines, oldest first, streamed page by page."""
+    """Rows (or a month's rollup lines) as JSON Lines, oldest first, streamed page by page."""
     if month is not None:
         try:
             check_period(month, "--month")
@@ -108,12 +120,12 @@ def run_export(
         try:
             if aggregates:
                 assert month is not None
-                for a in await ledger.aggregates(month):
-                    out.write(orjson.dumps(export_aggregate(a)) + b"\n")
+                for r in await ledger.rollups(ROLLUP_KEY, RollupFilter(periods=(month,))):
+                    out.write(orjson.dumps(export_rollup(r)) + b"\n")
                     n += 1
             else:
                 async for row in ledger.iter_rows(period=month, since_us=since_us):
-                    out.write(orjson.dumps(export_record(row)) + b"\n")
+                    out.write(orjson.dumps(export_record(row, config.prices.get(row.model))) + b"\n")
                     n += 1
         finally:
             with contextlib.suppress(Exception):
@@ -122,8 +134,81 @@ def run_export(
 
     with _open_output(output) as out:
         n = asyncio.run(run(out))
-    print(f"exported {n} {'aggregate line' if aggregates else 'row'}(s)", file=sys.stderr)
+    print(f"exported {n} {'rollup line' if aggregates else 'row'}(s)", file=sys.stderr)
     return 0
+
+
+class BadLine(ReportError):
+    """A line of an import file that is not a `db export` row; the message names the line."""
+
+
+def run_import(config: Config, path: str | None, file: str) -> int:
+    """Load a `db export` file into the configured ledger: all of it in one transaction, or nothing."""
+    if not Path(file).is_file():
+        raise ReportError(f"no file {file} to import")
+    ledger = _importing_ledger(config, path)
+
+    async def run() -> Any:
+        try:
+            return await ledger.import_rows(read_export(file))
+        finally:
+            with contextlib.suppress(Exception):
+                await ledger.close()
+
+    try:
+        result = asyncio.run(run())
+    except (BadLine, ImportConflict) as exc:
+        print(f"error: {file}: {exc}; nothing was imported", file=sys.stderr)
+        return 2 if isinstance(exc, BadLine) else 1
+    rate = result.added / result.seconds if result.seconds > 0 else 0.0
+    print(
+        f"imported {result.added} row(s) from {file} in {result.seconds:.1f} s ({rate:,.0f} rows/s); "
+        f"{result.read} line(s) read, {result.present} already in the ledger, "
+        f"{result.pruned} of pruned months skipped",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _importing_ledger(config: Config, path: str | None) -> Ledger:
+    """The configured ledger; a SQLite file that does not exist yet is made by the import."""
+    if config.ledger.backend == "sqlite" and path is not None:
+        return open_ledger(config.ledger, path=path, file=config.file)
+    if config.ledger.backend == "sqlite":
+        return open_ledger(config.ledger, file=config.file)
+    return reading_ledger(config, path)
+
+
+def read_export(file: str) -> Iterator[Numbered]:
+    """The rows of a `db export` file, read line by line; BadLine names the first bad line."""
+    with open(file, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                data = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise BadLine(f"line {n}: not valid JSON ({exc})") from None
+            try:
+                yield n, import_record(data)
+            except ValueError as exc:
+                raise BadLine(f"line {n}: {exc}") from None
+
+
+def cmd_db_import(args: Any) -> int:
+    """`db import FILE [--config FILE] [--ledger PATH]` (wired in main.py's `db` subcommands)."""
+    from proxy.config import load_config
+
+    return run_import(load_config(args.config), args.ledger, args.file)
+
+
+def add_import_command(dsub: Any, default_config: str) -> None:
+    """The `db import` subcommand, for main.py's `db` parser."""
+    di = dsub.add_parser("import", help="load a `db export` JSON Lines file (idempotent, all or nothing)")
+    di.add_argument("file", help="the JSON Lines file `db export` wrote")
+    di.add_argument("--config", default=default_config)
+    di.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
+    di.set_defaults(func=cmd_db_import)
 
 
 @contextlib.contextmanager

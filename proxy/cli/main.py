@@ -1,6 +1,7 @@
 """Command line: parses arguments, loads config, calls the core, turns errors into exit codes.
 
-Exit codes: 0 ok, 1 failure (or price drift for `prices sync --check`), 2 usage or config error.
+Exit codes: 0 ok, 1 failure (or price drift for `prices sync --check`), 2 usage or config error,
+141 when stdout's reader went away (`report ... | head`), quietly, as for a filter killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import errno
 import logging
 import os
 import sys
@@ -24,9 +26,10 @@ from proxy.errors import ConfigError
 from proxy.ledger import LedgerUnavailable
 
 if TYPE_CHECKING:
-    from proxy.server.app import Secrets
+    from proxy.server.app import Proxy, Secrets
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_PIPE = 128 + 13  # stdout's reader went away (SIGPIPE), e.g. `report ... | head`
 DEFAULT_CONFIG = "config/example.yaml"
 log = logging.getLogger("together_meter")
 
@@ -87,8 +90,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif args.workers > 1:
         return _supervise(args, config, secrets, load)
     else:
-        asyncio.run(Proxy(config, secrets, loader=load).run_until_signalled())
+        return _run_proxy(Proxy(config, secrets, loader=load))
     return EXIT_OK
+
+
+def _run_proxy(proxy: Proxy) -> int:
+    """Serve until SIGINT/SIGTERM; a listener that cannot bind (a port in use) is one line, exit 1."""
+    try:
+        asyncio.run(_serve(proxy))
+    except OSError as exc:
+        hint = " (another process listens there: --port / --admin-port choose others)"
+        used = exc.errno == errno.EADDRINUSE
+        print(f"error: cannot start: {exc.strerror or exc}{hint if used else ''}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+async def _serve(proxy: Proxy) -> None:
+    """run_until_signalled, closing what a failed start opened before the error propagates."""
+    try:
+        await proxy.run_until_signalled()
+    except OSError:
+        await proxy.stop()  # what start() opened before the bind failed: ledger, client, notifier
+        raise
 
 
 def _supervise(args: argparse.Namespace, config: Config, secrets: Secrets, load: Callable[[], Config]) -> int:
@@ -108,8 +132,7 @@ def _supervise(args: argparse.Namespace, config: Config, secrets: Secrets, load:
             worker += [flag, value]
     proxy = Proxy(config, secrets, loader=load, role="supervisor")
     Supervisor(proxy, worker, args.workers, reserved)
-    asyncio.run(proxy.run_until_signalled())
-    return EXIT_OK
+    return _run_proxy(proxy)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -157,7 +180,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     print(key)
     print(
         f"created a key for tenant {args.tenant!r} (digest {digest(key)[:8]}... stored in "
-        f"{path}); it is shown only this once. Restart the proxy to use it.",
+        f"{path}); it is shown only this once. A running proxy takes it on SIGHUP or "
+        "POST /admin/reload (no restart needed); a proxy started later has it from the start.",
         file=sys.stderr,
     )
     return EXIT_OK
@@ -192,10 +216,16 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.cli.demo import run_demo
+    from proxy.cli.demo import preflight, run_demo
 
+    problem = preflight(args.keep)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     _use_uvloop()
-    return asyncio.run(run_demo(args.config, keep_running=args.keep_running, requests=args.requests))
+    return asyncio.run(
+        run_demo(args.config, keep_running=args.keep_running, requests=args.requests, keep=args.keep)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="proxy + simulator + a burst of SDK traffic, then a table")
-    d.add_argument("--config", default=DEFAULT_CONFIG)
+    d.add_argument("--config", help="config file (default: the example config shipped in the package)")
+    d.add_argument("--keep", metavar="DIR", help="keep the ledger (and config) in DIR, new or empty")
     d.add_argument("--requests", type=int, default=40)
     d.add_argument("--keep-running", action="store_true", help="keep serving after the burst until Ctrl-C")
     d.set_defaults(func=cmd_demo)
@@ -336,7 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -348,6 +383,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
+
+
+def _reader_gone() -> int:
+    """stdout's reader left (`report ... | head`): exit quietly with 141, as a filter killed by
+    SIGPIPE does, and point stdout at /dev/null so the exit's own flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

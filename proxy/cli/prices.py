@@ -1,4 +1,10 @@
-"""`prices list` and `prices sync`: the price table against the upstream's GET /v1/models."""
+"""`prices list` and `prices sync`: the price table against the upstream's GET /v1/models.
+
+`sync` changes only what the upstream publishes (`input`, `output`, `cached_input`, a missing
+`context_length`, `read`); everything set by hand (`batch`, hand-set batch rates, a
+`cached_input` the upstream does not publish, `note`, `type`, the file's leading comments) is
+kept. Its diff names each field it changes, with the old and the new value.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import datetime as dt
 import json
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,9 +24,10 @@ import yaml
 from proxy.config import Config
 from proxy.config.prices import dump_price_table
 from proxy.core.pricing import (
+    BATCH_UNKNOWN,
     PriceTable,
     Rates,
-    discounted,
+    batch_rate,
     parse_price_table,
     pusd_rate_to_decimal,
     rate_to_pusd,
@@ -30,22 +37,39 @@ from proxy.errors import ConfigError
 PRICED_TYPES = {"chat", "language", "code", "embedding", "moderation", "rerank"}
 
 
-def list_prices(config: Config, fmt: str) -> int:
-    table = config.prices
+def _usd(rate: int | None) -> str:
+    """A rate as USD per 1M tokens ('0.88'), '-' for none."""
+    return "-" if rate is None else str(pusd_rate_to_decimal(rate))
+
+
+def price_rows(table: PriceTable) -> list[dict[str, Any]]:
+    """Each model's rates (USD per 1M tokens, exact decimal strings) and what it says of batches."""
     rows: list[dict[str, Any]] = []
-    for model in sorted(table.models):
+    for model in sorted(table.models, key=lambda m: (m.lower(), m)):
         r = table.models[model]
         rows.append(
             {
                 "model": model,
-                "input": str(pusd_rate_to_decimal(r.input)),
-                "output": str(pusd_rate_to_decimal(r.output)),
-                "batch_input": str(pusd_rate_to_decimal(r.batch_input)),
-                "batch_output": str(pusd_rate_to_decimal(r.batch_output)),
+                "input": _usd(r.input),
+                "output": _usd(r.output),
+                "cached_input": None if r.cached_input is None else _usd(r.cached_input),
+                "batch_input": _usd(r.batch_input),
+                "batch_output": _usd(r.batch_output),
+                "batch": r.batch,
+                "batch_discount": None if r.batch_discount is None else str(r.batch_discount),
+                "batch_terms": r.batch_terms,
                 "context_length": r.context_length,
                 "read": r.read,
+                "note": r.note,
             }
         )
+    return rows
+
+
+def list_prices(config: Config, fmt: str) -> int:
+    """`prices list`: every model's rates and batch terms, as a table or JSON."""
+    table = config.prices
+    rows = price_rows(table)
     if fmt == "json":
         print(json.dumps({"source": table.source, "unit": "USD per 1M tokens", "models": rows}, indent=2))
         return 0
@@ -53,24 +77,23 @@ def list_prices(config: Config, fmt: str) -> int:
     from rich.table import Table
 
     t = Table(title=f"{table.source} (USD per 1M tokens)")
-    for col in ("model", "input", "output", "batch in", "batch out", "context", "read"):
-        t.add_column(col, justify="left" if col == "model" else "right")
+    heads = ("model", "input", "output", "cached in", "batch in", "batch out", "batch", "context", "read")
+    for col in heads:
+        t.add_column(col, justify="left" if col in ("model", "batch") else "right")
     for row in rows:
         t.add_row(
-            str(row["model"]),
-            str(row["input"]),
-            str(row["output"]),
-            str(row["batch_input"]),
-            str(row["batch_output"]),
+            *(str(row[k]) for k in ("model", "input", "output")),
+            row["cached_input"] or "-",
+            *(str(row[k]) for k in ("batch_input", "batch_output", "batch_terms")),
             str(row["context_length"] or ""),
             str(row["read"] or ""),
         )
-    Console(width=None if sys.stdout.isatty() else 140).print(t)
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
     return 0
 
 
 async def fetch_upstream_prices(base_url: str, api_key: str) -> dict[str, dict[str, Any]]:
-    """model id -> {input, output (Decimal USD per 1M), context_length, type} from GET /models."""
+    """model id -> {input, output, cached_input (Decimal USD per 1M or None), context_length, type}."""
     timeout = aiohttp.ClientTimeout(total=60)
     async with (
         aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
@@ -92,75 +115,132 @@ async def fetch_upstream_prices(base_url: str, api_key: str) -> dict[str, dict[s
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
             continue
         pricing = item.get("pricing")
-        if not isinstance(pricing, dict):
-            continue
-        found[item["id"]] = {
-            "input": Decimal(str(pricing.get("input", 0))),
-            "output": Decimal(str(pricing.get("output", 0))),
-            "context_length": item.get("context_length"),
-            "type": item.get("type"),
-        }
+        if isinstance(pricing, dict):
+            found[item["id"]] = upstream_entry(item, pricing)
     return found
+
+
+def upstream_entry(item: dict[str, Any], pricing: dict[str, Any]) -> dict[str, Any]:
+    """What `sync` takes from one model object. A `cached_input` of 0 or none means: no cached rate."""
+    cached = pricing.get("cached_input")
+    return {
+        "input": Decimal(str(pricing.get("input", 0))),
+        "output": Decimal(str(pricing.get("output", 0))),
+        "cached_input": Decimal(str(cached)) if cached not in (None, 0) else None,
+        "context_length": item.get("context_length"),
+        "type": item.get("type"),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One line of the sync diff; `drift` when it changes a rate (what `--check` fails on)."""
+
+    text: str
+    drift: bool
 
 
 def diff_prices(
     table: PriceTable, upstream: dict[str, dict[str, Any]], include_all: bool
-) -> tuple[list[str], dict[str, Rates]]:
-    """Human-readable differences and the updated model -> Rates mapping."""
+) -> tuple[list[Change], dict[str, Rates]]:
+    """The diff, field by field, and the updated model -> Rates mapping."""
     today = dt.date.today().isoformat()
-    lines: list[str] = []
+    changes: list[Change] = []
     models = dict(table.models)
     for model in sorted(set(models) | (set(upstream) if include_all else set())):
-        up = upstream.get(model)
-        cur = models.get(model)
+        up, cur = upstream.get(model), models.get(model)
         if up is None:
-            lines.append(f"- {model}: not offered by the upstream any more (kept)")
+            changes.append(Change(f"- {model}: not offered by the upstream any more (kept)", False))
             continue
-        if include_all and cur is None and up.get("type") not in PRICED_TYPES:
-            continue
-        if include_all and cur is None and up["input"] == 0 and up["output"] == 0:
+        if cur is None and not _worth_adding(up):
             continue
         try:
-            new_in = rate_to_pusd(up["input"], file="upstream", key=f"{model}.input")
-            new_out = rate_to_pusd(up["output"], file="upstream", key=f"{model}.output")
+            change, rates = sync_model(model, cur, up, today)
         except ConfigError as exc:
-            lines.append(f"! {model}: {exc.problem}")
+            changes.append(Change(f"! {model}: {exc.key.rsplit('.', 1)[-1]} {exc.problem}", True))
             continue
-        ctx = up.get("context_length") if isinstance(up.get("context_length"), int) else None
-        if cur is None:
-            lines.append(f"+ {model}: input {up['input']} output {up['output']}")
-            ratio = table.batch_discount
-            models[model] = Rates(
-                new_in,
-                new_out,
-                discounted(new_in, ratio),
-                discounted(new_out, ratio),
-                None,
-                ctx,
-                today,
-                up.get("type"),
-            )
-            continue
-        if (cur.input, cur.output) != (new_in, new_out):
-            lines.append(
-                f"~ {model}: input {pusd_rate_to_decimal(cur.input)} -> {up['input']}, "
-                f"output {pusd_rate_to_decimal(cur.output)} -> {up['output']}"
-            )
-            ratio = table.batch_discount
-            models[model] = replace(
-                cur,
-                input=new_in,
-                output=new_out,
-                batch_input=discounted(new_in, ratio),
-                batch_output=discounted(new_out, ratio),
-                read=today,
-            )
-        else:
-            models[model] = replace(cur, read=today, context_length=cur.context_length or ctx)
-    return lines, models
+        models[model] = rates
+        if change is not None:
+            changes.append(change)
+    return changes, models
+
+
+def _worth_adding(up: dict[str, Any]) -> bool:
+    """`--all`: a model the table lacks is added when it is a priced type with a non-zero rate."""
+    return up.get("type") in PRICED_TYPES and not (up["input"] == 0 and up["output"] == 0)
+
+
+def sync_model(model: str, cur: Rates | None, up: dict[str, Any], today: str) -> tuple[Change | None, Rates]:
+    """One model brought up to the upstream's rates; ConfigError when they are not valid rates."""
+    new_in = rate_to_pusd(up["input"], file="upstream", key=f"{model}.input")
+    new_out = rate_to_pusd(up["output"], file="upstream", key=f"{model}.output")
+    cached = up.get("cached_input")
+    new_cached = (
+        None if cached is None else rate_to_pusd(cached, file="upstream", key=f"{model}.cached_input")
+    )
+    if new_cached is not None and new_cached > new_in:
+        raise ConfigError(
+            "upstream", f"{model}.cached_input", f"{cached} is above the input rate {up['input']}"
+        )
+    ctx = up.get("context_length") if type(up.get("context_length")) is int else None
+    if cur is None:
+        added = Rates(new_in, new_out, new_in, new_out, new_cached, ctx, today, up.get("type"), BATCH_UNKNOWN)
+        cached_text = "" if new_cached is None else f" cached_input {_usd(new_cached)}"
+        text = f"+ {model}: input {_usd(new_in)} output {_usd(new_out)}{cached_text}; batch unknown"
+        return Change(text + " (no batch discount known: set `batch` by hand)", True), added
+    new = _updated(cur, new_in, new_out, new_cached, ctx, today)
+    if new.cached_input is not None and new.cached_input > new_in:  # a hand-set one, kept
+        raise ConfigError(
+            "upstream",
+            f"{model}.cached_input",
+            f"{_usd(new.cached_input)} (set by hand) is above the new input rate {_usd(new_in)}",
+        )
+    return _describe(model, cur, new), new
+
+
+def _updated(
+    cur: Rates, new_in: int, new_out: int, new_cached: int | None, ctx: int | None, today: str
+) -> Rates:
+    """`cur` with the upstream's rates; batch rates that followed the old rates follow the new ones."""
+    batch_in, batch_out = cur.batch_input, cur.batch_output
+    if batch_in == batch_rate(cur.input, cur.batch, cur.batch_discount):  # derived, not set by hand
+        batch_in = batch_rate(new_in, cur.batch, cur.batch_discount)
+    if batch_out == batch_rate(cur.output, cur.batch, cur.batch_discount):
+        batch_out = batch_rate(new_out, cur.batch, cur.batch_discount)
+    return replace(
+        cur,
+        input=new_in,
+        output=new_out,
+        cached_input=cur.cached_input if new_cached is None else new_cached,  # hand-set: kept
+        batch_input=batch_in,
+        batch_output=batch_out,
+        context_length=cur.context_length or ctx,
+        read=today,
+    )
+
+
+_RATE_FIELDS = ("input", "output", "cached_input", "batch_input", "batch_output")
+
+
+def _describe(model: str, cur: Rates, new: Rates) -> Change | None:
+    """`~ model: input 0.88 -> 0.95, ...`: each field that changes; hand-set batch rates kept."""
+    parts = [
+        f"{name} {_usd(getattr(cur, name))} -> {_usd(getattr(new, name))}"
+        for name in _RATE_FIELDS
+        if getattr(cur, name) != getattr(new, name)
+    ]
+    for name, base in (("batch_input", "input"), ("batch_output", "output")):
+        if getattr(cur, base) != getattr(new, base) and getattr(cur, name) == getattr(new, name):
+            parts.append(f"{name} {_usd(getattr(cur, name))} kept (set by hand)")
+    if parts:
+        return Change(f"~ {model}: {', '.join(parts)}", True)
+    if new.context_length != cur.context_length:
+        return Change(f"= {model}: context_length - -> {new.context_length}", False)
+    return None
 
 
 def sync(config: Config, *, upstream: str | None, check: bool, include_all: bool, dry_run: bool) -> int:
+    """`prices sync`: print the field-by-field diff against the upstream, then write (unless told not)."""
     key = os.environ.get("TOGETHER_API_KEY", "")
     if not key:
         print("error: TOGETHER_API_KEY is not set", file=sys.stderr)
@@ -171,32 +251,43 @@ def sync(config: Config, *, upstream: str | None, check: bool, include_all: bool
     except (aiohttp.ClientError, RuntimeError, ValueError, TimeoutError) as exc:
         print(f"error: could not read prices from {base}: {exc}", file=sys.stderr)
         return 1
-    lines, models = diff_prices(config.prices, found, include_all)
-    drift = [line for line in lines if line.startswith(("~", "+", "!"))]
-    for line in lines:
-        print(line)
+    changes, models = diff_prices(config.prices, found, include_all)
+    drift = [c for c in changes if c.drift]
+    for change in changes:
+        print(change.text)
     if check:
-        if drift:
-            print(
-                f"price drift: {len(drift)} difference(s) between {config.prices_file} and {base}",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"prices in {config.prices_file} match {base} ({len(config.prices)} models)")
-        return 0
+        return _check_result(config, base, len(drift))
     if not drift:
         print(f"no rate changes ({len(config.prices)} models checked)")
     if dry_run:
         return 0
+    return _write(config, base, models, sum(1 for m in models if m in found))
+
+
+def _check_result(config: Config, base: str, drift: int) -> int:
+    """`--check`: exit 1 on any price drift, else 0."""
+    if drift:
+        print(f"price drift: {drift} difference(s) between {config.prices_file} and {base}", file=sys.stderr)
+        return 1
+    print(f"prices in {config.prices_file} match {base} ({len(config.prices)} models)")
+    return 0
+
+
+def _write(config: Config, base: str, models: dict[str, Rates], listed: int) -> int:
+    """Write the synced table (atomically, after checking it parses back to the same rates)."""
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     table = replace(
         config.prices, models=models, extra={**config.prices.extra, "synced_at": now, "source": base}
     )
     text = dump_price_table(table)
-    parse_price_table(yaml.safe_load(text), config.prices_file)  # round-trips
+    again = parse_price_table(yaml.safe_load(text), config.prices_file)
+    if dict(again.models) != models:  # never expected: refuse rather than write other rates
+        print(f"error: {config.prices_file} would not read back as synced; nothing written", file=sys.stderr)
+        return 1
     path = Path(config.prices_file)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+    print(f"read: set to {dt.date.today().isoformat()} on the {listed} model(s) the upstream lists")
     print(f"wrote {path} ({len(models)} models, synced_at {now})")
     return 0

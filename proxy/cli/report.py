@@ -6,63 +6,82 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
 from proxy.cli.db import reading_ledger
+from proxy.cli.tables import add_columns, console, print_table
 from proxy.config import Config
-from proxy.core.chargeback import CHARGEBACK_NOTES, chargeback_csv, chargeback_view, chargebacks
+from proxy.core.chargeback import (
+    CHARGEBACK_KEEP,
+    CHARGEBACK_NOTES,
+    chargeback_csv,
+    chargeback_view,
+    chargebacks,
+)
 from proxy.core.estimate import (
+    ESTIMATE_KEEP,
     Estimate,
     EstimateParams,
+    estimate_filter,
     estimate_view,
     money,
-    parse_window,
     per_request_money,
     plan_estimates,
     summary,
 )
-from proxy.core.report import Report, ReportError, build_report, forecast, report_csv, report_view
-from proxy.core.retention import Aggregate
-from proxy.ledger import LedgerRow
+from proxy.core.report import (
+    FORECAST_KEEP,
+    Report,
+    ReportError,
+    build_report,
+    check_report,
+    forecast,
+    report_csv,
+    report_keep,
+    report_view,
+)
+from proxy.core.rollups import Rollup, RollupFilter
 
 
-def read_ledger(
-    config: Config,
-    path: str | None,
-    *,
-    period: str | None = None,
-    since_us: int | None = None,
-    pruned: bool = False,
-) -> tuple[list[LedgerRow], list[Aggregate]]:
-    """The configured ledger's rows (and a pruned period's aggregates), read-only.
+def read_rollups(config: Config, path: str | None, keep: Sequence[str], where: RollupFilter) -> list[Rollup]:
+    """The configured ledger's rollups (rollups.py) summed in the database over what `keep` leaves out.
 
     SQLite or PostgreSQL alike; a missing SQLite file is a usage error, not an empty report.
     """
     ledger = reading_ledger(config, path)
 
-    async def read() -> tuple[list[LedgerRow], list[Aggregate]]:
+    async def read() -> list[Rollup]:
         try:
-            rows = await ledger.rows(period=period, since_us=since_us)
-            aggs = await ledger.aggregates(period) if pruned and period is not None else []
-            return rows, aggs
+            return await ledger.rollups(keep, where)
         finally:
             await ledger.close()
 
     return asyncio.run(read())
 
 
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(width=None if sys.stdout.isatty() else 160)
+def _check_tenant(
+    config: Config, tenant: str | None, month: str, rows: Sequence[Rollup], pruned: Sequence[Rollup]
+) -> None:
+    """A tenant neither configured nor in the month's ledger is a typo, not an empty report."""
+    if tenant is None or tenant in config.tenants:
+        return
+    if any(r.tenant == tenant for r in rows) or any(a.tenant == tenant for a in pruned):
+        return
+    known = ", ".join(sorted(config.tenants))
+    raise ReportError(f"no tenant {tenant!r} in {config.file} (known: {known}) nor in the ledger for {month}")
 
 
 def run_report(config: Config, ledger: str | None, month: str, tenant: str | None, by: str, fmt: str) -> int:
-    rows, pruned = read_ledger(config, ledger, period=month, pruned=True)  # + rows `db prune` folded
+    check_report(month, by)
+    where = RollupFilter(periods=(month,), tenant=tenant)
+    spent = read_rollups(config, ledger, FORECAST_KEEP, where)  # per tenant and model
+    _check_tenant(config, tenant, month, spent, ())
+    summed = read_rollups(config, ledger, report_keep(by), where)
     periods = config.budgets.periods
-    report = build_report(rows, month, by, tenant, periods, pruned)
-    fc = forecast(rows, month, time.time(), periods, tenant)
+    report = build_report((), month, by, tenant, periods, summed, prices=config.prices)
+    fc = forecast((), month, time.time(), periods, tenant, spent)
     if fmt == "json":
         print(json.dumps(report_view(report, fc), indent=2))
     elif fmt == "csv":
@@ -77,45 +96,56 @@ def print_report(report: Report, fc: Any) -> None:
 
     view = report_view(report, fc)
     title = f"{report.period} by {report.by}" + (f", tenant {report.tenant}" if report.tenant else "")
+    heads = (report.by, "requests", "in tok", "out tok", "cost USD", "avg in/out", "avg cost", "share")
+    lines = [*view["groups"], view["total"]]
+    cells = [_report_cells(line) for line in lines]
     t = Table(title=title)
-    heads = ("requests", "in tok", "out tok", "cost USD", "avg in/out", "avg cost", "share")
-    t.add_column(report.by, no_wrap=True)
-    for h in (*heads, "estimated", "unknown", "rejected"):
-        t.add_column(h, justify="right", no_wrap=True)
-    for line in [*view["groups"], view["total"]]:
-        share = line["share"]
-        t.add_row(
-            line["key"] or "-",
-            f"{line['requests']:,}",
-            f"{line['input_tokens']:,}",
-            f"{line['output_tokens']:,}",
-            line["cost_usd"],
-            f"{line['avg_input_tokens'] or '-'}/{line['avg_output_tokens'] or '-'}",
-            line["avg_cost_usd"] or "-",
-            "-" if share is None else f"{float(share) * 100:.2f}%",
-            str(line["estimated_usage"]),
-            str(line["cost_unknown"]),
-            str(line["rejected"]),
-            end_section=line is view["groups"][-1] if view["groups"] else False,
-        )
-    console = _console()
-    console.print(t)
-    console.print("cost USD: rows with a known cost; 'unknown' (cost NULL) and 'rejected' rows are not in it")
+    add_columns(t, (*heads, "estimated", "unknown", "rejected", "cached tok", "cache saved"), cells)
+    for i, line in enumerate(cells):
+        t.add_row(*line, end_section=i == len(cells) - 2)  # a rule above the total
+    out = console()
+    print_table(out, t)
+    out.print("cost USD: rows with a known cost; 'unknown' (cost NULL) and 'rejected' rows are not in it")
     if fc is not None:
         f = Table(title=f"Month-end forecast ({fc.window})")
-        for col in ("tenant", "model", "spent USD", "projected USD"):
-            f.add_column(col, justify="left" if col in ("tenant", "model") else "right")
-        for line in view["forecast"]["lines"]:
-            f.add_row(line["tenant"], line["model"], line["spent_usd"], line["projected_month_end_usd"])
-        console.print(f)
+        cells = [
+            [x["tenant"], x["model"], x["spent_usd"], x["projected_month_end_usd"]]
+            for x in view["forecast"]["lines"]
+        ]
+        add_columns(f, ("tenant", "model", "spent USD", "projected USD"), cells, labels=2)
+        for line in cells:
+            f.add_row(*line)
+        print_table(out, f)
+
+
+def _report_cells(line: dict[str, Any]) -> list[str]:
+    """One group (or the total) of report_view as table cells."""
+    share = line["share"]
+    return [
+        line["key"] or "-",
+        f"{line['requests']:,}",
+        f"{line['input_tokens']:,}",
+        f"{line['output_tokens']:,}",
+        line["cost_usd"],
+        f"{line['avg_input_tokens'] or '-'}/{line['avg_output_tokens'] or '-'}",
+        line["avg_cost_usd"] or "-",
+        "-" if share is None else f"{float(share) * 100:.2f}%",
+        str(line["estimated_usage"]),
+        str(line["cost_unknown"]),
+        str(line["rejected"]),
+        f"{line['cached_tokens']:,}",
+        line["cache_savings_usd"],
+    ]
 
 
 def run_chargeback(config: Config, ledger: str | None, month: str, tenant: str | None, fmt: str) -> int:
     """Each dedicated endpoint's month charged back to tenants (`report --chargeback`)."""
     if not config.dedicated_endpoints:
         raise ReportError(f"no dedicated_endpoints in {config.file}: nothing to charge back")
-    rows, _ = read_ledger(config, ledger, period=month)
-    views = [chargeback_view(cb, tenant) for cb in chargebacks(rows, month, config.dedicated_endpoints)]
+    summed = read_rollups(config, ledger, CHARGEBACK_KEEP, RollupFilter(periods=(month,)))
+    _check_tenant(config, tenant, month, summed, ())
+    found = chargebacks((), month, config.dedicated_endpoints, summed)
+    views = [chargeback_view(cb, tenant) for cb in found]
     if fmt == "json":
         print(json.dumps({"period": month, "endpoints": views, "notes": CHARGEBACK_NOTES}, indent=2))
     elif fmt == "csv":
@@ -128,32 +158,45 @@ def run_chargeback(config: Config, ledger: str | None, month: str, tenant: str |
 def print_chargeback(views: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    console = _console()
+    out = console()
+    heads = (
+        "tenant",
+        "requests",
+        "tokens",
+        "share",
+        "charge",
+        "eff. $/1M tok",
+        "serverless",
+        "serverless $/1M",
+    )
     for v in views:
         cost = f"{_usd(v['monthly_usd'])} ({v['basis']})"
-        t = Table(title=f"{v['endpoint']} ({v['model']}), {v['period']}: {cost}")
-        t.add_column("tenant", no_wrap=True)
-        for h in ("requests", "tokens", "share", "charge", "eff. $/1M tok", "serverless", "serverless $/1M"):
-            t.add_column(h, justify="right", no_wrap=True)
         total = {"tenant": "total", "share": "1" if v["tokens"] else None, "charge_usd": v["monthly_usd"]}
         lines = [*v["tenants"]]
         if v["unallocated_usd"] != "0":
             lines.append({"tenant": "unallocated (no tokens)", "charge_usd": v["unallocated_usd"]})
-        for line in [*lines, {**v, **total}]:
-            share = line.get("share")
-            t.add_row(
-                line["tenant"],
-                "-" if line.get("requests") is None else f"{line['requests']:,}",
-                "-" if line.get("tokens") is None else f"{line['tokens']:,}",
-                "-" if share is None else f"{Decimal(share) * 100:.2f}%",
-                _usd(line["charge_usd"]),
-                _usd(line.get("effective_usd_per_mtok"), 4),
-                _usd(line.get("serverless_usd")),
-                _usd(line.get("serverless_usd_per_mtok"), 4),
-                end_section=line is lines[-1],
-            )
-        console.print(t)
-    console.print("share: tokens (in + out) / all the model's tokens in the month; charges sum to the cost")
+        cells = [_chargeback_cells(line) for line in [*lines, {**v, **total}]]
+        t = Table(title=f"{v['endpoint']} ({v['model']}), {v['period']}: {cost}")
+        add_columns(t, heads, cells)
+        for i, line in enumerate(cells):
+            t.add_row(*line, end_section=i == len(lines) - 1)
+        print_table(out, t)
+    out.print("share: tokens (in + out) / all the model's tokens in the month; charges sum to the cost")
+
+
+def _chargeback_cells(line: dict[str, Any]) -> list[str]:
+    """One tenant (or the unallocated rest, or the total) of a chargeback view as table cells."""
+    share = line.get("share")
+    return [
+        line["tenant"],
+        "-" if line.get("requests") is None else f"{line['requests']:,}",
+        "-" if line.get("tokens") is None else f"{line['tokens']:,}",
+        "-" if share is None else f"{Decimal(share) * 100:.2f}%",
+        _usd(line["charge_usd"]),
+        _usd(line.get("effective_usd_per_mtok"), 4),
+        _usd(line.get("serverless_usd")),
+        _usd(line.get("serverless_usd_per_mtok"), 4),
+    ]
 
 
 def _usd(value: str | None, places: int = 2) -> str:
@@ -162,12 +205,12 @@ def _usd(value: str | None, places: int = 2) -> str:
 
 
 def run_estimate(config: Config, ledger: str | None, params: EstimateParams, fmt: str) -> int:
-    rows: list[LedgerRow] = []
+    summed: list[Rollup] = []
     now_us = time.time_ns() // 1000
+    periods = config.budgets.periods
     if params.from_ledger:
-        since = now_us - parse_window(params.window) * 1_000_000
-        rows, _ = read_ledger(config, ledger, since_us=since)
-    found = plan_estimates(config.prices, params, rows, now_us)
+        summed = read_rollups(config, ledger, ESTIMATE_KEEP, estimate_filter(params, now_us, periods))
+    found = plan_estimates(config.prices, params, (), now_us, periods, summed)
     if fmt == "json":
         print(json.dumps({"estimates": [estimate_view(e) for e in found]}, indent=2))
     else:
@@ -178,36 +221,40 @@ def run_estimate(config: Config, ledger: str | None, params: EstimateParams, fmt
 def print_estimates(found: list[Estimate]) -> None:
     from rich.table import Table
 
-    console = _console()
+    out = console()
     for e in found:
-        console.print(summary(e), soft_wrap=True)
+        out.print(summary(e), soft_wrap=True)
         if e.traffic.source != "given" and (e is found[0] or e.traffic is not found[0].traffic):
-            console.print(f"  traffic: {e.traffic.source}", soft_wrap=True)
-    t = Table(title="Serverless vs Batch" + (" vs Dedicated" if found[0].dedicated else ""))
-    cols = ["serverless/req", "serverless/month", "batch/req", "batch/month"]
+            out.print(f"  traffic: {e.traffic.source}", soft_wrap=True)
+    heads = ["model", "serverless/req", "serverless/month", "batch/req", "batch/month"]
     if found[0].dedicated:
-        cols += ["dedicated/month", "dedicated $/1M tok", "break-even tok/month", "cheaper"]
-    t.add_column("model", no_wrap=True)
-    for c in cols:
-        t.add_column(c, justify="right")
-    for e in found:
-        cells = [
-            e.model,
-            per_request_money(e.per_request),
-            money(e.monthly),
-            per_request_money(e.per_request_batch),
-            money(e.monthly_batch),
+        heads += ["dedicated/month", "dedicated $/1M tok", "break-even tok/month", "cheaper"]
+    cells = [_estimate_cells(e) for e in found]
+    t = Table(title="Serverless vs Batch" + (" vs Dedicated" if found[0].dedicated else ""))
+    add_columns(t, heads, cells)
+    for line in cells:
+        t.add_row(*line)
+    print_table(out, t)
+
+
+def _estimate_cells(e: Estimate) -> list[str]:
+    """One estimate as table cells: per request to PER_REQUEST_PLACES decimals, months to the cent."""
+    cells = [
+        e.model,
+        per_request_money(e.per_request),
+        money(e.monthly),
+        per_request_money(e.per_request_batch),
+        money(e.monthly_batch),
+    ]
+    if e.dedicated:
+        d = e.dedicated
+        cells += [
+            money(d.monthly_pusd),
+            f"${d.usd_per_mtok:,.4f}" if d.usd_per_mtok.is_finite() else "-",
+            "-" if d.break_even_tokens is None else f"{d.break_even_tokens:,}",
+            d.cheaper,
         ]
-        if e.dedicated:
-            d = e.dedicated
-            cells += [
-                money(d.monthly_pusd),
-                f"${d.usd_per_mtok:,.4f}" if d.usd_per_mtok.is_finite() else "-",
-                "-" if d.break_even_tokens is None else f"{d.break_even_tokens:,}",
-                d.cheaper,
-            ]
-        t.add_row(*cells)
-    console.print(t)
+    return cells
 
 
 def params_from_args(args: Any) -> EstimateParams:

@@ -59,6 +59,7 @@ class LedgerSettings:
     pool_size: int = 4  # postgres: reader connections (the writer has its own)
     lease_seconds: float = 30.0  # postgres: a replica silent this long has its in-flight rows reaped
     commit_timeout: float = 5.0  # postgres: longest a request waits for a commit before giving up
+    timezone: str = "UTC"  # not a key: budgets.timezone, which rollup days are cut in (set by parse_config)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,12 +273,7 @@ def _tenants(r: _Reader) -> dict[str, Tenant]:
             if not isinstance(feature, str) or not LABEL_VALUE_RE.match(feature):
                 raise fb.err(str(feature), "feature names use letters, digits, . _ : / - (<= 64)")
             feature_budgets[feature] = _budget(fb.section(feature))
-        cost_in_body = t.data.get("cost_in_body", False)
-        if not isinstance(cost_in_body, bool):
-            raise t.err("cost_in_body", f"must be true or false, got {cost_in_body!r}")
-        tenants[name] = Tenant(
-            name, digests, t.str_list("models"), budget, feature_budgets, _grants(t), cost_in_body
-        )
+        tenants[name] = Tenant(name, digests, t.str_list("models"), budget, feature_budgets, _grants(t))
     return tenants
 
 
@@ -520,12 +516,13 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
                 raise ConfigError(
                     file, f"tenants.{t.name}.models", f"model {m!r} has no price in {prices_path}"
                 )
+    budgets = _budget_settings(r.section("budgets"), prices)
     return Config(
         file=file,
         listen=_listen(r.section("listen"), 8787),
         admin=_listen(r.section("admin"), 9787),
         upstream=_upstream(r.section("upstream")),
-        ledger=ledger,
+        ledger=replace(ledger, timezone=budgets.timezone),
         limits=limits,
         attribution=attribution,
         tenants=tenants,
@@ -535,7 +532,7 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
         unpriced_models=r.choice("unpriced_models", "reject", ("reject", "forward")),
         admin_token_env=r.text("admin_token_env", "TOGETHER_METER_ADMIN_TOKEN")
         or "TOGETHER_METER_ADMIN_TOKEN",
-        budgets=_budget_settings(r.section("budgets"), prices),
+        budgets=budgets,
         notify=_notify(r.section("notify")),
         batches=_batch_settings(r.section("batches")),
         dedicated_endpoints=_dedicated(

@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from proxy.core.pricing import PriceTable, discounted, parse_price_table, pusd_rate_to_decimal
+from proxy.core.pricing import (
+    BATCH_DISCOUNT,
+    BATCH_RATES,
+    PriceTable,
+    Rates,
+    batch_rate,
+    parse_price_table,
+    pusd_rate_to_decimal,
+)
 from proxy.errors import ConfigError
+
+DEFAULT_HEADER = (
+    "# together-meter price table: USD per 1M tokens, as together.ai publishes them.",
+    "# `batch` says whether together discounts the model's batch lines: {discount: 0.5} (50 % off),",
+    "# none (serverless rates), unknown (serverless rates, shown as 'no batch discount known').",
+    "# Refresh the rates with",
+    "#   together-meter prices sync --config config/example.yaml",
+)
 
 
 def load_price_table(path: str | Path) -> PriceTable:
-    """Read and validate a prices YAML file."""
+    """Read and validate a prices YAML file (its leading comment lines are kept as its header)."""
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -21,39 +38,64 @@ def load_price_table(path: str | Path) -> PriceTable:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(file, "", f"invalid YAML: {exc}") from exc
-    return parse_price_table(data, file)
+    return replace(parse_price_table(data, file), header=leading_comments(text))
+
+
+def leading_comments(text: str) -> tuple[str, ...]:
+    """The comment lines a YAML text starts with (up to the first other line)."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        out.append(line)
+    return tuple(out)
 
 
 def dump_price_table(table: PriceTable) -> str:
-    """The YAML text of a price table, sorted by model id, rates as exact decimals."""
-    lines = [
-        "# together-meter price table: USD per 1M tokens, as together.ai publishes them.",
-        "# batch_* default to batch_discount x the serverless rate. Refresh with",
-        "#   together-meter prices sync --config config/example.yaml",
-        f"batch_discount: {table.batch_discount}",
-    ]
+    """The YAML text of a price table, sorted by model id (case aside), rates as exact decimals."""
+    lines = list(table.header or DEFAULT_HEADER)
     for key in ("synced_at", "source"):
         if key in table.extra:
             lines.append(f"{key}: {table.extra[key]}")
     lines.append("models:")
-    for model_id in sorted(table.models):
-        r = table.models[model_id]
+    for model_id in sorted(table.models, key=lambda m: (m.lower(), m)):
         lines.append(f"  {_yaml_key(model_id)}:")
-        if r.type:
-            lines.append(f"    type: {r.type}")
-        lines.append(f"    input: {pusd_rate_to_decimal(r.input):f}")
-        lines.append(f"    output: {pusd_rate_to_decimal(r.output):f}")
-        if r.batch_input != discounted(r.input, table.batch_discount):
-            lines.append(f"    batch_input: {pusd_rate_to_decimal(r.batch_input):f}")
-        if r.batch_output != discounted(r.output, table.batch_discount):
-            lines.append(f"    batch_output: {pusd_rate_to_decimal(r.batch_output):f}")
-        if r.cached_input is not None:
-            lines.append(f"    cached_input: {pusd_rate_to_decimal(r.cached_input):f}")
-        if r.context_length:
-            lines.append(f"    context_length: {r.context_length}")
-        if r.read:
-            lines.append(f"    read: '{r.read}'")
+        lines.extend(f"    {line}" for line in model_lines(table.models[model_id]))
     return "\n".join(lines) + "\n"
+
+
+def model_lines(r: Rates) -> list[str]:
+    """One model's keys as YAML lines: what it says about batches, and only what was set."""
+    lines = [f"type: {r.type}"] if r.type else []
+    lines += [f"input: {_rate(r.input)}", f"output: {_rate(r.output)}"]
+    if r.cached_input is not None:
+        lines.append(f"cached_input: {_rate(r.cached_input)}")
+    if r.batch == BATCH_DISCOUNT:
+        lines.append(f"batch: {{discount: {r.batch_discount}}}")
+    elif r.batch != BATCH_RATES:
+        lines.append(f"batch: {r.batch}")
+    for name, serverless, rate in (
+        ("batch_input", r.input, r.batch_input),
+        ("batch_output", r.output, r.batch_output),
+    ):
+        if r.batch == BATCH_RATES or rate != batch_rate(serverless, r.batch, r.batch_discount):
+            lines.append(f"{name}: {_rate(rate)}")
+    if r.context_length:
+        lines.append(f"context_length: {r.context_length}")
+    if r.read:
+        lines.append(f"read: '{r.read}'")
+    if r.note is not None:
+        lines.append(f"note: {_yaml_scalar(r.note)}")
+    return lines
+
+
+def _rate(rate: int) -> str:
+    return f"{pusd_rate_to_decimal(rate):f}"
+
+
+def _yaml_scalar(text: str) -> str:
+    """A string as one double-quoted line of YAML (non-printable characters escaped)."""
+    return str(yaml.safe_dump(text, default_style='"', width=10**9, allow_unicode=True)).rstrip("\n")
 
 
 def _yaml_key(key: str) -> str:

@@ -1,6 +1,6 @@
 """Shared dedicated endpoints: a month's endpoint cost charged back to tenants by token share.
 
-Pure arithmetic over ledger rows, exact like report.py: charges are whole pico-USD that add up
+Pure arithmetic over the ledger's rollups, exact like report.py: charges are whole pico-USD that add up
 to the endpoint's monthly cost (largest remainder), ratios are `Fraction`s until shown.
 """
 
@@ -15,9 +15,11 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
+from proxy.core.budgets import Periods
 from proxy.core.pricing import PUSD_PER_USD, format_usd
-from proxy.core.records import IN_FLIGHT, LedgerRow
+from proxy.core.records import LedgerRow
 from proxy.core.report import ReportError, round_half_up
+from proxy.core.rollups import Rollup, rollup_rows
 
 TOKENS_PER_MTOK = 1_000_000
 
@@ -40,12 +42,12 @@ class ChargeLine:
     """One tenant's part of a dedicated endpoint's month."""
 
     tenant: str
-    requests: int  # charged rows (ok / client_aborted with token counts)
+    requests: int  # charged rows (ok / client_aborted) with token counts
     input_tokens: int
     output_tokens: int
     share: Fraction  # tokens / all tokens of the endpoint's model
     charge_pusd: int
-    serverless_pusd: int  # the same rows' recorded (Serverless-rate) cost
+    serverless_pusd: int  # the charged rows' recorded (Serverless-rate) cost
     cost_unknown: int = 0  # charged rows whose recorded cost is NULL: not in serverless_pusd
 
     @property
@@ -87,8 +89,11 @@ def split_by_share(total: int, weights: Sequence[int]) -> list[int]:
     return parts
 
 
+CHARGEBACK_KEEP = ("period", "tenant", "model", "mode", "status")  # the rollup dimensions read
+
+
 def chargeback(
-    rows: Iterable[LedgerRow], period: str, endpoint: str, model: str, monthly_pusd: int, basis: str = ""
+    rollups: Iterable[Rollup], period: str, endpoint: str, model: str, monthly_pusd: int, basis: str = ""
 ) -> Chargeback:
     """Charge each tenant monthly cost x its share of the model's tokens in `period`.
 
@@ -98,19 +103,14 @@ def chargeback(
     if not _MONTH_RE.match(period):
         raise ReportError(f"month must look like 2026-11, got {period!r}")
     acc: dict[str, list[int]] = {}  # tenant -> requests, in, out, serverless, unknown
-    for row in rows:
-        if row.model != model or row.period != period or row.status == IN_FLIGHT or row.mode == "batch":
+    for r in rollups:
+        if r.model != model or r.period != period or r.mode == "batch":
             continue
-        a = acc.setdefault(row.tenant, [0, 0, 0, 0, 0])
-        if row.status not in CHARGED_STATUSES or (row.prompt_tokens, row.completion_tokens) == (None, None):
+        a = acc.setdefault(r.tenant, [0, 0, 0, 0, 0])
+        if r.status not in CHARGED_STATUSES:
             continue
-        a[0] += 1
-        a[1] += row.prompt_tokens or 0
-        a[2] += row.completion_tokens or 0
-        if row.cost_pusd is None:
-            a[4] += 1
-        else:
-            a[3] += row.cost_pusd
+        for i, v in enumerate((r.with_usage, r.input_tokens, r.output_tokens, r.cost_pusd, r.cost_unknown)):
+            a[i] += v
     tenants = sorted(acc)
     tokens = [acc[t][1] + acc[t][2] for t in tenants]
     whole = sum(tokens)
@@ -221,7 +221,11 @@ def _cell(value: Any) -> Any:
 
 
 def chargebacks(
-    rows: Sequence[LedgerRow], period: str, endpoints: Iterable[DedicatedEndpoint]
+    rows: Iterable[LedgerRow],
+    period: str,
+    endpoints: Iterable[DedicatedEndpoint],
+    rollups: Iterable[Rollup] = (),
 ) -> list[Chargeback]:
-    """The chargeback of every configured dedicated endpoint for `period`."""
-    return [chargeback(rows, period, e.name, e.model, e.monthly_pusd, e.basis) for e in endpoints]
+    """The chargeback of every configured dedicated endpoint for `period`, from rows or rollups."""
+    summed = [*rollup_rows(rows, Periods()), *rollups]
+    return [chargeback(summed, period, e.name, e.model, e.monthly_pusd, e.basis) for e in endpoints]

@@ -13,14 +13,26 @@ from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from typing import Any
 
-from proxy.core.pricing import PUSD_PER_USD, RATE_PLACES, PriceTable, Rates, format_usd
-from proxy.core.records import IN_FLIGHT, LedgerRow
+from proxy.core.budgets import Periods
+from proxy.core.pricing import (
+    BATCH_NONE,
+    BATCH_UNKNOWN,
+    PUSD_PER_USD,
+    RATE_PLACES,
+    PriceTable,
+    Rates,
+    format_usd,
+)
+from proxy.core.records import LedgerRow
 from proxy.core.report import ReportError
 from proxy.core.report import round_half_up as _round
+from proxy.core.rollups import Rollup, RollupFilter, day_of, day_start_us, rollup_rows
 
 DAYS_PER_MONTH = 30  # measured traffic is scaled to a 30-day month
 SECONDS_PER_MONTH = DAYS_PER_MONTH * 86_400
 TOKENS_PER_MTOK = 1_000_000
+PER_REQUEST_PLACES = 6  # decimals of per-request USD in tables and summaries (monthly: cents)
+UTC = Periods()
 _WINDOW_RE = re.compile(r"^([1-9]\d{0,4})([dh])$")
 
 
@@ -84,24 +96,66 @@ def given_traffic(input_tokens: int, output_tokens: int, requests_per_month: int
     return Traffic(Fraction(input_tokens), Fraction(output_tokens), Fraction(requests_per_month))
 
 
-def measured_traffic(rows: Iterable[LedgerRow], window_s: int, window_label: str = "") -> Traffic | None:
+ESTIMATE_KEEP = ("day", "tenant", "model", "feature")  # the rollup dimensions an estimate reads
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A measuring window widened to whole days of the rollups (budgets.timezone)."""
+
+    label: str  # as asked: 7d, 24h
+    first_day: str  # the day `now - window` falls in: counted whole
+    start_us: int  # that day's first µs
+    seconds: Fraction  # from start_us to now: what the volume is scaled over
+    periods: tuple[str, ...]  # the periods it touches, oldest first
+
+
+def measuring_window(window: str, now_us: int, periods: Periods) -> Window:
+    """The window `window` before `now_us`, starting at midnight of the day it would start in."""
+    first_day = day_of(now_us - parse_window(window) * 1_000_000, periods)
+    start_us = day_start_us(first_day, periods)
+    seconds = Fraction(max(now_us - start_us, 1), 1_000_000)
+    return Window(window, first_day, start_us, seconds, months(periods.of(start_us), periods.of(now_us)))
+
+
+def estimate_filter(params: EstimateParams, now_us: int, periods: Periods) -> RollupFilter:
+    """The rollup lines an estimate from the ledger reads: the widened window's days, the filters."""
+    window = measuring_window(params.window, now_us, periods)
+    return RollupFilter(
+        periods=window.periods,
+        since_day=window.first_day,
+        tenant=params.tenant,
+        model=params.model,
+        feature=params.feature,
+    )
+
+
+def months(first: str, last: str) -> tuple[str, ...]:
+    """The periods from `first` to `last` (YYYY-MM), both included."""
+    year, month = (int(x) for x in first.split("-"))
+    out: list[str] = []
+    while f"{year:04d}-{month:02d}" <= last and len(out) < 1200:
+        out.append(f"{year:04d}-{month:02d}")
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return tuple(out)
+
+
+def measured_traffic(rollups: Iterable[Rollup], window: Window) -> Traffic | None:
     """T_in, T_out averaged over rows with usage; their count scaled by 30 days / window."""
     n = tin = tout = 0
-    for row in rows:
-        if row.status == IN_FLIGHT or (row.prompt_tokens is None and row.completion_tokens is None):
-            continue
-        n += 1
-        tin += row.prompt_tokens or 0
-        tout += row.completion_tokens or 0
+    for r in rollups:
+        n += r.with_usage
+        tin += r.input_tokens
+        tout += r.output_tokens
     if n == 0:
         return None
-    scale = Fraction(SECONDS_PER_MONTH, window_s)
-    label = window_label or f"{window_s}s"
+    days = _plain(window.seconds / 86_400, 2)
     return Traffic(
         Fraction(tin, n),
         Fraction(tout, n),
-        n * scale,
-        f"ledger, last {label}: {n} requests x {DAYS_PER_MONTH} days / {label}",
+        n * Fraction(SECONDS_PER_MONTH) / window.seconds,
+        f"ledger, last {window.label} widened to whole days (from {window.first_day} 00:00, {days} days): "
+        f"{n} requests x {DAYS_PER_MONTH} days / {days} days",
     )
 
 
@@ -184,19 +238,17 @@ def estimates(
 
 
 def money(pusd: int | Fraction, places: int = 2) -> str:
-    """'$12,000', '$3.27', '$0.0060': rounded half-up to `places`; '.00' dropped for whole dollars."""
+    """'$12,000.00', '$3.27': always `places` decimals, rounded half-up; a non-zero amount that
+    would round to zero shows as '<$0.01', never as $0."""
     value = _round(Fraction(pusd) / PUSD_PER_USD, places)
-    if value == 0 and pusd and places < 8:  # a small amount is not $0
-        return money(pusd, places + 2 if places < 4 else 8)
-    text = f"{value:,.{places}f}"
-    if places == 2 and text.endswith(".00"):
-        text = text[:-3]
-    return "$" + text
+    if value == 0 and pusd > 0:
+        return f"<${Decimal(1).scaleb(-places)}"
+    return f"${value:,.{places}f}"
 
 
 def per_request_money(pusd: Fraction) -> str:
-    """Four decimals ('$0.0060'), eight when that would show a non-zero cost as $0.0000."""
-    return money(pusd, 4)
+    """Per-request amounts at PER_REQUEST_PLACES decimals: '$0.006000', '$0.000040'."""
+    return money(pusd, PER_REQUEST_PLACES)
 
 
 def rate_text(rate: int) -> str:
@@ -222,8 +274,15 @@ def summary(e: Estimate) -> str:
         f"{tokens_text(t.input_tokens)} in / {tokens_text(t.output_tokens)} out, "
         f"{tokens_text(t.requests_per_month)} requests/month -> "
         f"{per_request_money(e.per_request)} per request, {money(e.monthly)} per month Serverless, "
-        f"{money(e.monthly_batch)} Batch"
+        f"{money(e.monthly_batch)} Batch{batch_caveat(e.rates)}"
     )
+
+
+def batch_caveat(rates: Rates) -> str:
+    """' (no batch discount known)' when Batch is priced at the serverless rates, else ''."""
+    if rates.batch in (BATCH_NONE, BATCH_UNKNOWN):
+        return f" ({rates.batch_terms})"
+    return ""
 
 
 def estimate_view(e: Estimate) -> dict[str, Any]:
@@ -251,6 +310,8 @@ def estimate_view(e: Estimate) -> dict[str, Any]:
         "batch": {
             "per_request_usd": _plain(e.per_request_batch / PUSD_PER_USD, 12),
             "monthly_usd": format_usd(e.monthly_batch),
+            "terms": e.rates.batch,  # discount | rates | none | unknown (docs/configuration.md)
+            "note": e.rates.batch_terms,
         },
         "summary": summary(e),
     }
@@ -348,12 +409,18 @@ def parse_decimal(value: Any, name: str) -> Decimal:
 
 
 def plan_estimates(
-    prices: PriceTable, params: EstimateParams, rows: Iterable[LedgerRow] = (), now_us: int = 0
+    prices: PriceTable,
+    params: EstimateParams,
+    rows: Iterable[LedgerRow] = (),
+    now_us: int = 0,
+    periods: Periods = UTC,
+    rollups: Iterable[Rollup] = (),
 ) -> list[Estimate]:
     """Estimates for given or measured traffic: the model asked about, then each compared model.
 
     From the ledger without --model (and without --compare), each model seen in the window gets
-    its own estimate from its own traffic.
+    its own estimate from its own traffic. Measured traffic comes from the rollups (or rows) of
+    the window widened to whole days (`measuring_window`).
     """
     dedicated = None
     if params.wants_dedicated:
@@ -365,35 +432,33 @@ def plan_estimates(
     head = [params.model] if params.model else []
     if not params.from_ledger:
         missing = [
-            n
-            for n in ("model", "requests_per_month", "input_tokens", "output_tokens")
-            if getattr(params, n) is None
+            n for n in ("requests_per_month", "input_tokens", "output_tokens") if getattr(params, n) is None
         ]
+        if not params.model and not params.compare:
+            missing.insert(0, "model (or compare)")
         if missing:
             raise ReportError(f"missing {', '.join(missing)} (or estimate from the ledger)")
         assert params.requests_per_month is not None and params.input_tokens is not None
         assert params.output_tokens is not None
         traffic = given_traffic(params.input_tokens, params.output_tokens, params.requests_per_month)
         return estimates(prices, [*head, *params.compare], traffic, dedicated)
-    window_s = parse_window(params.window)
-    since = now_us - window_s * 1_000_000
+    window = measuring_window(params.window, now_us, periods)
     picked = [
         r
-        for r in rows
-        if r.started_us >= since
-        and r.status != IN_FLIGHT
+        for r in [*rollup_rows(rows, periods), *rollups]
+        if r.day >= window.first_day
         and (params.tenant is None or r.tenant == params.tenant)
         and (params.feature is None or r.feature == params.feature)
         and (params.model is None or r.model == params.model)
     ]
     if params.model or params.compare:
-        measured = measured_traffic(picked, window_s, params.window)
+        measured = measured_traffic(picked, window)
         if measured is None:
             raise ReportError(f"no requests with usage in the last {params.window} match")
         return estimates(prices, [*head, *params.compare], measured, dedicated)
     out = []
     for model in sorted({r.model for r in picked}):
-        per_model = measured_traffic([r for r in picked if r.model == model], window_s, params.window)
+        per_model = measured_traffic([r for r in picked if r.model == model], window)
         if per_model is not None and model in prices:
             out.append(estimate(model, price_for(prices, model), per_model, dedicated))
     if not out:

@@ -1,4 +1,4 @@
-"""Cost reports and month-end forecasts: pure arithmetic over ledger rows.
+"""Cost reports and month-end forecasts: pure arithmetic over the ledger's rollups (or rows).
 
 Money stays integer pico-USD and ratios stay exact `Fraction`s until they are shown; nothing is
 accumulated in floats. Nothing here does I/O: proxy/cli/report.py and proxy/server/admin.py read
@@ -19,9 +19,9 @@ from fractions import Fraction
 from typing import Any
 
 from proxy.core.budgets import Periods
-from proxy.core.pricing import format_usd
-from proxy.core.records import IN_FLIGHT, LedgerRow
-from proxy.core.retention import Aggregate
+from proxy.core.pricing import PriceTable, cache_savings_pusd, format_usd
+from proxy.core.records import LedgerRow
+from proxy.core.rollups import Rollup, rollup_rows
 
 GROUPINGS = ("model", "tenant", "feature", "environment", "day")
 _PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
@@ -47,38 +47,26 @@ class Group:
     with_usage: int = 0  # rows with token counts (the denominator of the token averages)
     estimated: int = 0  # usage estimated by the proxy's tokenizer, not reported upstream
     cost_unknown: int = 0  # cost NULL (an unpriced model forwarded): not in cost_pusd
-    rejected: int = 0  # refused by the proxy, never forwarded, cost NULL
+    rejected: int = 0  # refused by the proxy, never forwarded (cost 0, or NULL in old rows)
+    cached_tokens: int = 0  # a part of input_tokens
+    cache_savings_pusd: int = 0  # cached tokens x (input - cached_input), at the table's rates
 
-    def add(self, row: LedgerRow) -> None:
-        self.requests += 1
-        if row.prompt_tokens is not None or row.completion_tokens is not None:
-            self.with_usage += 1
-            self.input_tokens += row.prompt_tokens or 0
-            self.output_tokens += row.completion_tokens or 0
-        if row.usage_source == "estimated":
-            self.estimated += 1
-        if row.cost_pusd is not None:
-            self.priced += 1
-            self.cost_pusd += row.cost_pusd
-        elif row.status == "rejected":
-            self.rejected += 1
+    def add(self, r: Rollup, prices: PriceTable | None = None) -> None:
+        """The rows summed in the rollup line `r`, each counted as one request."""
+        self.requests += r.requests
+        self.cached_tokens += r.cached_tokens
+        if prices is not None:  # `r` keeps model and mode (report_keep)
+            self.cache_savings_pusd += cache_savings_pusd(r.cached_tokens, prices.get(r.model), r.mode)
+        self.with_usage += r.with_usage
+        self.input_tokens += r.input_tokens
+        self.output_tokens += r.output_tokens
+        self.estimated += r.estimated
+        self.priced += r.priced
+        self.cost_pusd += r.cost_pusd
+        if r.status == "rejected":  # whatever their cost: rejected rows are written with cost 0
+            self.rejected += r.requests
         else:
-            self.cost_unknown += 1
-
-    def add_aggregate(self, a: Aggregate) -> None:
-        """The rows a prune folded into `a`, counted exactly as `add` counted them one by one."""
-        self.requests += a.requests
-        self.with_usage += a.with_usage
-        self.input_tokens += a.input_tokens
-        self.output_tokens += a.output_tokens
-        if a.usage_source == "estimated":
-            self.estimated += a.requests
-        self.priced += a.priced
-        self.cost_pusd += a.cost_pusd
-        if a.status == "rejected":
-            self.rejected += a.requests - a.priced
-        else:
-            self.cost_unknown += a.requests - a.priced
+            self.cost_unknown += r.cost_unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +78,16 @@ class Report:
     total: Group
 
 
-def group_key(row: LedgerRow, by: str, periods: Periods) -> str:
-    """The value a row is grouped under ('' for no feature or environment)."""
-    if by == "day":
-        t = dt.datetime.fromtimestamp(row.started_us / 1e6, periods.zone)
-        return t.date().isoformat()
-    value = getattr(row, by)
+def report_keep(by: str) -> tuple[str, ...]:
+    """The rollup dimensions a report grouped by `by` reads (the ledger sums over the others, the
+    tenant included: a tenant report asks the ledger for that tenant's lines); model and mode
+    price what caching saved."""
+    return tuple(dict.fromkeys(("period", by, "model", "mode", "status")))
+
+
+def group_key(r: Rollup, by: str) -> str:
+    """The value a rollup line is grouped under ('' for no feature or environment)."""
+    value = getattr(r, by)
     return "" if value is None else str(value)
 
 
@@ -105,36 +97,61 @@ def build_report(
     by: str = "model",
     tenant: str | None = None,
     periods: Periods | None = None,
-    aggregates: Iterable[Aggregate] = (),
+    rollups: Iterable[Rollup] = (),
+    prices: PriceTable | None = None,
 ) -> Report:
     """Sum the period's terminal rows per `by`; in-flight rows are left out.
 
-    `aggregates` are the period's rows folded by `db prune` (retention.py): they count as
-    the rows they replaced.
+    `rollups` are what the ledger keeps (rollups.py), already of `tenant` if one is given: they
+    count as the rows they sum, so a report reads them instead of rows (and a pruned month keeps
+    its figures).
     """
-    if not _PERIOD_RE.match(period):
-        raise ReportError(f"month must look like 2026-11, got {period!r}")
-    if by not in GROUPINGS:
-        raise ReportError(f"by must be one of {', '.join(GROUPINGS)}, got {by!r}")
+    check_report(period, by)
     periods = periods or Periods()
     groups: dict[str, Group] = {}
     total = Group("total")
-    for row in rows:
-        if row.status == IN_FLIGHT or row.period != period or (tenant is not None and row.tenant != tenant):
+    mine = (row for row in rows if tenant is None or row.tenant == tenant)
+    for r in [*rollup_rows(mine, periods), *rollups]:
+        if r.period != period:
             continue
-        key = group_key(row, by, periods)
-        groups.setdefault(key, Group(key)).add(row)
-        total.add(row)
-    for a in aggregates:
-        if a.period != period or (tenant is not None and a.tenant != tenant):
-            continue
-        key = a.day if by == "day" else ("" if getattr(a, by) is None else str(getattr(a, by)))
-        groups.setdefault(key, Group(key)).add_aggregate(a)
-        total.add_aggregate(a)
+        key = group_key(r, by)
+        groups.setdefault(key, Group(key)).add(r, prices)
+        total.add(r, prices)
     ordered = sorted(groups.values(), key=lambda g: (-g.cost_pusd, g.key))
     if by == "day":
         ordered = sorted(groups.values(), key=lambda g: g.key)
     return Report(period, by, tenant, tuple(ordered), total)
+
+
+def check_report(period: str, by: str) -> None:
+    """ReportError unless `period` is a month and `by` a grouping."""
+    if not _PERIOD_RE.match(period):
+        raise ReportError(f"month must look like 2026-11, got {period!r}")
+    if by not in GROUPINGS:
+        raise ReportError(f"by must be one of {', '.join(GROUPINGS)}, got {by!r}")
+
+
+USAGE_KEEP = ("period", "tenant", "model", "feature", "environment", "status")  # what usage_lines reads
+_USAGE_SUMS = ("requests", "input_tokens", "output_tokens", "cost_pusd", "estimated")
+
+
+def usage_lines(rollups: Iterable[Rollup]) -> list[dict[str, Any]]:
+    """Per tenant, model, feature and environment: requests, tokens, cost, flagged rows."""
+    acc: dict[tuple[str, str, str | None, str | None], dict[str, Any]] = {}
+    for r in rollups:
+        key = (r.tenant, r.model, r.feature, r.environment)
+        line = acc.get(key)
+        if line is None:
+            names = ("tenant", "model", "feature", "environment")
+            line = acc[key] = {**dict(zip(names, key, strict=True)), **dict.fromkeys(_USAGE_SUMS, 0)}
+            line.update(cost_unknown=0, rejected=0)
+        for name in _USAGE_SUMS:
+            line[name] += getattr(r, name)
+        if r.status == "rejected":
+            line["rejected"] += r.requests
+        else:
+            line["cost_unknown"] += r.cost_unknown
+    return [acc[k] for k in sorted(acc, key=lambda k: tuple("" if v is None else v for v in k))]
 
 
 def _ratio(num: int, den: int, places: int) -> Decimal | None:
@@ -166,6 +183,8 @@ def group_view(g: Group, total_cost: int) -> dict[str, Any]:
         "estimated_usage": g.estimated,
         "cost_unknown": g.cost_unknown,
         "rejected": g.rejected,
+        "cached_tokens": g.cached_tokens,
+        "cache_savings_usd": format_usd(g.cache_savings_pusd),
     }
 
 
@@ -185,6 +204,8 @@ def report_view(report: Report, forecast: Forecast | None = None) -> dict[str, A
         "notes": {
             "cost_usd": "sum of rows with a known cost; cost_unknown and rejected rows are not in it",
             "averages": "tokens over rows with usage; cost over rows with a known cost",
+            "cached_tokens": "a part of input_tokens; cache_savings_usd: cached tokens x (input - "
+            "cached_input) at the price table's current rates",
         },
     }
     if forecast is not None:
@@ -205,6 +226,8 @@ CSV_COLUMNS = (
     "estimated_usage",
     "cost_unknown",
     "rejected",
+    "cached_tokens",
+    "cache_savings_usd",
 )
 
 
@@ -249,12 +272,16 @@ def _days(seconds: float) -> str:
     return str(round_half_up(Fraction(Decimal(str(seconds))) / 86_400, 2))
 
 
+FORECAST_KEEP = ("period", "tenant", "model")  # the rollup dimensions a forecast reads
+
+
 def forecast(
     rows: Iterable[LedgerRow],
     period: str,
     now: float,
     periods: Periods | None = None,
     tenant: str | None = None,
+    rollups: Iterable[Rollup] = (),
 ) -> Forecast | None:
     """Linear month-end projection per tenant and model; None unless `now` lies in `period`."""
     periods = periods or Periods()
@@ -262,11 +289,11 @@ def forecast(
     if not (start <= now < end):
         return None
     spent: dict[tuple[str, str], int] = {}
-    for row in rows:
-        if row.status == IN_FLIGHT or row.period != period or (tenant is not None and row.tenant != tenant):
+    for r in [*rollup_rows(rows, periods), *rollups]:
+        if r.period != period or (tenant is not None and r.tenant != tenant):
             continue
-        key = (row.tenant, row.model)
-        spent[key] = spent.get(key, 0) + (row.cost_pusd or 0)
+        key = (r.tenant, r.model)
+        spent[key] = spent.get(key, 0) + r.cost_pusd
     elapsed = Fraction(Decimal(str(max(now - start, 1.0))))
     length = Fraction(Decimal(str(end - start)))
     lines = tuple(

@@ -26,8 +26,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     source: UsageSource = "upstream"
-    cached_tokens: int | None = None
-    reasoning_tokens: int | None = None
+    cached_tokens: int | None = None  # a part of prompt_tokens (OpenAI usage semantics)
+    reasoning_tokens: int | None = None  # a part of completion_tokens: never priced on top
 
     @property
     def total_tokens(self) -> int:

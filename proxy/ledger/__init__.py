@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from proxy.core.budgets import Periods
-    from proxy.core.retention import Aggregate, PruneResult
+    from collections.abc import Iterable, Sequence
+
+    from proxy.core.retention import ImportResult, PruneResult
+    from proxy.core.rollups import Rollup, RollupFilter
 
 from proxy.core.records import (
     COLUMNS,
@@ -26,6 +28,7 @@ from proxy.core.records import (
     now_us,
     period_of,
 )
+from proxy.core.retention import ImportConflict
 
 
 class LedgerUnavailable(Exception):
@@ -58,11 +61,15 @@ class Ledger(Protocol):
     ) -> AsyncIterator[LedgerRow]:
         """Rows oldest first, a page at a time (exports of months with millions of rows)."""
 
-    async def aggregates(self, period: str) -> list[Aggregate]:
-        """What `db prune` kept of a period's rows (retention.py)."""
+    async def rollups(self, keep: Sequence[str], where: RollupFilter) -> list[Rollup]:
+        """The rollups (rollups.py) `where` selects, summed over the dimensions not in `keep`."""
 
-    async def prune(self, before: str, periods: Periods) -> PruneResult:
-        """Fold terminal rows of periods before `before` into aggregates and delete them."""
+    async def prune(self, before: str) -> PruneResult:
+        """Delete the terminal rows of periods before `before`; their rollups stay."""
+
+    async def import_rows(self, records: Iterable[tuple[int, LedgerRow]]) -> ImportResult:
+        """Add (line number, row) pairs not in the ledger yet, in one transaction, rollups and
+        budget accounts with them; ImportConflict (nothing added) on a different row."""
 
     async def rows(self, *, period: str | None = None, since_us: int | None = None) -> list[LedgerRow]:
         """Rows oldest first: all, or those of one period, or those started at or after `since_us`."""
@@ -114,6 +121,7 @@ __all__ = [
     "IN_FLIGHT",
     "TERMINAL_STATUSES",
     "BatchJob",
+    "ImportConflict",
     "Ledger",
     "LedgerRow",
     "LedgerUnavailable",

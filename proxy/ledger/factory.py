@@ -56,6 +56,7 @@ def open_ledger(
             on_commit=on_commit,
             on_terminal=on_terminal,
             hard_limits=hard_limits,
+            timezone=settings.timezone,
         )
     from proxy.ledger.sqlite import SQLiteLedger
 
@@ -64,4 +65,5 @@ def open_ledger(
         synchronous=settings.synchronous,
         on_commit=on_commit,
         on_terminal=on_terminal,
+        timezone=settings.timezone,
     )

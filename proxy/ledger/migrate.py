@@ -44,11 +44,15 @@ def available(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def migrate(conn: Any, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """Apply the migrations `conn`'s database lacks; return those applied (empty: up to date)."""
+async def migrate(conn: Any, directory: Path = MIGRATIONS_DIR, *, timezone: str = "UTC") -> list[Migration]:
+    """Apply the migrations `conn`'s database lacks; return those applied (empty: up to date).
+
+    `timezone` (budgets.timezone) is what a migration reads as `together_meter.timezone`.
+    """
     applied: list[Migration] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+        await conn.execute("SELECT set_config('together_meter.timezone', $1, true)", timezone)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             "version INTEGER PRIMARY KEY, name TEXT NOT NULL, "

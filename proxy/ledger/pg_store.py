@@ -11,25 +11,19 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import asyncpg
 
 from proxy.core.budgets import Periods
-from proxy.core.retention import KEY_FIELDS, SUM_FIELDS, Aggregate, PruneResult, aggregate_rows
-from proxy.ledger import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
+from proxy.core.report import USAGE_KEEP, usage_lines
+from proxy.core.retention import ImportResult, PruneResult
+from proxy.core.rollups import Rollup, RollupFilter
+from proxy.ledger import COLUMNS, BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us, pg_bulk
 from proxy.ledger.migrate import current_version, migrate
+from proxy.ledger.rollup_sql import select_rollups, to_rollup
 
-_UPSERT_AGGREGATE = (
-    "INSERT INTO aggregates VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) "
-    "ON CONFLICT (period, day, tenant, model, endpoint, mode, feature, environment, status, usage_source) "
-    "DO UPDATE SET requests = aggregates.requests + excluded.requests, "
-    "with_usage = aggregates.with_usage + excluded.with_usage, "
-    "input_tokens = aggregates.input_tokens + excluded.input_tokens, "
-    "output_tokens = aggregates.output_tokens + excluded.output_tokens, "
-    "priced = aggregates.priced + excluded.priced, cost_pusd = aggregates.cost_pusd + excluded.cost_pusd"
-)
 _PASSWORD_IN_URL = re.compile(r"(://[^/@:]*:)[^@/]*@")
 _PASSWORD_IN_QUERY = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
 
@@ -48,9 +42,16 @@ class PostgresStore:
     """One PostgreSQL database holding the ledger: reads, notifications, batch jobs, file owners, pruning."""
 
     def __init__(
-        self, dsn: str, *, pool_size: int = 4, lease_seconds: float = 30.0, commit_timeout: float = 5.0
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 4,
+        lease_seconds: float = 30.0,
+        commit_timeout: float = 5.0,
+        timezone: str = "UTC",
     ) -> None:
         self._dsn = dsn
+        self.periods = Periods(timezone)  # rollup days are cut in budgets.timezone
         self.where = mask_dsn(dsn)  # what logs and errors may show
         self._secret = _password(dsn)
         self.pool_size = pool_size
@@ -64,7 +65,7 @@ class PostgresStore:
         try:
             pool = await self._get_pool()
             async with pool.acquire() as conn:
-                applied = [m.label for m in await migrate(conn)]
+                applied = [m.label for m in await migrate(conn, timezone=self.periods.timezone)]
                 return applied, await current_version(conn)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise LedgerUnavailable(f"cannot migrate ledger {self.where}: {self._scrub(exc)}") from None
@@ -143,14 +144,15 @@ class PostgresStore:
                 return
             after = (found[-1]["started_us"], found[-1]["request_id"])
 
+    async def rollups(self, keep: Sequence[str], where: RollupFilter) -> list[Rollup]:
+        """Rollup lines summed over the dimensions not in `keep`, in the database."""
+        sql, params = select_rollups(keep, where, "postgres")
+        return [to_rollup(r) for r in await self._fetch(sql, *params)]
+
     async def period_costs(self, period: str) -> list[tuple[str, str | None, int]]:
         """(tenant, feature, cost) of the period's terminal rows, summed per tenant and feature."""
-        found = await self._fetch(
-            "SELECT tenant, feature, SUM(cost_pusd) FROM requests WHERE period = $1 "
-            f"AND status <> '{IN_FLIGHT}' AND cost_pusd IS NOT NULL GROUP BY tenant, feature",
-            period,
-        )
-        return [(r[0], r[1], int(r[2])) for r in found]
+        found = await self.rollups(("period", "tenant", "feature"), RollupFilter(periods=(period,)))
+        return [(r.tenant, r.feature, r.cost_pusd) for r in found if r.priced]
 
     async def account_spend(self, period: str) -> list[tuple[str, str | None, int]]:
         """(tenant, feature or None for the whole tenant, spent) from the accounts, all replicas."""
@@ -168,32 +170,7 @@ class PostgresStore:
 
     async def usage(self, period: str, tenant: str | None = None) -> list[dict[str, Any]]:
         """Per tenant, model, feature and environment: requests, tokens, cost, flagged rows."""
-        where, params = f"period = $1 AND status <> '{IN_FLIGHT}'", [period]
-        if tenant is not None:
-            where += " AND tenant = $2"
-            params.append(tenant)
-        found = await self._fetch(
-            "SELECT tenant, model, feature, environment, COUNT(*) AS requests, "
-            "COALESCE(SUM(prompt_tokens), 0) AS input_tokens, "
-            "COALESCE(SUM(completion_tokens), 0) AS output_tokens, "
-            "COALESCE(SUM(cost_pusd), 0) AS cost_pusd, "
-            "COUNT(*) FILTER (WHERE usage_source = 'estimated') AS estimated, "
-            "COUNT(*) FILTER (WHERE cost_pusd IS NULL AND status <> 'rejected') AS cost_unknown, "
-            "COUNT(*) FILTER (WHERE status = 'rejected') AS rejected "
-            f"FROM requests WHERE {where} GROUP BY tenant, model, feature, environment "
-            "ORDER BY tenant, model, feature NULLS FIRST, environment NULLS FIRST",
-            *params,
-        )
-        ints = (
-            "requests",
-            "input_tokens",
-            "output_tokens",
-            "cost_pusd",
-            "estimated",
-            "cost_unknown",
-            "rejected",
-        )
-        return [{**dict(r), **{k: int(r[k]) for k in ints}} for r in found]
+        return usage_lines(await self.rollups(USAGE_KEEP, RollupFilter(periods=(period,), tenant=tenant)))
 
     # -- budget notifications (notify.py) ---------------------------------------------------
 
@@ -331,64 +308,27 @@ class PostgresStore:
         found = await self._fetch("SELECT file_id FROM files WHERE tenant = $1", tenant)
         return {str(r[0]) for r in found}
 
-    # -- retention (retention.py) -----------------------------------------------------------
+    # -- retention and imports (pg_bulk.py) ----------------------------------------------------
 
-    async def aggregates(self, period: str) -> list[Aggregate]:
-        """What `db prune` kept of the period's rows (empty for a period never pruned)."""
-        found = await self._fetch(
-            "SELECT * FROM aggregates WHERE period = $1 ORDER BY day, tenant, model", period
-        )
-        out = []
-        for r in found:
-            values: dict[str, Any] = {k: r[k] for k in KEY_FIELDS}
-            values.update({k: int(r[k]) for k in SUM_FIELDS})
-            values["feature"], values["environment"] = r["feature"] or None, r["environment"] or None
-            out.append(Aggregate(**values))
-        return out
-
-    async def prune(self, before: str, periods: Periods, *, chunk: int = 20_000) -> PruneResult:
-        """Fold the terminal rows of every period before `before` into aggregates, then delete them.
-
-        Chunk by chunk, each chunk one transaction (fold and delete together: a row is counted
-        exactly once whatever happens).
-        """
+    async def prune(self, before: str, *, chunk: int = 20_000) -> PruneResult:
+        """Delete the terminal rows of every period before `before`, a chunk per transaction; their
+        rollups stay (and the accounts of those periods keep their spend)."""
         try:
-            return await self._prune(before, periods, chunk)
+            pool = await self._get_pool()
+            async with pool.acquire() as conn:
+                return await pg_bulk.prune(conn, before, chunk)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise LedgerUnavailable(f"ledger {self.where}: {self._scrub(exc)}") from None
 
-    async def _prune(self, before: str, periods: Periods, chunk: int) -> PruneResult:
-        n_rows = n_aggs = 0
-        touched: set[str] = set()
-        pool = await self._get_pool()
-        async with pool.acquire() as conn:
-            while True:
-                async with conn.transaction():
-                    found = await conn.fetch(
-                        f"SELECT {', '.join(COLUMNS)} FROM requests WHERE period < $1 "
-                        f"AND status <> '{IN_FLIGHT}' LIMIT $2 FOR UPDATE",
-                        before,
-                        chunk,
-                    )
-                    rows = [LedgerRow.from_mapping(r) for r in found]
-                    aggs = aggregate_rows(rows, periods)
-                    await conn.executemany(
-                        _UPSERT_AGGREGATE,
-                        [
-                            (*a.key()[:6], a.feature or "", a.environment or "", *a.key()[8:], *a.sums())
-                            for a in aggs
-                        ],
-                    )
-                    await conn.execute(
-                        "DELETE FROM requests WHERE request_id = ANY($1::text[])",
-                        [r.request_id for r in rows],
-                    )
-                n_rows += len(rows)
-                n_aggs += len(aggs)
-                touched.update(r.period for r in rows)
-                if len(rows) < chunk:
-                    break
-        return PruneResult(n_rows, n_aggs, tuple(sorted(touched)))
+    async def import_rows(self, records: Iterable[tuple[int, LedgerRow]]) -> ImportResult:
+        """Rows not in the ledger yet, in one transaction, with their rollups and account moves."""
+        await self.migrate()
+        try:
+            pool = await self._get_pool()
+            async with pool.acquire() as conn:
+                return await pg_bulk.import_rows(conn, records, self.periods.timezone)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise LedgerUnavailable(f"ledger {self.where}: {self._scrub(exc)}") from None
 
 
 def _filters(

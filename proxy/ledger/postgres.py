@@ -39,15 +39,18 @@ import asyncpg
 
 from proxy.core.budgets import BudgetExceeded, budget_exceeded
 from proxy.ledger import COLUMNS, IN_FLIGHT, LedgerRow, LedgerUnavailable, now_us
+from proxy.ledger.pg_sql import MOVE_ACCOUNTS_CTE as _MOVE_ACCOUNTS_CTE
+from proxy.ledger.pg_sql import N_ROW as _N_ROW
+from proxy.ledger.pg_sql import TERMINAL as _TERMINAL
+from proxy.ledger.pg_sql import TYPES as _TYPES
+from proxy.ledger.pg_sql import arrays as _arrays
+from proxy.ledger.pg_sql import row_columns as _row_columns
 from proxy.ledger.pg_store import PostgresStore
+from proxy.ledger.rollup_sql import rollup_cte
 
 log = logging.getLogger(__name__)
 
 HardLimits = Callable[[], Mapping[tuple[str, str | None], int]]
-_TYPES = (
-    "text", "text", "text", "text", "text", "text", "text", "text", "bool", "int8", "int8", "text",
-    "int4", "int8", "int8", "int8", "int8", "text", "int8", "int8", "text", "bool", "text", "text",
-)  # fmt: skip
 _FINISH = (
     "status",
     "finished_us",
@@ -65,11 +68,7 @@ _FINISH = (
 _FINISH_IDX = [0] + [COLUMNS.index(c) for c in _FINISH]
 
 
-def _arrays(first: int, types: Iterable[str]) -> str:
-    return ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
-
-
-_N_ROW, _N_FINISH = len(_TYPES) + 1, len(_FINISH_IDX)  # a row's arrays (+ owner); a finish's
+_N_FINISH = len(_FINISH_IDX)  # a finish's arrays
 # What a begin knows; a begun row's other columns are at their defaults (status in_flight).
 _BEGIN = (
     "request_id", "tenant", "key_id", "model", "endpoint", "mode", "feature", "environment",
@@ -85,26 +84,16 @@ def _update(first: int) -> str:
     FROM unnest({_arrays(first, (_TYPES[j] for j in _FINISH_IDX))})
         AS u(request_id, {", ".join(_FINISH)})
     WHERE r.request_id = u.request_id AND r.status = '{IN_FLIGHT}'
-    RETURNING r.request_id, r.tenant, r.feature, r.period, r.reserved_pusd, r.cost_pusd"""
+    RETURNING {", ".join(f"r.{c}" for c in _TERMINAL.split(", "))}"""
 
 
-_MOVE_ACCOUNTS_CTE = """acc AS (
-    INSERT INTO accounts AS a (tenant, feature, period, spent_pusd, reserved_pusd)
-    SELECT m.tenant, k.feature, m.period, SUM(m.spent), SUM(m.reserved)
-    FROM moved AS m CROSS JOIN LATERAL (VALUES ('' COLLATE "C"), (m.feature)) AS k(feature)
-    WHERE k.feature IS NOT NULL
-    GROUP BY m.tenant, k.feature, m.period
-    HAVING SUM(m.spent) <> 0 OR SUM(m.reserved) <> 0
-    ORDER BY m.tenant, k.feature, m.period
-    ON CONFLICT (tenant, feature, period) DO UPDATE SET
-        spent_pusd = a.spent_pusd + excluded.spent_pusd,
-        reserved_pusd = a.reserved_pusd + excluded.reserved_pusd
-)"""
-# One statement writes a whole batch: begun rows, finished rows, recorded rows, and the account
+# One statement writes a whole batch: begun rows, finished rows, recorded rows, the account
 # moves they cause (begin: reserved += reservation; finish: reserved -= it, spent += cost;
-# record: spent += cost), counted only for the rows this statement inserted or made terminal.
-# Alone it is its own transaction: one round trip. Accounts are upserted in key order, the same
-# order every writer and the reaper lock them in, so replicas cannot deadlock on them.
+# record: spent += cost), and the rollup lines of the rows made terminal, counted only for the
+# rows this statement inserted or made terminal. Alone it is its own transaction: one round
+# trip. Accounts and rollups are upserted in key order, accounts first (PostgreSQL runs the
+# unreferenced WITH parts last to first, so `acc` comes after `roll`), the order every writer
+# and the reaper lock them in, so replicas cannot deadlock on them.
 _WRITE_BATCH = f"""
 WITH ins AS (
     INSERT INTO requests ({", ".join(COLUMNS)}, owner)
@@ -117,20 +106,21 @@ WITH ins AS (
     INSERT INTO requests ({", ".join(COLUMNS)}, owner)
     SELECT * FROM unnest({_arrays(_N_ROW + _N_FINISH + 1, (*_TYPES, "text"))})
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING request_id, tenant, feature, period, cost_pusd
+    RETURNING {_TERMINAL}
 ), moved AS (
     SELECT tenant, feature, period, 0::numeric AS spent, COALESCE(reserved_pusd, 0)::numeric AS reserved
     FROM ins
     UNION ALL SELECT tenant, feature, period, COALESCE(cost_pusd, 0), -COALESCE(reserved_pusd, 0) FROM upd
     UNION ALL SELECT tenant, feature, period, COALESCE(cost_pusd, 0), 0 FROM rec
-), {_MOVE_ACCOUNTS_CTE}
+), {rollup_cte("SELECT * FROM upd UNION ALL SELECT * FROM rec", f"${2 * _N_ROW + _N_FINISH + 1}")},
+{_MOVE_ACCOUNTS_CTE}
 SELECT 'b', request_id FROM ins
 UNION ALL SELECT 'f', request_id FROM upd
 UNION ALL SELECT 'r', request_id FROM rec
 """
 # The usual batch (begins of fresh rows and finishes, nothing recorded), leaner: a begin sends
-# only the 12 columns it knows, the owner once (26 parameters instead of 61: less to encode here
-# and to parse there). The same rows and account moves as _WRITE_BATCH.
+# only the 12 columns it knows, the owner once (27 parameters instead of 64: less to encode here
+# and to parse there). The same rows, account moves and rollups as _WRITE_BATCH.
 _WRITE_LEAN = f"""
 WITH ins AS (
     INSERT INTO requests ({", ".join(_BEGIN)}, usage_source, status, owner)
@@ -144,7 +134,8 @@ WITH ins AS (
     SELECT tenant, feature, period, 0::numeric AS spent, COALESCE(reserved_pusd, 0)::numeric AS reserved
     FROM ins
     UNION ALL SELECT tenant, feature, period, COALESCE(cost_pusd, 0), -COALESCE(reserved_pusd, 0) FROM upd
-), {_MOVE_ACCOUNTS_CTE}
+), {rollup_cte("SELECT * FROM upd", f"${_N_BEGIN + 2 + _N_FINISH}")},
+{_MOVE_ACCOUNTS_CTE}
 SELECT 'b', request_id FROM ins
 UNION ALL SELECT 'f', request_id FROM upd
 """
@@ -176,6 +167,14 @@ _DEAD_OWNERS = (
     "SELECT 1 FROM instances AS i WHERE i.instance_id = requests.owner AND i.stopped_at IS NULL "
     "AND i.heartbeat_at > now() - make_interval(secs => $2)))"
 )
+# the reaper: rows in flight orphaned at their reservation, added to their rollup lines
+_REAP = f"""WITH reaped AS (
+    UPDATE requests SET status = 'orphaned', finished_us = $2, cost_pusd = reserved_pusd,
+        usage_source = 'estimated', error_code = 'process_died'
+    WHERE request_id = ANY($1::text[]) AND status = '{IN_FLIGHT}'
+    RETURNING {_TERMINAL}
+), {rollup_cte("SELECT * FROM reaped", "$3")}
+SELECT tenant, feature, period, reserved_pusd FROM reaped"""
 _RETRY_STATES = {"40001", "40P01"}  # serialization failure, deadlock: retry the whole batch
 _DATA_CLASSES = ("22", "23", "42")  # a bad value or a bug: retrying cannot help
 FIRST_BACKOFF, MAX_BACKOFF = 0.05, 1.0  # seconds between reconnect attempts
@@ -208,8 +207,15 @@ class PostgresLedger(PostgresStore):
         on_commit: Callable[[int, float, bool], None] | None = None,
         on_terminal: Callable[[LedgerRow], None] | None = None,
         hard_limits: HardLimits | None = None,
+        timezone: str = "UTC",
     ) -> None:
-        super().__init__(dsn, pool_size=pool_size, lease_seconds=lease_seconds, commit_timeout=commit_timeout)
+        super().__init__(
+            dsn,
+            pool_size=pool_size,
+            lease_seconds=lease_seconds,
+            commit_timeout=commit_timeout,
+            timezone=timezone,
+        )
         self._on_commit = on_commit
         self._on_terminal = on_terminal  # counts a row once, when it became terminal
         self._hard_limits = hard_limits or dict
@@ -426,6 +432,10 @@ class PostgresLedger(PostgresStore):
                     # a stuck peer must not hold the accounts' row locks for long
                     "lock_timeout": str(int(self.commit_timeout * 1000)),
                     "idle_in_transaction_session_timeout": str(int(self.commit_timeout * 2000)),
+                    # every statement here finds its rows by key: planning the batch statement
+                    # anew for each batch (a custom plan) cost more than half of the database's
+                    # CPU per request at c=1 (docs/benchmarks.md, rollups section)
+                    "plan_cache_mode": "force_generic_plan",
                 },
             )
         return self._conn
@@ -512,7 +522,11 @@ class PostgresLedger(PostgresStore):
         finish_cols = _row_columns([batch[i].row for i in finishes], only=_FINISH_IDX)
         if not records and all(_pristine(r) for r in begun):
             found = await conn.fetch(
-                _WRITE_LEAN, *_row_columns(begun, only=_BEGIN_IDX), self.instance_id, *finish_cols
+                _WRITE_LEAN,
+                *_row_columns(begun, only=_BEGIN_IDX),
+                self.instance_id,
+                *finish_cols,
+                self.periods.timezone,
             )
         else:
             found = await conn.fetch(
@@ -520,6 +534,7 @@ class PostgresLedger(PostgresStore):
                 *_row_columns(begun, self.instance_id),
                 *finish_cols,
                 *_row_columns([batch[i].row for i in records], None),
+                self.periods.timezone,
             )
         made = {(r[0], r[1]) for r in found}
         for i in admitted:
@@ -657,14 +672,9 @@ class PostgresLedger(PostgresStore):
             keys = sorted({k for r in candidates for k in _key_pairs(r["tenant"], r["feature"], r["period"])})
             async with conn.transaction():
                 await conn.execute(_ENSURE_ACCOUNTS, *_columns(keys, 3))
-                await conn.fetch(_LOCK_ACCOUNTS, *_columns(keys, 3))
+                await conn.fetch(_LOCK_ACCOUNTS, *_columns(keys, 3))  # accounts first, then rollups
                 reaped = await conn.fetch(
-                    "UPDATE requests SET status = 'orphaned', finished_us = $2, cost_pusd = reserved_pusd, "
-                    "usage_source = 'estimated', error_code = 'process_died' "
-                    f"WHERE request_id = ANY($1::text[]) AND status = '{IN_FLIGHT}' "
-                    "RETURNING tenant, feature, period, reserved_pusd",
-                    [r["request_id"] for r in candidates],
-                    now_us(),
+                    _REAP, [r["request_id"] for r in candidates], now_us(), self.periods.timezone
                 )
                 delta: dict[_Key, list[int]] = {}
                 for r in reaped:
@@ -708,31 +718,6 @@ def _columns(items: Iterable[tuple[Any, ...]], width: int) -> list[list[Any]]:
     for item in items:
         for j in range(width):
             cols[j].append(item[j])
-    return cols
-
-
-def _clean(text: str | None) -> str | None:
-    """PostgreSQL text cannot hold NUL; a model id or upstream id from outside might."""
-    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
-
-
-_CLEAN = (COLUMNS.index("model"), COLUMNS.index("upstream_id"))
-
-
-def _row_columns(
-    rows: list[LedgerRow], owner: str | None = None, *, only: list[int] | None = None
-) -> list[list[Any]]:
-    """The rows as one array per column, for `unnest`: COLUMNS order then `owner`, or only the
-    columns at the indexes `only` (no owner)."""
-    if not rows:
-        return [[] for _ in range(_N_ROW if only is None else len(only))]
-    values = [r.values() for r in rows]
-    cols = [list(c) for c in zip(*values, strict=True)]
-    for j in _CLEAN:
-        cols[j] = [_clean(v) for v in cols[j]]
-    if only is not None:
-        return [cols[j] for j in only]
-    cols.append([owner] * len(rows))
     return cols
 
 

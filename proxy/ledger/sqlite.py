@@ -15,113 +15,32 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from proxy.core.budgets import Periods
-from proxy.core.retention import Aggregate, PruneResult, aggregate_rows
-from proxy.ledger import COLUMNS, IN_FLIGHT, BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
+from proxy.core.report import USAGE_KEEP, usage_lines
+from proxy.core.retention import ImportResult, PruneResult
+from proxy.core.rollups import Rollup, RollupFilter
+from proxy.ledger import (
+    COLUMNS,
+    IN_FLIGHT,
+    BatchJob,
+    LedgerRow,
+    LedgerUnavailable,
+    OwnedFile,
+    now_us,
+    sqlite_bulk,
+)
+from proxy.ledger.rollup_sql import select_rollups, to_rollup
+from proxy.ledger.sqlite_schema import connect_writer, prepare
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
 CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints (the WAL stays small)
-
-# what `db prune` folds old rows into (retention.py); '' stands for no feature / environment
-AGGREGATES_SCHEMA = """
-CREATE TABLE IF NOT EXISTS aggregates (
-    period TEXT NOT NULL,
-    day TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    model TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    feature TEXT NOT NULL,
-    environment TEXT NOT NULL,
-    status TEXT NOT NULL,
-    usage_source TEXT NOT NULL,
-    requests INTEGER NOT NULL,
-    with_usage INTEGER NOT NULL,
-    input_tokens INTEGER NOT NULL,
-    output_tokens INTEGER NOT NULL,
-    priced INTEGER NOT NULL,
-    cost_pusd INTEGER NOT NULL,
-    PRIMARY KEY (period, day, tenant, model, endpoint, mode, feature, environment, status, usage_source)
-) WITHOUT ROWID;
-"""
-_UPSERT_AGGREGATE = (
-    "INSERT INTO aggregates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (period, day, tenant, model, endpoint, mode, feature, environment, status, usage_source) "
-    "DO UPDATE SET requests = requests + excluded.requests, with_usage = with_usage + excluded.with_usage, "
-    "input_tokens = input_tokens + excluded.input_tokens, "
-    "output_tokens = output_tokens + excluded.output_tokens, priced = priced + excluded.priced, "
-    "cost_pusd = cost_pusd + excluded.cost_pusd"
-)
-
-SCHEMA = (
-    f"""
-CREATE TABLE IF NOT EXISTS requests (
-    request_id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    model TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    feature TEXT,
-    environment TEXT,
-    stream INTEGER NOT NULL,
-    started_us INTEGER NOT NULL,
-    finished_us INTEGER,
-    period TEXT NOT NULL,
-    upstream_status INTEGER,
-    prompt_tokens INTEGER,
-    completion_tokens INTEGER,
-    cached_tokens INTEGER,
-    reasoning_tokens INTEGER,
-    usage_source TEXT NOT NULL,
-    cost_pusd INTEGER,
-    reserved_pusd INTEGER,
-    status TEXT NOT NULL,
-    stream_complete INTEGER NOT NULL DEFAULT 0,
-    error_code TEXT,
-    upstream_id TEXT
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS requests_period_tenant ON requests (period, tenant);
-CREATE INDEX IF NOT EXISTS requests_in_flight ON requests (status) WHERE status = '{IN_FLIGHT}';
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS notifications (
-    tenant TEXT NOT NULL,
-    feature TEXT NOT NULL,
-    period TEXT NOT NULL,
-    threshold TEXT NOT NULL,
-    sent_us INTEGER NOT NULL,
-    PRIMARY KEY (tenant, feature, period, threshold)
-);
-CREATE TABLE IF NOT EXISTS batches (
-    batch_id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    feature TEXT,
-    environment TEXT,
-    created_us INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    output_file_id TEXT,
-    recorded_us INTEGER
-);
-CREATE INDEX IF NOT EXISTS batches_open ON batches (recorded_us) WHERE recorded_us IS NULL;
-CREATE INDEX IF NOT EXISTS batches_tenant ON batches (tenant);
-CREATE TABLE IF NOT EXISTS files (
-    file_id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    created_us INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    batch_id TEXT
-);
-CREATE INDEX IF NOT EXISTS files_tenant ON files (tenant);
-"""
-    + AGGREGATES_SCHEMA
-)
+# A RESTART checkpoint waits for readers of older snapshots (a report's read): the writer gives up
+# after this and tries again a second later, instead of holding every request's commit meanwhile
+RESTART_WAIT_MS = 10
 
 _PLACEHOLDERS = ", ".join("?" for _ in COLUMNS)
 _INSERT_BEGIN = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({_PLACEHOLDERS})"
@@ -179,9 +98,11 @@ class SQLiteLedger:
         synchronous: str = "normal",
         on_commit: Callable[[int, float, bool], None] | None = None,
         on_terminal: Callable[[LedgerRow], None] | None = None,
+        timezone: str = "UTC",
     ) -> None:
         self.path = str(path)
         self.synchronous = synchronous.upper()
+        self.periods = Periods(timezone)  # rollup days are cut in budgets.timezone
         self._conn: sqlite3.Connection | None = None
         self._pending: list[_Op] = []
         self._wake: asyncio.Future[None] | None = None
@@ -191,6 +112,7 @@ class SQLiteLedger:
         self._on_commit = on_commit
         self._on_terminal = on_terminal  # counts a row once, when it became terminal
         self.orphans_reaped = 0
+        self.migrations_applied: list[str] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -198,16 +120,14 @@ class SQLiteLedger:
         """Create the file and schema, reap rows a crash left in flight, start the writer."""
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn = connect_writer(self.path, self.periods, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.execute("PRAGMA busy_timeout=5000")
             # checkpoints copy the log into the database file and fsync it: that must not
             # happen on the event loop, so the writer runs them in a thread (_write_loop)
             conn.execute("PRAGMA wal_autocheckpoint=0")
-            conn.executescript(SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            self.orphans_reaped = _reap_orphans(conn)
+            self.migrations_applied = prepare(conn, self.periods)
+            self.orphans_reaped = _reap_orphans(conn)  # its rows join their rollups (a trigger)
         except (sqlite3.Error, OSError) as exc:
             raise LedgerUnavailable(f"cannot open ledger {self.path}: {exc}") from exc
         self._conn = conn
@@ -325,7 +245,13 @@ class SQLiteLedger:
             if conn is None:
                 conn = sqlite3.connect(self.path, isolation_level=None)
                 conn.execute("PRAGMA busy_timeout=1000")
-            conn.execute(f"PRAGMA wal_checkpoint({mode})")
+                conn.execute(f"PRAGMA wal_checkpoint({mode})")
+            else:  # the writer's own RESTART: never wait for readers (writes queue meanwhile)
+                conn.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+                try:
+                    conn.execute(f"PRAGMA wal_checkpoint({mode})")
+                finally:
+                    conn.execute("PRAGMA busy_timeout=5000")
         except sqlite3.Error as exc:  # readers in the way: the next one will do
             log.warning("ledger checkpoint (%s) failed: %s", mode, exc)
         finally:
@@ -373,8 +299,36 @@ class SQLiteLedger:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA busy_timeout=5000")
             return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table: rollups" not in str(exc):
+                raise
+            raise LedgerUnavailable(
+                f"ledger {self.path} has no rollups yet: start the proxy on it once with this version, "
+                "or run `together-meter db migrate --config FILE` while no proxy writes to it"
+            ) from None
         finally:
             conn.close()
+
+    async def rollups(self, keep: Sequence[str], where: RollupFilter) -> list[Rollup]:
+        """Rollup lines summed over the dimensions not in `keep`, in the database (a worker thread)."""
+        sql, params = select_rollups(keep, where, "sqlite")
+
+        def read() -> list[Rollup]:
+            return [to_rollup(r) for r in self._read(sql, tuple(params))]
+
+        return await asyncio.to_thread(read)
+
+    async def migrate(self) -> tuple[list[str], int]:
+        """Create the schema, and the rollups from the rows if the file has none (`db migrate`)."""
+
+        def run() -> list[str]:
+            conn = connect_writer(self.path, self.periods)
+            try:
+                return prepare(conn, self.periods)
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(run), 1
 
     async def rows(self, *, period: str | None = None, since_us: int | None = None) -> list[LedgerRow]:
         clauses: list[str] = []
@@ -392,38 +346,13 @@ class SQLiteLedger:
 
     async def period_costs(self, period: str) -> list[tuple[str, str | None, int]]:
         """(tenant, feature, cost) of the period's terminal rows, summed per tenant and feature."""
-        found = await asyncio.to_thread(
-            self._read,
-            "SELECT tenant, feature, SUM(cost_pusd) AS cost FROM requests "
-            "WHERE period = ? AND status != ? AND cost_pusd IS NOT NULL GROUP BY tenant, feature",
-            (period, IN_FLIGHT),
-        )
-        return [(r["tenant"], r["feature"], int(r["cost"])) for r in found]
+        found = await self.rollups(("period", "tenant", "feature"), RollupFilter(periods=(period,)))
+        return [(r.tenant, r.feature, r.cost_pusd) for r in found if r.priced]
 
     async def usage(self, period: str, tenant: str | None = None) -> list[dict[str, Any]]:
         """Per tenant, model, feature and environment: requests, tokens, cost, flagged rows."""
-        where, params = "period = ? AND status != ?", [period, IN_FLIGHT]
-        if tenant is not None:
-            where += " AND tenant = ?"
-            params.append(tenant)
-        found = await asyncio.to_thread(
-            self._read,
-            "SELECT tenant, model, feature, environment, COUNT(*) AS requests, "
-            "TOTAL(prompt_tokens) AS input_tokens, TOTAL(completion_tokens) AS output_tokens, "
-            "SUM(cost_pusd) AS cost_pusd, SUM(usage_source = 'estimated') AS estimated, "
-            "SUM(cost_pusd IS NULL AND status != 'rejected') AS cost_unknown, "
-            "SUM(status = 'rejected') AS rejected "
-            f"FROM requests WHERE {where} GROUP BY tenant, model, feature, environment "
-            "ORDER BY tenant, model, feature, environment",
-            tuple(params),
-        )
-        out = []
-        for r in found:
-            d = dict(r)
-            d["input_tokens"], d["output_tokens"] = int(d["input_tokens"]), int(d["output_tokens"])
-            d["cost_pusd"] = int(d["cost_pusd"] or 0)
-            out.append(d)
-        return out
+        found = await self.rollups(USAGE_KEEP, RollupFilter(periods=(period,), tenant=tenant))
+        return usage_lines(found)
 
     async def notifications(self, period: str) -> list[tuple[str, str | None, str]]:
         """(tenant, feature, threshold) already delivered in `period`."""
@@ -564,76 +493,42 @@ class SQLiteLedger:
                 return
             after = (found[-1]["started_us"], found[-1]["request_id"])
 
-    async def aggregates(self, period: str) -> list[Aggregate]:
-        """What `db prune` kept of the period's rows (empty for a period never pruned)."""
+    async def prune(self, before: str, *, chunk: int = 20_000) -> PruneResult:
+        """Delete the terminal rows of every period before `before`; their rollups stay.
 
-        def read() -> list[sqlite3.Row]:
+        Chunk by chunk, each chunk one transaction, so a running proxy's writer waits at most
+        one chunk for the lock.
+        """
+
+        def run() -> PruneResult:
             conn = sqlite3.connect(self.path, isolation_level=None)
             try:
-                conn.row_factory = sqlite3.Row
                 conn.execute("PRAGMA busy_timeout=5000")
-                conn.executescript(AGGREGATES_SCHEMA)
-                return conn.execute(
-                    "SELECT * FROM aggregates WHERE period = ? ORDER BY day, tenant, model", (period,)
-                ).fetchall()
+                self._require_rollups(conn)
+                return sqlite_bulk.prune(conn, before, chunk)
             finally:
                 conn.close()
 
-        found = await asyncio.to_thread(read)
-        return [
-            Aggregate(**{**dict(r), "feature": r["feature"] or None, "environment": r["environment"] or None})
-            for r in found
-        ]
+        return await asyncio.to_thread(run)
 
-    async def prune(self, before: str, periods: Periods, *, chunk: int = 20_000) -> PruneResult:
-        """Fold the terminal rows of every period before `before` into aggregates, then delete them.
+    async def import_rows(self, records: Iterable[tuple[int, LedgerRow]]) -> ImportResult:
+        """Rows not in the ledger yet, added in one transaction (a worker thread); the file's
+        schema and rollups are made first if it is new."""
 
-        Chunk by chunk, each chunk one transaction (fold and delete together, so a row is
-        counted exactly once whatever happens), so a running proxy's writer waits at most one
-        chunk for the lock.
-        """
-        return await asyncio.to_thread(self._prune, before, periods, chunk)
+        def run() -> ImportResult:
+            conn = connect_writer(self.path, self.periods)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                prepare(conn, self.periods)
+                return sqlite_bulk.import_rows(conn, records)
+            finally:
+                conn.close()
 
-    def _prune(self, before: str, periods: Periods, chunk: int) -> PruneResult:
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        n_rows = n_aggs = 0
-        touched: set[str] = set()
-        try:
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.executescript(AGGREGATES_SCHEMA)
-            while True:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    found = conn.execute(
-                        f"SELECT {', '.join(COLUMNS)} FROM requests WHERE period < ? AND status != ? LIMIT ?",
-                        (before, IN_FLIGHT, chunk),
-                    ).fetchall()
-                    rows = [LedgerRow.from_mapping(r) for r in found]
-                    aggs = aggregate_rows(rows, periods)
-                    conn.executemany(
-                        _UPSERT_AGGREGATE,
-                        [
-                            (*a.key()[:6], a.feature or "", a.environment or "", *a.key()[8:], *a.sums())
-                            for a in aggs
-                        ],
-                    )
-                    conn.executemany(
-                        "DELETE FROM requests WHERE request_id = ?", [(r.request_id,) for r in rows]
-                    )
-                    conn.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                    raise
-                n_rows += len(rows)
-                n_aggs += len(aggs)
-                touched.update(r.period for r in rows)
-                if len(rows) < chunk:
-                    break
-        finally:
-            conn.close()
-        return PruneResult(n_rows, n_aggs, tuple(sorted(touched)))
+        return await asyncio.to_thread(run)
+
+    def _require_rollups(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("SELECT 1 FROM meta WHERE key = 'rollups'").fetchone() is None:
+            self._read("SELECT 1 FROM rollups")  # raises the LedgerUnavailable that says what to do
 
     async def integrity_ok(self) -> bool:
         found = await asyncio.to_thread(self._read, "PRAGMA integrity_check")

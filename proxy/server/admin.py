@@ -4,13 +4,18 @@ It binds to 127.0.0.1 by default and is never served on the public port. /admin/
 operator token (`Authorization: Bearer $TOGETHER_METER_ADMIN_TOKEN`); a tenant key gets 401.
 The spend page at /admin/ is static HTML + JS with no data in it, so it is served without the
 token; its script asks /admin/budgets with the token the operator gives it.
+/readyz is 503 while the ledger cannot be written, the proxy is shutting down, or the upstream
+cannot be reached: probed with a TCP connect at start and every 10 s, so an unresolvable or
+refusing upstream shows before any request has failed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.resources import files
 from typing import Any
 
@@ -19,14 +24,38 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.core.budgets import Budget, projected_month_end
-from proxy.core.chargeback import CHARGEBACK_NOTES, chargeback_csv, chargeback_view, chargebacks
-from proxy.core.estimate import estimate_view, params_from_mapping, parse_window, plan_estimates
+from proxy.core.chargeback import (
+    CHARGEBACK_KEEP,
+    CHARGEBACK_NOTES,
+    chargeback_csv,
+    chargeback_view,
+    chargebacks,
+)
+from proxy.core.estimate import (
+    ESTIMATE_KEEP,
+    estimate_filter,
+    estimate_view,
+    params_from_mapping,
+    plan_estimates,
+)
 from proxy.core.pricing import format_usd
-from proxy.core.report import ReportError, build_report, forecast, report_csv, report_view
+from proxy.core.report import (
+    FORECAST_KEEP,
+    ReportError,
+    build_report,
+    check_report,
+    forecast,
+    report_csv,
+    report_keep,
+    report_view,
+)
+from proxy.core.rollups import Rollup, RollupFilter
 from proxy.errors import AuthenticationError, BadRequest, ConfigError, MeterError, NotFound
 from proxy.server.metrics import build_registry, render
 from proxy.server.state import Operated
+from proxy.upstream.client import UpstreamClient
 
+PROBE_EVERY = 10.0  # seconds between two connect probes of the upstream for /readyz
 PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 # the spend page's files in proxy/static, by the name they are served under in /admin/
@@ -73,6 +102,40 @@ def budget_view(budget: Budget, spent: int, reserved: int, period_projection: in
     }
 
 
+class UpstreamWatch:
+    """Readiness's view of the upstream: a TCP connect probe (nothing sent, nothing billed) at
+    start and every PROBE_EVERY seconds, and the client's count of failed requests."""
+
+    def __init__(self, upstream: UpstreamClient) -> None:
+        self.upstream = upstream
+        self.connectable: bool | None = None  # None: not probed yet
+
+    @property
+    def reachable(self) -> bool:
+        return self.connectable is True and self.upstream.reachable
+
+    async def check(self) -> bool:
+        """Probe now (at most PROBE_TIMEOUT); True when a connection could be opened."""
+        self.connectable = await self.upstream.probe()
+        return self.connectable
+
+    async def _probe_periodically(self) -> None:
+        while True:  # ends when the admin app stops (cancelled by `running`)
+            await self.check()
+            await asyncio.sleep(PROBE_EVERY)
+
+    async def running(self, app: web.Application) -> AsyncIterator[None]:
+        """The admin app's cleanup context: probes while the listener runs."""
+        task = asyncio.get_running_loop().create_task(self._probe_periodically())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+WATCH_KEY: web.AppKey[UpstreamWatch] = web.AppKey("upstream_watch", UpstreamWatch)
+
+
 def page_handlers() -> dict[str, Handler]:
     """Handlers serving the spend page's static files (read once, when the app is built)."""
     static = files("proxy") / "static"
@@ -91,6 +154,7 @@ def page_handlers() -> dict[str, Handler]:
 
 def build_admin_app(proxy: Operated) -> web.Application:
     registry = build_registry(proxy.metrics)
+    watch = UpstreamWatch(proxy.upstream)
 
     def operator(handler: Handler) -> Handler:
         """Only with the operator token; a tenant key (or nothing) gets 401."""
@@ -136,8 +200,9 @@ def build_admin_app(proxy: Operated) -> web.Application:
     async def readyz(request: web.Request) -> web.Response:
         writable = await proxy.ledger.writable()
         accepting = proxy.relay.accepting
-        # degraded after repeated connection failures; a connect probe lets it recover unasked
-        reachable = proxy.upstream.reachable or await proxy.upstream.probe()
+        # not probed yet, refused at the last probe or after repeated request failures: probe
+        # now, so readiness also recovers without traffic
+        reachable = watch.reachable or await watch.check()
         # `serve --workers N`: every worker must be ready too (each checks its ledger and upstream)
         workers_ready, workers = proxy.fleet.readiness() if proxy.fleet is not None else (True, None)
         ready = writable and accepting and reachable and workers_ready
@@ -231,17 +296,26 @@ def build_admin_app(proxy: Operated) -> web.Application:
             raise BadRequest(f"format must be json or csv, got {fmt!r}")
         if not PERIOD_RE.match(month):
             raise BadRequest(f"month must look like 2026-11, got {month!r}")
-        rows = await proxy.ledger.rows(period=month)
         periods = proxy.config.budgets.periods
-        tenant = q.get("tenant") or None
+        tenant, by = q.get("tenant") or None, q.get("by", "model")
         try:
-            pruned = await proxy.ledger.aggregates(month)  # rows `db prune` folded
-            built = build_report(rows, month, q.get("by", "model"), tenant, periods, pruned)
+            check_report(month, by)
         except ReportError as exc:
             raise BadRequest(str(exc)) from None
+        # the rollups, summed in the database (SQLite: in a worker thread), then the arithmetic
+        # in a worker thread too: the serving loop only waits
+        where = RollupFilter(periods=(month,), tenant=tenant)
+        summed = await proxy.ledger.rollups(report_keep(by), where)
+        prices, now = proxy.config.prices, proxy.clock() / 1e6
+        built = await asyncio.to_thread(build_report, (), month, by, tenant, periods, summed, prices=prices)
         if fmt == "csv":
-            return web.Response(text=report_csv(built), content_type="text/csv")
-        return _json(report_view(built, forecast(rows, month, proxy.clock() / 1e6, periods, tenant)))
+            return web.Response(text=await asyncio.to_thread(report_csv, built), content_type="text/csv")
+        spent = await proxy.ledger.rollups(FORECAST_KEEP, where)
+
+        def view() -> bytes:
+            return orjson.dumps(report_view(built, forecast((), month, now, periods, tenant, spent)))
+
+        return web.Response(body=await asyncio.to_thread(view), content_type="application/json")
 
     async def estimate(request: web.Request) -> web.Response:
         """Serverless / Batch / Dedicated estimates; the body holds the CLI's parameters."""
@@ -251,12 +325,12 @@ def build_admin_app(proxy: Operated) -> web.Application:
             raise BadRequest("the body must be a JSON object") from None
         try:
             params = params_from_mapping(body)
-            now = proxy.clock()
-            rows = []
+            now, periods = proxy.clock(), proxy.config.budgets.periods
+            summed: list[Rollup] = []
             if params.from_ledger:
-                since = now - parse_window(params.window) * 1_000_000
-                rows = await proxy.ledger.rows(since_us=since)
-            found = plan_estimates(proxy.config.prices, params, rows, now)
+                where = estimate_filter(params, now, periods)
+                summed = await proxy.ledger.rollups(ESTIMATE_KEEP, where)
+            found = plan_estimates(proxy.config.prices, params, (), now, periods, summed)
         except ReportError as exc:
             raise BadRequest(str(exc)) from None
         return _json({"estimates": [estimate_view(e) for e in found]})
@@ -270,8 +344,9 @@ def build_admin_app(proxy: Operated) -> web.Application:
             raise BadRequest(f"format must be json or csv, got {fmt!r}")
         if not PERIOD_RE.match(month):
             raise BadRequest(f"month must look like 2026-11, got {month!r}")
-        rows = await proxy.ledger.rows(period=month)
-        found = chargebacks(rows, month, proxy.config.dedicated_endpoints)
+        summed = await proxy.ledger.rollups(CHARGEBACK_KEEP, RollupFilter(periods=(month,)))
+        endpoints = proxy.config.dedicated_endpoints
+        found = await asyncio.to_thread(chargebacks, (), month, endpoints, summed)
         views = [chargeback_view(cb, q.get("tenant") or None) for cb in found]
         if fmt == "csv":
             return web.Response(text=chargeback_csv(views), content_type="text/csv")
@@ -291,6 +366,8 @@ def build_admin_app(proxy: Operated) -> web.Application:
         raise web.HTTPFound("/admin/")  # the page's relative URLs need the slash
 
     app = web.Application()
+    app[WATCH_KEY] = watch
+    app.cleanup_ctx.append(watch.running)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

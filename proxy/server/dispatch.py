@@ -20,10 +20,20 @@ from proxy.upstream.client import FORWARDED_HEADERS
 
 UPSTREAM_HEADERS = (*FORWARDED_HEADERS, "content-type")  # what may travel upstream
 
-KNOWN = (
-    "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, "
-    "/v2/projects/{id}/models, /v1/files and /v1/batches"
-)
+
+def served_families(table: RouteTable = ROUTES) -> str:
+    """The route families of the table, for the 404 message: every route a tenant may call is
+    under one of them (object and operator routes by their first two segments)."""
+    served: dict[str, None] = {}
+    granted: dict[str, None] = {}
+    for route in table.routes:
+        family = "/" + "/".join(route.parts[:2]) if route.kind in ("object", "operator") else route.pattern
+        (granted if route.kind == "operator" else served)[family] = None
+    granted = {f: None for f in granted if f not in served}
+    return f"{', '.join(served)}; and, where the config grants them, {', '.join(granted)}"
+
+
+KNOWN = served_families()
 
 
 class Dispatcher:

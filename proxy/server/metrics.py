@@ -9,7 +9,8 @@ tenants and models come from config, features and environments are capped to a c
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,6 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from proxy.config import Attribution
 from proxy.core.budgets import BudgetBook
+from proxy.core.pricing import Rates, cache_savings_pusd
 from proxy.core.ratelimits import LastSeen
 from proxy.core.routes import OBJECT_ENDPOINTS
 from proxy.ledger import LedgerRow
@@ -117,8 +119,11 @@ class Metrics:
         self.feature_label = LabelCap(attribution.features, attribution.max_label_values)
         self.environment_label = LabelCap(attribution.environments, attribution.max_label_values)
         self._models = frozenset(models)
+        self._rates = _rates_of(models)  # what caching saved is priced at these
         self.requests: dict[tuple[str, str, str, str, str], int] = {}
         self.tokens: dict[tuple[str, str, str, str, str], int] = {}
+        self.cached_tokens: dict[tuple[str, str, str, str], int] = {}  # a part of tokens "input"
+        self.cache_savings_pusd: dict[tuple[str, str, str, str], int] = {}
         self.cost_pusd: dict[tuple[str, str, str, str], int] = {}
         self.usage_unknown: dict[tuple[str, str], int] = {}
         self.ledger_errors = 0
@@ -187,6 +192,8 @@ class Metrics:
         if row.cost_pusd is not None:
             k3 = (row.tenant, model, feature, env)
             self.cost_pusd[k3] = self.cost_pusd.get(k3, 0) + row.cost_pusd
+        if row.cached_tokens:
+            self._count_cache(row, (row.tenant, model, feature, env))
         if row.usage_source == "estimated" or (
             row.usage_source == "none"
             and row.status not in ("rejected", "upstream_error")
@@ -195,6 +202,14 @@ class Metrics:
         ):
             k2 = (row.tenant, model)
             self.usage_unknown[k2] = self.usage_unknown.get(k2, 0) + 1
+
+    def _count_cache(self, row: LedgerRow, key: tuple[str, str, str, str]) -> None:
+        """Cached prompt tokens of a row, and what they saved at the rates in force now."""
+        cached = row.cached_tokens or 0
+        self.cached_tokens[key] = self.cached_tokens.get(key, 0) + cached
+        if row.cost_pusd is not None:  # a row charged its reservation or unpriced saved nothing known
+            saved = cache_savings_pusd(cached, self._rates.get(row.model), row.mode)
+            self.cache_savings_pusd[key] = self.cache_savings_pusd.get(key, 0) + saved
 
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
@@ -217,8 +232,9 @@ class Metrics:
         self.ledger_write.observe((), seconds)
 
     def set_models(self, models: Iterable[str]) -> None:
-        """Priced models after a config reload (others are labelled `other`)."""
+        """Priced models (and their rates) after a config reload (others are labelled `other`)."""
         self._models = frozenset(models)
+        self._rates = _rates_of(models)
 
     # -- rendering ----------------------------------------------------------------------------
 
@@ -251,6 +267,7 @@ class Metrics:
         for k3, p in sorted(self.cost_pusd.items()):
             fam.add_metric(list(k3), p / 1e12)
         yield fam
+        yield from self._cache_families()
         fam = CounterMetricFamily(
             PREFIX + "usage_unknown",
             "Requests whose usage the upstream did not report (estimated).",
@@ -302,6 +319,31 @@ class Metrics:
             )
         for h in (self.request_duration, self.ttft, self.upstream_duration, self.overhead, self.ledger_write):
             yield h.collect()
+
+    def _cache_families(self) -> Iterator[Metric]:
+        """Cached prompt tokens and what caching saved (both from rows that reported a cache hit)."""
+        labels = ("tenant", "model", "feature", "environment")
+        fam = CounterMetricFamily(
+            PREFIX + "cached_tokens",
+            "Cached prompt tokens reported by the upstream (a part of tokens_total{direction=input}).",
+            labels=labels,
+        )
+        for k, v in sorted(self.cached_tokens.items()):
+            fam.add_metric(list(k), v)
+        yield fam
+        fam = CounterMetricFamily(
+            PREFIX + "cache_savings_usd",
+            "What caching saved in USD: cached tokens x (input rate - cached_input rate).",
+            labels=labels,
+        )
+        for k, p in sorted(self.cache_savings_pusd.items()):
+            fam.add_metric(list(k), p / 1e12)
+        yield fam
+
+
+def _rates_of(models: Iterable[str]) -> Mapping[str, Rates]:
+    """The price table's rates when `models` is its model -> Rates mapping (else no rates)."""
+    return models if isinstance(models, Mapping) else MappingProxyType({})  # not a counter dict
 
 
 def budget_gauges(book: BudgetBook) -> Iterator[Metric]:

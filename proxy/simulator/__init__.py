@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from .server import (
     BILLED,
+    FLAT_CACHED,
     SEEN,
     SEEN_MAX,
     BilledLog,
     RunningSimulator,
     SimulatorOptions,
+    billed_pusd,
     create_app,
     main,
     start,
@@ -19,11 +21,13 @@ from .server import (
 
 __all__ = [
     "BILLED",
+    "FLAT_CACHED",
     "SEEN",
     "SEEN_MAX",
     "BilledLog",
     "RunningSimulator",
     "SimulatorOptions",
+    "billed_pusd",
     "create_app",
     "main",
     "start",

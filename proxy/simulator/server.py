@@ -8,7 +8,11 @@ A `"simulate"` object in a request body (proxies forward it untouched) steers th
 `usage` (finish|last|cumulative|none), `status`, `delay_ms`, `chunk_delay_ms`,
 `completion_tokens`, `cut_after_chunks`, `error_event_after_chunks` (a count above the stream's
 length acts after its last content chunk, before [DONE]), `malformed_usage`
-(negative|string|huge|inflated), `crlf`, `split_writes`, and for fault tests:
+(negative|string|huge|inflated), `crlf`, `split_writes`, `cached_tokens` (that many prompt tokens,
+at most the prompt, were a cache hit: usage reports them as `prompt_tokens_details.cached_tokens`,
+or as `cached_tokens` flat on the models in `FLAT_CACHED`, as together does; billed at the model's
+`pricing.cached_input`), `reasoning_tokens` (reported as `completion_tokens_details.reasoning_tokens`,
+a part of `completion_tokens`, never billed on top), and for fault tests:
 
 - `retry_after`: the Retry-After value of a 429/503 `status` answer (default "1");
 - `trickle_ms`: after the headers, write the body (stream or JSON) one byte every `trickle_ms`;
@@ -22,12 +26,18 @@ length acts after its last content chunk, before [DONE]), `malformed_usage`
 The Files and Batches API (`/v1/files/upload`, `/v1/batches`, `/v1/files/{id}/content`) runs
 batches of chat completions: a job completes `batch_delay_ms` after its creation (option, or
 `simulate.batch_delay_ms` in the create body) when it is next looked at; each input line's
-`body.simulate` takes `status`, `completion_tokens` and `usage: none`. Lines are billed with
-`"mode": "batch"`. `POST /v1/batches/{id}/cancel` stops a job that has not run yet: it never runs
-nor bills after that; `DELETE /v1/files/{id}` forgets a file.
+`body.simulate` takes `status`, `completion_tokens`, `cached_tokens`, `reasoning_tokens` and
+`usage: none`. Lines are billed with `"mode": "batch"` at the batch rates: 50 % off on the models
+together discounts (`_Model.batch_discount`), the serverless rates on the others; cached tokens of
+batch lines at the batch input rate (together documents no cached rate for batches).
+`POST /v1/batches/{id}/cancel` stops a job that has not run yet: it never runs nor bills after
+that; `DELETE /v1/files/{id}` forgets a file.
 
 A few operator-account routes answer in together's shapes so tests can tell whether a proxy
 forwarded them: `/v1/fine-tunes` (list, create, get), `GET /v1/hardware`, `GET /v1/endpoints`.
+
+Every BilledLog entry carries the `rates` it was billed at (USD per 1M tokens, decimal strings)
+and `billed_pusd(entry)` is its exact bill in pico-USD, so tests compare a ledger with it exactly.
 
 `app[SEEN]` notes every request that reaches the simulator (method, path, query), whatever its
 route or answer, so tests can assert exactly what got through a proxy; `GET /_sim/seen` reads it.
@@ -49,7 +59,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from aiohttp import web
@@ -94,20 +104,37 @@ _WORDS = (
     " chunk",
     "!",
 )
-# model id -> (type, context_length, input USD/1M, output USD/1M)
-_CATALOG: dict[str, tuple[str, int, str, str]] = {
-    "arcee-ai/maestro-reasoning": ("chat", 131072, "0.90", "3.30"),
-    "meta-llama/Llama-3.3-70B-Instruct-Turbo": ("chat", 131072, "0.88", "0.88"),
-    "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo": ("chat", 131072, "0.18", "0.18"),
-    "meta-llama/Llama-3.2-3B-Instruct-Turbo": ("chat", 131072, "0.06", "0.06"),
-    "Qwen/Qwen2.5-72B-Instruct-Turbo": ("chat", 32768, "1.20", "1.20"),
-    "deepseek-ai/DeepSeek-V3": ("chat", 131072, "1.25", "1.25"),
-    "deepseek-ai/DeepSeek-R1": ("chat", 163840, "3.00", "7.00"),
-    "mistralai/Mixtral-8x7B-Instruct-v0.1": ("chat", 32768, "0.60", "0.60"),
-    "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference": ("language", 8192, "0.20", "0.20"),
-    "BAAI/bge-large-en-v1.5": ("embedding", 512, "0.02", "0"),
-    "togethercomputer/m2-bert-80M-8k-retrieval": ("embedding", 8192, "0.008", "0"),
+
+
+@dataclass(frozen=True, slots=True)
+class _Model:
+    """A catalogue model: type, context length, rates in USD per 1M tokens (decimal strings)."""
+
+    type: str
+    context_length: int
+    input: str
+    output: str
+    cached_input: str | None = None  # `pricing.cached_input`: the rate of a cached prompt token
+    batch_discount: str | None = None  # the fraction together takes off its batch lines; None: none
+
+
+# Rates as together published them when the price table was read; the cached rates are the
+# simulator's own (illustrative); the batch discounts follow together's batch docs.
+_CATALOG: dict[str, _Model] = {
+    "arcee-ai/maestro-reasoning": _Model("chat", 131072, "0.90", "3.30"),
+    "meta-llama/Llama-3.3-70B-Instruct-Turbo": _Model("chat", 131072, "0.88", "0.88", "0.22", "0.5"),
+    "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo": _Model("chat", 131072, "0.18", "0.18"),
+    "meta-llama/Llama-3.2-3B-Instruct-Turbo": _Model("chat", 131072, "0.06", "0.06"),
+    "Qwen/Qwen2.5-72B-Instruct-Turbo": _Model("chat", 32768, "1.20", "1.20"),
+    "deepseek-ai/DeepSeek-V3": _Model("chat", 131072, "1.25", "1.25", "0.50"),
+    "deepseek-ai/DeepSeek-R1": _Model("chat", 163840, "3.00", "7.00"),
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": _Model("chat", 32768, "0.60", "0.60", None, "0.5"),
+    "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference": _Model("language", 8192, "0.20", "0.20"),
+    "BAAI/bge-large-en-v1.5": _Model("embedding", 512, "0.02", "0"),
+    "togethercomputer/m2-bert-80M-8k-retrieval": _Model("embedding", 8192, "0.008", "0"),
 }
+# models whose usage carries `cached_tokens` flat instead of in `prompt_tokens_details`
+FLAT_CACHED = frozenset({"deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-R1"})
 
 
 def _dumps(obj: Any) -> bytes:
@@ -128,7 +155,7 @@ class SimulatorOptions:
     chunk_delay_ms: float = 0.0  # between stream chunks (0 -> just yield to the loop)
     chunks: int | None = None  # content chunks per stream; None -> one per word
     usage: str = "finish"  # default usage placement for streams, one of USAGE_PLACEMENTS
-    prices: dict[str, tuple[str, str]] | None = None  # model -> (input, output) USD per 1M
+    prices: dict[str, tuple[str, ...]] | None = None  # model -> (input, output[, cached_input]) per 1M
     max_billed: int | None = None  # keep about this many BilledLog entries (benchmarks); None: all
     batch_delay_ms: float = 0.0  # a batch job completes this long after its creation
 
@@ -152,6 +179,10 @@ class BilledLog:
 
     def clear(self) -> None:
         self.entries.clear()
+
+    def total_pusd(self) -> int:
+        """The exact sum of every entry's bill, in pico-USD (entries of unpriced models add nothing)."""
+        return sum(billed_pusd(e) or 0 for e in self.entries)
 
     def totals(self) -> dict[str, tuple[int, int]]:
         """model -> (prompt_tokens, completion_tokens) summed over the entries."""
@@ -276,37 +307,79 @@ def _price(text: str) -> str:
     return format(d.normalize(), "f")
 
 
-def _catalog(prices: dict[str, tuple[str, str]] | None) -> dict[str, tuple[str, int, str, str]]:
+def _catalog(prices: dict[str, tuple[str, ...]] | None) -> dict[str, _Model]:
     if prices is None:
-        return {m: (t, ctx, _price(i), _price(o)) for m, (t, ctx, i, o) in _CATALOG.items()}
+        return {m: _normalized(c) for m, c in _CATALOG.items()}
     out = {}
-    for model, (inp, outp) in prices.items():
-        kind, ctx = _CATALOG.get(model, ("chat", 131072, "", ""))[:2]
-        out[model] = (kind, ctx, _price(inp), _price(outp))
+    for model, (inp, outp, *cached) in prices.items():
+        base = _CATALOG.get(model, _Model("chat", 131072, "", ""))
+        spec = _Model(
+            base.type, base.context_length, inp, outp, cached[0] if cached else None, base.batch_discount
+        )
+        out[model] = _normalized(spec)
     return out
 
 
-def _models_body(catalog: dict[str, tuple[str, int, str, str]]) -> bytes:
+def _normalized(m: _Model) -> _Model:
+    cached = None if m.cached_input is None else _price(m.cached_input)
+    return _Model(m.type, m.context_length, _price(m.input), _price(m.output), cached, m.batch_discount)
+
+
+def _models_body(catalog: dict[str, _Model]) -> bytes:
     """together.ai's GET /v1/models: a bare array; prices written from their decimal digits."""
     items = []
-    for model, (kind, ctx, inp, outp) in catalog.items():
+    for model, m in catalog.items():
         org, _, name = model.rpartition("/")
         head = json.dumps(
             {
                 "id": model,
                 "object": "model",
                 "created": _CREATED,
-                "type": kind,
+                "type": m.type,
                 "display_name": name.replace("-", " "),
                 "organization": org or "together",
-                "context_length": ctx,
+                "context_length": m.context_length,
             }
         )[:-1]
+        cached = "" if m.cached_input is None else f', "cached_input": {m.cached_input}'
         items.append(
-            f'{head}, "pricing": {{"hourly": 0, "input": {inp}, "output": {outp}, '
-            f'"base": 0, "finetune": 0}}}}'
+            f'{head}, "pricing": {{"hourly": 0, "input": {m.input}, "output": {m.output}, '
+            f'"base": 0, "finetune": 0{cached}}}}}'
         )
     return ("[" + ", ".join(items) + "]").encode()
+
+
+def bill_rates(m: _Model | None, mode: str) -> dict[str, str] | None:
+    """The rates (USD per 1M, decimal strings) a `mode` line of model `m` is billed at; None: no price.
+
+    Batch lines: `batch_discount` off the serverless rates (rounded half-up to 6 decimals), cached
+    tokens at that batch input rate.
+    """
+    if m is None:
+        return None
+    if mode != "batch":
+        return {"input": m.input, "output": m.output, "cached_input": m.cached_input or m.input}
+    paid = 1 - Decimal(m.batch_discount or 0)
+    batch_in, batch_out = (
+        _price(str((Decimal(r) * paid).quantize(Decimal("0.000001"), ROUND_HALF_UP)))
+        for r in (m.input, m.output)
+    )
+    return {"input": batch_in, "output": batch_out, "cached_input": batch_in}
+
+
+def billed_pusd(entry: dict[str, Any]) -> int | None:
+    """What the simulator billed for one entry, exactly, in pico-USD (None for an unpriced model)."""
+    rates = entry.get("rates")
+    if rates is None:
+        return None
+    prompt, completion = entry["prompt_tokens"], entry["completion_tokens"]
+    cached = min(entry.get("cached_tokens") or 0, prompt)
+    usd_per_mtok = (
+        (prompt - cached) * Decimal(rates["input"])
+        + cached * Decimal(rates["cached_input"])
+        + completion * Decimal(rates["output"])
+    )
+    return int(usd_per_mtok.scaleb(6))  # USD per 1M tokens x tokens = micro-USD; x 1e6 = pico-USD
 
 
 def _error(
@@ -352,7 +425,15 @@ def _ms(sim: dict[str, Any], key: str, default: float) -> float:
     return max(ms, 0.0) / 1000.0
 
 
-def _usage(prompt: int, completion: int, malformed: str | None) -> dict[str, Any]:
+def _usage(
+    prompt: int,
+    completion: int,
+    malformed: str | None,
+    cached: int | None = None,
+    reasoning: int | None = None,
+    flat: bool = False,
+) -> dict[str, Any]:
+    """A usage object; cached and reasoning counts (when asked for) in together's shapes."""
     if malformed == "negative":
         prompt, completion = -max(prompt, 1), -max(completion, 1)
     elif malformed == "huge":
@@ -365,7 +446,14 @@ def _usage(prompt: int, completion: int, malformed: str | None) -> dict[str, Any
         "total_tokens": prompt + completion,
     }
     if malformed == "string":
-        usage = {k: str(v) for k, v in usage.items()}
+        return {k: str(v) for k, v in usage.items()}
+    if cached is not None and malformed is None:
+        if flat:
+            usage["cached_tokens"] = cached
+        else:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    if reasoning is not None and malformed is None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": min(reasoning, completion)}
     return usage
 
 
@@ -405,6 +493,13 @@ class _Plan:
     usage_delay: float
     malformed_json: bool
     entry: dict[str, Any]
+    cached: int | None = None  # cached prompt tokens to report (simulate.cached_tokens)
+    reasoning: int | None = None  # reasoning tokens to report (simulate.reasoning_tokens)
+
+    def usage(self, completion: int) -> dict[str, Any]:
+        """This request's usage object after `completion` generated tokens."""
+        flat = self.model in FLAT_CACHED
+        return _usage(self.prompt_tokens, completion, self.malformed, self.cached, self.reasoning, flat)
 
 
 async def _prepare(request: web.Request, kind: str) -> _Plan | web.Response:
@@ -458,6 +553,7 @@ async def _prepare(request: web.Request, kind: str) -> _Plan | web.Response:
     stream_options = body.get("stream_options")
     rid = state.next_id()
     prompt_tokens = state.prompt_tokens(kind, body)
+    cached, reasoning = _cached_and_reasoning(sim, prompt_tokens)
     entry = {
         "id": rid,
         "path": request.path,
@@ -465,6 +561,8 @@ async def _prepare(request: web.Request, kind: str) -> _Plan | web.Response:
         "stream": stream,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": 0,
+        "cached_tokens": cached or 0,
+        "rates": bill_rates(state.catalog.get(model), "serverless"),
         "usage_reported": False,
         "authorization": request.headers.get("Authorization"),
         "headers": {k.lower(): v for k, v in request.headers.items()},
@@ -490,6 +588,17 @@ async def _prepare(request: web.Request, kind: str) -> _Plan | web.Response:
         usage_delay=_ms(sim, "usage_delay_ms", 0.0),
         malformed_json=sim.get("malformed_json") is True,
         entry=entry,
+        cached=cached,
+        reasoning=reasoning,
+    )
+
+
+def _cached_and_reasoning(sim: dict[str, Any], prompt_tokens: int) -> tuple[int | None, int | None]:
+    """`simulate.cached_tokens` (at most the prompt) and `simulate.reasoning_tokens`, or None."""
+    cached, reasoning = _int(sim, "cached_tokens"), _int(sim, "reasoning_tokens")
+    return (
+        None if cached is None else min(max(cached, 0), prompt_tokens),
+        None if reasoning is None else max(reasoning, 0),
     )
 
 
@@ -519,7 +628,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         "choices": [choice],
     }
     if plan.placement != "none":  # non-stream answers carry usage unless told "none"
-        out["usage"] = _usage(plan.prompt_tokens, n, plan.malformed)
+        out["usage"] = plan.usage(n)
         entry["usage_reported"] = not plan.malformed_json
     request.app[BILLED].record(entry)
     data = _dumps(out)
@@ -628,7 +737,7 @@ async def _stream(request: web.Request, plan: _Plan) -> web.StreamResponse:
             entry["completion_tokens"] = sent
             usage = None
             if plan.placement == "cumulative" or (last and plan.placement == "finish"):
-                usage = _usage(plan.prompt_tokens, sent, plan.malformed)
+                usage = plan.usage(sent)
                 entry["usage_reported"] = not plan.malformed_json
             payload = chunk(text, plan.finish if last else None, usage)
             await send(payload[:-9] if usage is not None and plan.malformed_json else payload)
@@ -640,7 +749,7 @@ async def _stream(request: web.Request, plan: _Plan) -> web.StreamResponse:
             await asyncio.sleep(plan.usage_delay)
         if plan.placement == "last" and plan.include_usage:
             entry["usage_reported"] = not plan.malformed_json
-            payload = chunk(None, None, _usage(plan.prompt_tokens, sent, plan.malformed))
+            payload = chunk(None, None, plan.usage(sent))
             await send(payload[:-9] if plan.malformed_json else payload)
         await send(b"[DONE]")
         await resp.write_eof()
@@ -694,10 +803,10 @@ async def _project_models(request: web.Request) -> web.Response:
             "organizationId": "org-simulator",
             "projectId": project,
             "visibility": "VISIBILITY_PRIVATE",
-            "description": f"{kind} model (simulated)",
-            "weights": {"contextLength": str(ctx), "type": "WEIGHTS_TYPE_DEFAULT"},
+            "description": f"{m.type} model (simulated)",
+            "weights": {"contextLength": str(m.context_length), "type": "WEIGHTS_TYPE_DEFAULT"},
         }
-        for model, (kind, ctx, _, _) in request.app[_STATE].catalog.items()
+        for model, m in request.app[_STATE].catalog.items()
     ]
     return web.Response(body=_dumps({"data": data, "next_cursor": None}), content_type="application/json")
 
@@ -851,6 +960,7 @@ def _batch_line(app: web.Application, batch_id: str, line: Any) -> dict[str, Any
     n = wanted if wanted is not None else max_tokens
     n = min(max(DEFAULT_COMPLETION_TOKENS if n is None else n, 0), MAX_COMPLETION_TOKENS)
     prompt = state.prompt_tokens("chat", body)
+    cached, reasoning = _cached_and_reasoning(sim, prompt)
     answer: dict[str, Any] = {
         "id": rid,
         "object": "chat.completion",
@@ -866,7 +976,7 @@ def _batch_line(app: web.Application, batch_id: str, line: Any) -> dict[str, Any
         ],
     }
     if sim.get("usage") != "none":
-        answer["usage"] = _usage(prompt, n, None)
+        answer["usage"] = _usage(prompt, n, None, cached, reasoning, model in FLAT_CACHED)
     app[BILLED].record(
         {
             "id": rid,
@@ -878,6 +988,8 @@ def _batch_line(app: web.Application, batch_id: str, line: Any) -> dict[str, Any
             "stream": False,
             "prompt_tokens": prompt,
             "completion_tokens": n,
+            "cached_tokens": cached or 0,
+            "rates": bill_rates(state.catalog.get(model), "batch"),
             "usage_reported": "usage" in answer,
             "body": body,
         }

@@ -23,6 +23,10 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.core.auth import digest, new_key
+from proxy.core.budgets import Periods
+from proxy.core.records import LedgerRow
+from proxy.core.rollups import rollup_rows
+from proxy.ledger.rollup_sql import KEY_SQL, to_rollup
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_KEY = "sk-operator-canary-proc-41c2"
@@ -196,6 +200,17 @@ def ledger_rows(path: Path) -> dict[str, dict[str, Any]]:
         return {r["request_id"]: dict(r) for r in conn.execute("SELECT * FROM requests")}
     finally:
         conn.close()
+
+
+def rollups_match_rows(path: Path, periods: Periods) -> bool:
+    """The rollups table read straight from the file equals the GROUP BY of its terminal rows."""
+    rows = [LedgerRow.from_mapping(r) for r in ledger_rows(path).values()]
+    conn = sqlite3.connect(path)
+    try:
+        found = conn.execute(f"SELECT * FROM rollups ORDER BY {KEY_SQL}").fetchall()
+    finally:
+        conn.close()
+    return [to_rollup(r) for r in found] == rollup_rows(rows, periods)
 
 
 def integrity(path: Path) -> str:

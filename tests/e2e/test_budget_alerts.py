@@ -30,7 +30,7 @@ def with_webhook(url: str, max_attempts: int = 3) -> Any:
     def change(config: Config) -> Config:
         models = dict(config.prices.models)
         models[FLAT] = Rates(0, 1_000_000, 0, 500_000)
-        prices = PriceTable(models, config.prices.batch_discount, config.prices.source)
+        prices = PriceTable(models, config.prices.source)
         tenants = dict(config.tenants)
         tenants["acme"] = replace(tenants["acme"], budget=BUDGET)
         notify = Notify(url, timeout=2, max_attempts=max_attempts)

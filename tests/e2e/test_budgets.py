@@ -28,7 +28,7 @@ def flat_budget(config: Config, budget: Budget = BUDGET) -> Config:
     """Add the flat-rate model and give acme a budget of exactly 100 such requests."""
     models = dict(config.prices.models)
     models[FLAT] = Rates(0, 1_000_000, 0, 500_000)
-    prices = PriceTable(models, config.prices.batch_discount, config.prices.source)
+    prices = PriceTable(models, config.prices.source)
     tenants = dict(config.tenants)
     tenants["acme"] = replace(tenants["acme"], budget=budget)
     return replace(config, prices=prices, tenants=tenants)

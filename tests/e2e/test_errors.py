@@ -4,6 +4,7 @@ billed; upstream failures are passed through or translated, and each leaves one 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -13,6 +14,8 @@ import aiohttp
 import openai
 import orjson
 import pytest
+
+from proxy.core.routes import ROUTES
 
 from .support import (
     ACME_ONLY_MODEL,
@@ -300,3 +303,16 @@ async def test_still_serves_after_every_error(small: Meter, caplog: pytest.LogCa
     assert rows[-1].cost_pusd == small.cost(CHAT_MODEL, entry["prompt_tokens"], 3)
     secrets = [small.operator_key, *small.keys.values()]
     assert not [r for r in caplog.records if any(k in r.getMessage() for k in secrets)]
+
+
+@pytest.mark.sqlite_only  # no ledger involved
+async def test_unknown_url_message_names_every_served_route_family(meter: Meter) -> None:
+    """The 404 `unknown_url` message names a family (a path prefix) for every route of the route
+    table a tenant may call, /v2/projects/{project}/models and the grantable operator routes too."""
+    status, _, body = await post_raw(meter.origin + "/v1/assistants", None, meter.auth(), method="GET")
+    err = error_of(body)
+    assert (status, err["code"]) == (404, "unknown_url")
+    listed = [f.rstrip(".") for f in re.findall(r"/v[12]/[^\s,;]+", err["message"].split("serves", 1)[1])]
+    assert "/v2/projects/{project}/models" in listed
+    for route in ROUTES.routes:
+        assert any(route.pattern == f or route.pattern.startswith(f + "/") for f in listed), route.pattern

@@ -21,6 +21,7 @@ import pytest
 from faultrelay import FaultRelay
 
 from proxy.ledger import LedgerRow
+from proxy.server.admin import WATCH_KEY
 
 from .support import CHAT_MODEL, MESSAGES, Meter, StartMeter, error_of
 
@@ -53,9 +54,19 @@ async def relayed(start_meter: StartMeter) -> AsyncIterator[tuple[Meter, FaultRe
     try:
         async with start_meter(upstream=relay.url("/v1"), change=_fast) as m:
             relay.target = ("127.0.0.1", m.sim.port)  # the simulator exists now; nothing connected yet
+            await _probed(m)  # the start-up connect probe of /readyz (no bytes) has been through the relay
             yield m, relay
     finally:
         await relay.close()
+
+
+async def _probed(meter: Meter) -> None:
+    """Wait (bounded) until the admin listener's start-up probe of the upstream has ended."""
+    watch = meter.proxy.admin_app[WATCH_KEY]
+    deadline = time.monotonic() + 5
+    while watch.connectable is None:
+        assert time.monotonic() < deadline, "no start-up probe of the upstream within 5 s"
+        await asyncio.sleep(0.01)
 
 
 def _chat(max_tokens: int, stream: bool, **simulate: Any) -> dict[str, Any]:
@@ -193,12 +204,13 @@ async def test_stall_before_headers_is_504_at_first_byte(
     row upstream_timeout charged at its reservation (estimated)."""
     meter, relay = relayed
     relay.stall()
+    probes = relay.accepted  # the start-up connect probe of /readyz, which sends nothing
     t0 = time.monotonic()
     status, request_id, data = await _call(meter, _chat(5, stream))
     elapsed = time.monotonic() - t0
     assert status == 504 and FIRST_BYTE <= elapsed < 3 * FIRST_BYTE
     assert error_of(data)["code"] == "upstream_timeout"
-    assert relay.accepted == 1  # exactly one upstream attempt, no retry
+    assert relay.accepted - probes == 1  # exactly one upstream attempt, no retry
     row = await _only_row(meter, request_id)
     assert (row.status, row.usage_source, row.error_code) == (
         "upstream_timeout",

@@ -4,7 +4,7 @@ The real proxy runs as a subprocess in front of the in-process simulator. After 
 restart: SQLite integrity_check is ok; every client that saw `[DONE]` has a committed `ok` row
 with the tokens it asked for; every request id a client saw is in the ledger once; nothing is
 left in flight (the reaper made it `orphaned` at its reserved cost, flagged estimated); the
-budget gauges on /metrics equal the ledger's sums.
+rollups equal the GROUP BY of the rows; the budget gauges on /metrics equal the ledger's sums.
 """
 
 from __future__ import annotations
@@ -19,8 +19,17 @@ import aiohttp
 import pytest
 
 from proxy import simulator
+from proxy.core.budgets import Periods
 
-from .procs import Outcome, ProxyProcess, integrity, ledger_rows, stream_chat, write_config
+from .procs import (
+    Outcome,
+    ProxyProcess,
+    integrity,
+    ledger_rows,
+    rollups_match_rows,
+    stream_chat,
+    write_config,
+)
 
 CLIENTS = 20
 CHUNK_DELAY_MS = 40.0  # client i streams 4 + 2*i chunks: about 0.2 s to 1.7 s
@@ -87,6 +96,7 @@ async def check_after_restart(p: ProxyProcess, outcomes: list[Outcome], sent: in
         assert (r["usage_source"], r["error_code"]) == ("estimated", "process_died")
     cut = [o for o in seen if not o.done]
     assert sum(rows[o.request_id]["status"] == "orphaned" for o in cut) >= 1
+    assert rollups_match_rows(p.ledger, Periods("UTC"))  # config/example.yaml: budgets.timezone UTC
     # I7: the gauges the restarted proxy serves are the ledger's sums
     spend = sum(r["cost_pusd"] for r in rows.values() if r["tenant"] == "acme") / 1e12
     gauges = await p.gauges()

@@ -52,7 +52,7 @@ EXEMPT_RULES: dict[str, str] = {}
 # (tenant, feature, environment, endpoint, model, stream, simulate)
 Traffic = tuple[str, str | None, str | None, str, str, bool, dict[str, Any]]
 TRAFFIC: list[Traffic] = [
-    ("acme", "chat", "prod", "chat", CHAT_MODEL, False, {}),
+    ("acme", "chat", "prod", "chat", CHAT_MODEL, False, {"cached_tokens": 4}),  # a cache hit
     ("acme", "search", "staging", "chat", ACME_ONLY_MODEL, True, {}),
     ("acme", "summarize", None, "completions", LANGUAGE_MODEL, False, {}),
     ("acme", "search", "prod", "embeddings", EMBEDDING_MODEL, False, {}),  # usage unknown

@@ -1,0 +1,216 @@
+"""The SQLite ledger's schema, and its rollups kept by triggers in the rows' own transaction.
+
+Every statement that makes a row terminal (the writer's finish and record, the start-up reaper,
+`db import`) fires a trigger that adds the row to its `rollups` line in the same statement, so
+the rollups can never disagree with the rows (docs/ledger.md#rollups). The day of a row is cut
+in budgets.timezone: by SQLite's own date() for UTC, else by `meter_day`, a function every
+connection of ours that writes rows registers (`connect_writer`); a connection without it cannot
+make a row terminal at all (so it cannot make rows and rollups disagree either).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+
+from proxy.core.budgets import Periods
+from proxy.core.records import IN_FLIGHT
+from proxy.core.rollups import ROLLUP_KEY, ROLLUP_SUMS, DayCutter
+from proxy.ledger.rollup_sql import KEY_SQL
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+ROLLUPS_VERSION = "1"  # meta 'rollups': the table exists and holds every terminal row
+_EMPTY = "rollups made from the rows: 0 line(s)"
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    feature TEXT,
+    environment TEXT,
+    stream INTEGER NOT NULL,
+    started_us INTEGER NOT NULL,
+    finished_us INTEGER,
+    period TEXT NOT NULL,
+    upstream_status INTEGER,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    cached_tokens INTEGER,
+    reasoning_tokens INTEGER,
+    usage_source TEXT NOT NULL,
+    cost_pusd INTEGER,
+    reserved_pusd INTEGER,
+    status TEXT NOT NULL,
+    stream_complete INTEGER NOT NULL DEFAULT 0,
+    error_code TEXT,
+    upstream_id TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS requests_period_tenant ON requests (period, tenant);
+CREATE INDEX IF NOT EXISTS requests_in_flight ON requests (status) WHERE status = '{IN_FLIGHT}';
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS notifications (
+    tenant TEXT NOT NULL,
+    feature TEXT NOT NULL,
+    period TEXT NOT NULL,
+    threshold TEXT NOT NULL,
+    sent_us INTEGER NOT NULL,
+    PRIMARY KEY (tenant, feature, period, threshold)
+);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    feature TEXT,
+    environment TEXT,
+    created_us INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    output_file_id TEXT,
+    recorded_us INTEGER
+);
+CREATE INDEX IF NOT EXISTS batches_open ON batches (recorded_us) WHERE recorded_us IS NULL;
+CREATE INDEX IF NOT EXISTS batches_tenant ON batches (tenant);
+CREATE TABLE IF NOT EXISTS files (
+    file_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    batch_id TEXT
+);
+CREATE INDEX IF NOT EXISTS files_tenant ON files (tenant);
+"""
+
+_SUMS_SQL = ", ".join(ROLLUP_SUMS)
+# sums are INTEGER (64-bit): one line holds up to 9.2e18 pico-USD ($9.2 million); the CHECK
+# makes an overflow (SQLite would turn the sum into a float) fail the write instead of rounding
+_ROLLUPS_TABLE = f"""CREATE TABLE IF NOT EXISTS rollups (
+    {", ".join(f"{k} TEXT NOT NULL" for k in ROLLUP_KEY)},
+    {", ".join(f"{s} INTEGER NOT NULL" for s in ROLLUP_SUMS)},
+    CHECK (typeof(cost_pusd) = 'integer' AND typeof(input_tokens) = 'integer'),
+    PRIMARY KEY ({KEY_SQL})
+) WITHOUT ROWID"""
+_ADD = ", ".join(f"{s} = {s} + excluded.{s}" for s in ROLLUP_SUMS)
+_ROW_LINE = """NEW.period, {day}, NEW.tenant, NEW.model, COALESCE(NEW.feature, ''),
+    COALESCE(NEW.environment, ''), NEW.mode, NEW.endpoint, NEW.status, NEW.usage_source,
+    1, NEW.prompt_tokens IS NOT NULL OR NEW.completion_tokens IS NOT NULL,
+    COALESCE(NEW.prompt_tokens, 0), COALESCE(NEW.completion_tokens, 0), COALESCE(NEW.cached_tokens, 0),
+    NEW.cost_pusd IS NOT NULL, COALESCE(NEW.cost_pusd, 0), NEW.usage_source = 'estimated',
+    NEW.cost_pusd IS NULL"""
+_ON_CONFLICT_ADD = f"ON CONFLICT ({KEY_SQL}) DO UPDATE SET {_ADD}"
+_BACKFILL_ROWS = f"""INSERT INTO rollups ({KEY_SQL}, {_SUMS_SQL})
+SELECT period, {{day}}, tenant, model, COALESCE(feature, ''), COALESCE(environment, ''),
+    mode, endpoint, status, usage_source, COUNT(*),
+    SUM(prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL), SUM(COALESCE(prompt_tokens, 0)),
+    SUM(COALESCE(completion_tokens, 0)), SUM(COALESCE(cached_tokens, 0)), SUM(cost_pusd IS NOT NULL),
+    SUM(COALESCE(cost_pusd, 0)), SUM(usage_source = 'estimated'), SUM(cost_pusd IS NULL)
+FROM requests WHERE status <> '{IN_FLIGHT}' GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10"""
+
+
+def day_sql(column: str, periods: Periods) -> str:
+    """SQL of a µs column's day: SQLite's own date() in UTC (no Python call on the write path),
+    else `meter_day` (zoneinfo, registered by connect_writer)."""
+    if periods.timezone == "UTC":
+        return f"date({column} / 1000000, 'unixepoch')"
+    return f"meter_day({column})"
+
+
+def rollup_triggers(periods: Periods) -> tuple[str, str]:
+    """A row inserted terminal (record, import) or made terminal (finish, reaper) joins its line once."""
+    upsert = (
+        f"INSERT INTO rollups ({KEY_SQL}, {_SUMS_SQL}) "
+        f"VALUES ({_ROW_LINE.format(day=day_sql('NEW.started_us', periods))}) {_ON_CONFLICT_ADD}"
+    )
+    return (
+        f"""CREATE TRIGGER rollup_inserted AFTER INSERT ON requests
+    WHEN NEW.status <> '{IN_FLIGHT}' BEGIN {upsert}; END""",
+        f"""CREATE TRIGGER rollup_finished AFTER UPDATE OF status ON requests
+    WHEN OLD.status = '{IN_FLIGHT}' AND NEW.status <> '{IN_FLIGHT}' BEGIN {upsert}; END""",
+    )
+
+
+# what `db prune` kept before rollups existed: its lines are the rows it deleted (no cached tokens)
+_BACKFILL_AGGREGATES = f"""INSERT INTO rollups ({KEY_SQL}, {_SUMS_SQL})
+SELECT {KEY_SQL}, requests, with_usage, input_tokens, output_tokens, 0, priced, cost_pusd,
+    CASE WHEN usage_source = 'estimated' THEN requests ELSE 0 END, requests - priced
+FROM aggregates WHERE true ON CONFLICT ({KEY_SQL}) DO UPDATE SET {_ADD}"""
+
+
+def connect_writer(path: str, periods: Periods, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    """A connection that may write rows: `meter_day` cuts their rollup days in `periods`' zone."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread)
+    conn.create_function("meter_day", 1, DayCutter(periods), deterministic=True)
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def prepare(conn: sqlite3.Connection, periods: Periods) -> list[str]:
+    """Create the schema; create and fill the rollups if this file has none yet. What it did."""
+    conn.executescript(SCHEMA)
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    if _meta(conn, "rollups") == ROLLUPS_VERSION:
+        _note_timezone(conn, periods)
+        return []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        done = _create_rollups(conn, periods)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if done != [_EMPTY]:  # a new file is not news
+        log.info("ledger: %s", "; ".join(done))
+    return done
+
+
+def _create_rollups(conn: sqlite3.Connection, periods: Periods) -> list[str]:
+    conn.execute(_ROLLUPS_TABLE)
+    for statement in rollup_triggers(periods):
+        conn.execute(statement)
+    conn.execute(_BACKFILL_ROWS.format(day=day_sql("started_us", periods)))
+    done = [f"rollups made from the rows: {conn.execute('SELECT changes()').fetchone()[0]} line(s)"]
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'aggregates'").fetchone():
+        conn.execute(_BACKFILL_AGGREGATES)
+        conn.execute("INSERT OR IGNORE INTO meta SELECT DISTINCT 'pruned:' || period, '1' FROM aggregates")
+        conn.execute("DROP TABLE aggregates")
+        done.append("the pruned months' aggregates moved into the rollups")
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('rollups', ?)", (ROLLUPS_VERSION,))
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('rollup_timezone', ?)", (periods.timezone,))
+    return done
+
+
+def _note_timezone(conn: sqlite3.Connection, periods: Periods) -> None:
+    """budgets.timezone changed since the rollups were made: rows made terminal from now on are
+    cut in the new zone; days already summed stay, like the periods of rows already written."""
+    before = _meta(conn, "rollup_timezone")
+    if before == periods.timezone:
+        return
+    log.warning(
+        "ledger: rollup days were cut in %s, from now on in %s (budgets.timezone)", before, periods.timezone
+    )
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("DROP TRIGGER IF EXISTS rollup_inserted")
+        conn.execute("DROP TRIGGER IF EXISTS rollup_finished")
+        for statement in rollup_triggers(periods):
+            conn.execute(statement)
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('rollup_timezone', ?)", (periods.timezone,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> str | None:
+    found = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if found is None else str(found[0])
+
+
+def pruned_periods(conn: sqlite3.Connection) -> set[str]:
+    """The periods `db prune` deleted rows of: their rollups hold those rows, an import skips them."""
+    found = conn.execute("SELECT substr(key, 8) FROM meta WHERE key LIKE 'pruned:%'").fetchall()
+    return {str(p) for (p,) in found}
