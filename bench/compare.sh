@@ -50,7 +50,7 @@ start() {  # NAME SOURCE_DIR PORT ADMIN_PORT [serve args...]
     --log-level WARNING serve --port "$port" --admin-port "$admin" "$@" >"$OUT/$name.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 1 100); do
-    curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null 2>&1 && return 0
+    curl -sf "http://127.0.0.1:$admin/healthz" >/dev/null 2>&1 && return 0
     kill -0 "${PIDS[-1]}" 2>/dev/null || { echo "$name died: see $OUT/$name.log" >&2; exit 1; }
     sleep 0.2
   done

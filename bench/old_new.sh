@@ -83,7 +83,7 @@ start_meter() {  # NAME WORKTREE PORT ADMIN_PORT
     --log-level WARNING serve --port "$port" --admin-port "$admin" \
     --config "$src/bench/config.yaml" --ledger "$WORK/$name-ledger/ledger.db") >"$OUT/$name.log" 2>&1 &
   PIDS+=($!); NAMES+=("$name")
-  wait_ready "$name" "http://127.0.0.1:$admin/readyz" "${PIDS[-1]}"
+  wait_ready "$name" "http://127.0.0.1:$admin/healthz" "${PIDS[-1]}"
 }
 
 start_meter old "$WORK/old" "$OLD_PORT" "$OLD_ADMIN"

@@ -55,7 +55,7 @@ start() {  # NAME CPUS DB PORT ADMIN_PORT WORKERS
     --workers "$6" >"$OUT/$1.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 1 100); do
-    curl -sf "http://127.0.0.1:$5/readyz" >/dev/null 2>&1 && return 0
+    curl -sf "http://127.0.0.1:$5/healthz" >/dev/null 2>&1 && return 0
     kill -0 "${PIDS[-1]}" 2>/dev/null || { echo "$1 died: see $OUT/$1.log" >&2; exit 1; }
     sleep 0.2
   done
@@ -69,7 +69,7 @@ TOGETHER_API_KEY=fake-together-key taskset -c "$ONE_CPUS" "$METER" --log-level W
   --config "$HERE/config.yaml" --port 18302 --admin-port 19302 --ledger "$SQLITE_DIR/ledger.db" \
   >"$OUT/ours-sqlite.log" 2>&1 &
 PIDS+=($!)
-for _ in $(seq 1 100); do curl -sf http://127.0.0.1:19302/readyz >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in $(seq 1 100); do curl -sf http://127.0.0.1:19302/healthz >/dev/null 2>&1 && break; sleep 0.2; done
 echo "ONE_CPUS=$ONE_CPUS TWO_CPUS=$TWO_CPUS PG_CPUS=${PG_CPUS:-all}" >"$OUT/cpus.txt"
 # @PID: CPU and RSS of the process and its children (the supervisor's workers)
 bash "$SHARED_BENCH/run_bench.sh" "ours-1w=http://127.0.0.1:18300/v1@${PIDS[0]}" \

@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="the ledger database: retention, exports, migrations")
     dsub = db.add_subparsers(dest="db_command", required=True)
     dp = dsub.add_parser(
-        "prune", help="fold rows of periods before a month into daily aggregates (reports keep working)"
+        "prune", help="delete the rows of periods before a month; their rollups stay (reports keep working)"
     )
     dp.add_argument("--config", default=DEFAULT_CONFIG)
     dp.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
@@ -334,9 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     dx.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
     dx.add_argument("--month", help="only this period, like 2026-11")
     dx.add_argument("--since", help="only rows started at or after this ISO date/time (UTC if no zone)")
-    dx.add_argument("--aggregates", action="store_true", help="a pruned month's aggregate lines instead")
+    dx.add_argument("--aggregates", action="store_true", help="the month's rollup lines instead of rows")
     dx.add_argument("--output", "-o", help="file to write (default: stdout)")
     dx.set_defaults(func=cmd_db_export)
+    di = dsub.add_parser("import", help="load a `db export` JSON Lines file (idempotent, all or nothing)")
+    di.add_argument("file", help="the JSON Lines file `db export` wrote")
+    di.add_argument("--config", default=DEFAULT_CONFIG)
+    di.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
+    di.set_defaults(func=cmd_db_import)
     dm = dsub.add_parser("migrate", help="apply the PostgreSQL ledger's schema migrations (serve does too)")
     dm.add_argument("--config", default=DEFAULT_CONFIG)
     dm.set_defaults(func=cmd_db_migrate)
@@ -355,6 +360,12 @@ def cmd_db_export(args: argparse.Namespace) -> int:
     return run_export(
         load_config(args.config), args.ledger, args.month, args.since, args.aggregates, args.output
     )
+
+
+def cmd_db_import(args: argparse.Namespace) -> int:
+    from proxy.cli.db import cmd_db_import as run_import
+
+    return run_import(args)
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:

@@ -114,28 +114,29 @@ class _Stream:
         """Relay chunks until the stream is done ("ok") or ends otherwise (its status)."""
         try:
             async with asyncio.timeout_at(self._window()) as window:
+                sm, framer, resp = self.sm, self.framer, self.resp
                 while chunk := await self.up.readany():
-                    out = self.sm.feed(self.framer.feed(chunk))
+                    out = sm.feed(framer.feed(chunk))
                     if out and not self.client_gone:
-                        await self._write(out)
-                    if self.sm.done:
+                        try:  # inline, not a coroutine call: this runs once per chunk
+                            await resp.write(out)
+                        except CLIENT_GONE:
+                            self._left()
+                        if sm.first_token_at is None and sm.saw_content:
+                            self._first_token()
+                    if sm.done:
                         return "ok"
-                    window.reschedule(self._window())
+                    window.reschedule(min(self.deadline, self.loop.time() + self.cfg.idle_timeout))
         except TimeoutError:
             return "upstream_timeout"  # idle gap, total deadline, or the abort grace ran out
         except (UpstreamStreamError, SSEError) as exc:
             log.warning("upstream stream broke off: %s", type(exc).__name__)
         return "upstream_aborted"  # EOF without [DONE], or a broken stream
 
-    async def _write(self, out: bytes) -> None:
-        try:
-            await self.resp.write(out)
-        except CLIENT_GONE:
-            self._left()
+    def _first_token(self) -> None:
         sm = self.sm
-        if sm.first_token_at is None and sm.saw_content:
-            sm.first_token_at = time.perf_counter()
-            self.owner.metrics.ttft.observe((self.meter.model_label,), sm.first_token_at - self.meter.t0)
+        sm.first_token_at = time.perf_counter()
+        self.owner.metrics.ttft.observe((self.meter.model_label,), sm.first_token_at - self.meter.t0)
 
     async def conclude(self, status: str) -> None:
         """Record the row, then (only then) let the client see the end of the stream."""
