@@ -9,14 +9,17 @@ MeterError                      rendered as {"error": {"message", "type", "code"
 │   └── ModelNotPriced          400 ... / model_not_priced
 ├── ModelNotAllowed             403 permission_error / model_not_allowed
 ├── RouteNotAllowed             403 permission_error / route_not_allowed
+├── UploadTokenInvalid          403 permission_error / invalid_upload_token (or upload_token_expired)
 ├── NotFound                    404 invalid_request_error / unknown_url
 ├── MethodNotAllowed            405 invalid_request_error / method_not_allowed
 ├── BodyTimeout                 408 invalid_request_error / request_timeout
+├── LengthRequired              411 invalid_request_error / length_required
 ├── BodyTooLarge                413 invalid_request_error / request_too_large
 ├── RateLimited                 429 rate_limit_error / too_many_auth_failures
 ├── NotReady                    503 server_error / not_ready
 └── UpstreamError               502 upstream_error / upstream_unreachable
     ├── UpstreamProtocolError   502 ... / upstream_protocol_error
+    ├── ObjectStoreError        502 (or the store's own 4xx/5xx) ... / object_store_error
     └── UpstreamTimeout         504 ... / upstream_timeout
 ConfigError                     not HTTP: a bad config file, names file, key and problem
 """
@@ -89,6 +92,14 @@ class RouteNotAllowed(MeterError):
     code = "route_not_allowed"
 
 
+class UploadTokenInvalid(MeterError):
+    """A presigned-upload URL of the proxy that is forged, damaged, expired or not the caller's."""
+
+    status = 403
+    type = "permission_error"
+    code = "invalid_upload_token"
+
+
 class NotFound(MeterError):
     status = 404
     type = "invalid_request_error"
@@ -113,6 +124,12 @@ class BodyTimeout(MeterError):
     code = "request_timeout"
 
 
+class LengthRequired(MeterError):
+    status = 411
+    type = "invalid_request_error"
+    code = "length_required"
+
+
 class RateLimited(MeterError):
     status = 429
     type = "rate_limit_error"
@@ -133,6 +150,17 @@ class UpstreamError(MeterError):
 
 class UpstreamProtocolError(UpstreamError):
     code = "upstream_protocol_error"
+
+
+class ObjectStoreError(UpstreamError):
+    """The object store refused a relayed upload: its own status is passed on when it gave one."""
+
+    code = "object_store_error"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
+        super().__init__(message, code=code)
+        if status is not None:
+            self.status = status
 
 
 class UpstreamTimeout(UpstreamError):

@@ -113,6 +113,8 @@ REQUEST_PATH = [
     "proxy/server/dispatch.py",
     "proxy/server/objects.py",
     "proxy/server/passthrough.py",
+    "proxy/server/uploads.py",
+    "proxy/upstream/store.py",
     "proxy/server/responses.py",
 ]
 MAX_LINES = 60

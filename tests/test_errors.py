@@ -19,14 +19,17 @@ DOCUMENTED = {
     "ModelNotPriced": (400, "invalid_request_error", "model_not_priced"),
     "ModelNotAllowed": (403, "permission_error", "model_not_allowed"),
     "RouteNotAllowed": (403, "permission_error", "route_not_allowed"),
+    "UploadTokenInvalid": (403, "permission_error", "invalid_upload_token"),
     "NotFound": (404, "invalid_request_error", "unknown_url"),
     "MethodNotAllowed": (405, "invalid_request_error", "method_not_allowed"),
     "BodyTimeout": (408, "invalid_request_error", "request_timeout"),
     "BodyTooLarge": (413, "invalid_request_error", "request_too_large"),
+    "LengthRequired": (411, "invalid_request_error", "length_required"),
     "RateLimited": (429, "rate_limit_error", "too_many_auth_failures"),
     "NotReady": (503, "server_error", "not_ready"),
     "UpstreamError": (502, "upstream_error", "upstream_unreachable"),
     "UpstreamProtocolError": (502, "upstream_error", "upstream_protocol_error"),
+    "ObjectStoreError": (502, "upstream_error", "object_store_error"),
     "UpstreamTimeout": (504, "upstream_error", "upstream_timeout"),
 }
 

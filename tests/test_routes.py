@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.core.routes import (
+    OBJECT_ENDPOINTS,
     ROUTES,
     Grant,
     InvalidTarget,
@@ -110,6 +111,34 @@ def test_resolve_names_routes_and_fills_patterns_from_validated_parts() -> None:
     m = ROUTES.resolve("POST", parse_target("/v1/fine-tunes"))
     assert m is not None and m.route.kind == "operator"
     assert ROUTES.resolve("GET", parse_target("/v1/assistants")) is None
+
+
+def test_the_presigned_upload_routes() -> None:
+    """POST /v1/files and .../preprocess are tenant object routes; only the PUT of an upload's
+    bytes is authorised by its token, and its token never goes upstream as a path."""
+    m = ROUTES.resolve("POST", parse_target("/v1/files?file_name=a.jsonl&purpose=batch-api"))
+    assert m is not None and (m.route.name, m.route.kind, m.route.token) == ("files.create", "object", False)
+    assert m.upstream_path == "/v1/files" and m.upstream_query == ""
+    m = ROUTES.resolve("POST", parse_target("/v1/files/file-1/preprocess"))
+    assert m is not None and (m.route.name, m.params, m.route.token) == (
+        "files.preprocess",
+        {"id": "file-1"},
+        False,
+    )
+    m = ROUTES.resolve("PUT", parse_target("/v1/files/uploads/abc.def"))
+    assert m is not None and (m.route.name, m.params, m.route.token) == (
+        "files.put",
+        {"token": "abc.def"},
+        True,
+    )
+    assert [r.name for r in ROUTES.routes if r.token] == ["files.put"]
+    m = ROUTES.resolve("GET", parse_target("/v1/files/uploads/content"))  # a file id "uploads"
+    assert m is not None and m.route.name == "files.content"
+    with pytest.raises(MethodNotAllowed, match="use GET"):
+        ROUTES.resolve("PUT", parse_target("/v1/files/file-1/content"))
+    with pytest.raises(MethodNotAllowed, match="use PUT"):
+        ROUTES.resolve("GET", parse_target("/v1/files/uploads/abc.def"))
+    assert "files.put" in OBJECT_ENDPOINTS and "files.create" in OBJECT_ENDPOINTS
 
 
 def test_a_known_path_with_another_method_is_405() -> None:

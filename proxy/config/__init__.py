@@ -123,6 +123,15 @@ class BatchSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FileSettings:
+    """The together SDKs' presigned upload through the proxy (docs/batches.md#uploads)."""
+
+    relay_uploads: bool = True  # rewrite the 302's Location to the proxy, which relays the PUT
+    public_url: str | None = None  # how clients reach the proxy; None: from the request's Host
+    upload_token_ttl: float = 900.0  # seconds an upload URL of the proxy stays valid
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     file: str
     listen: Listen
@@ -140,6 +149,7 @@ class Config:
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
     notify: Notify = field(default_factory=Notify)
     batches: BatchSettings = field(default_factory=BatchSettings)
+    files: FileSettings = field(default_factory=FileSettings)
     dedicated_endpoints: tuple[DedicatedEndpoint, ...] = ()
 
     def budget_map(self) -> dict[tuple[str, str | None], Budget]:
@@ -352,6 +362,7 @@ TOP_KEYS = {
     "budgets",
     "notify",
     "batches",
+    "files",
     "dedicated_endpoints",
 }
 
@@ -434,6 +445,22 @@ def _dedicated(r: _Reader, prices: PriceTable, forward_unpriced: bool) -> tuple[
 def _batch_settings(r: _Reader) -> BatchSettings:
     r.check_keys({"poll_interval"})
     return BatchSettings(r.num("poll_interval", 30.0))
+
+
+def _file_settings(r: _Reader) -> FileSettings:
+    r.check_keys({"relay_uploads", "public_url", "upload_token_ttl"})
+    relay = r.data.get("relay_uploads", True)
+    if not isinstance(relay, bool):
+        raise r.err("relay_uploads", f"must be true or false, got {relay!r}")
+    url = r.text("public_url", None)
+    if url is not None:
+        url = url.rstrip("/")
+        if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?\Z", url):
+            raise r.err("public_url", f"must be an http(s) URL without query or fragment, got {url!r}")
+    ttl = r.num("upload_token_ttl", 900.0)
+    if ttl > 86400:
+        raise r.err("upload_token_ttl", f"must be at most 86400 (a day), got {ttl:g}")
+    return FileSettings(relay, url, ttl)
 
 
 def _ledger(r: _Reader) -> LedgerSettings:
@@ -535,6 +562,7 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
         budgets=budgets,
         notify=_notify(r.section("notify")),
         batches=_batch_settings(r.section("batches")),
+        files=_file_settings(r.section("files")),
         dedicated_endpoints=_dedicated(
             r.section("dedicated_endpoints"), prices, r.data.get("unpriced_models") == "forward"
         ),

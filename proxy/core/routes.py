@@ -8,7 +8,9 @@ client byte reaches the upstream's request line unchecked (docs/security.md).
 Kinds:
   inference  metered: priced from the answer's usage (chat, completions, embeddings)
   object     tenant-owned files and batches: ownership checked, one ledger row (cost 0);
-             their lists are filtered to the caller's own objects (no row)
+             their lists are filtered to the caller's own objects (no row). One of them,
+             the PUT of an upload's bytes, is authorised by the signed token in its path
+             (`Route.token`) instead of a tenant key
   catalogue  read-only listings of models: passed through, no row
   operator   acts on the operator's account (fine-tunes, endpoints, ...): 403 unless the
              config grants it to the tenant, then forwarded with a ledger row (cost unknown)
@@ -101,6 +103,7 @@ class Route:
     kind: Kind
     name: str
     query: frozenset[str] = frozenset()  # parameters passed upstream; others are dropped
+    token: bool = False  # authorised by a signed token in the path, not a tenant key (uploads)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -196,6 +199,8 @@ ROUTES = RouteTable(
             ("GET", "/v1/files", "files.list", "limit after purpose"),
             ("GET", "/v1/batches", "batches.list", "limit after"),
             ("POST", "/v1/files/upload", "files.upload"),
+            ("POST", "/v1/files", "files.create"),  # the SDKs' upload: 302 to a presigned URL
+            ("POST", "/v1/files/{id}/preprocess", "files.preprocess"),
             ("GET", "/v1/files/{id}", "files.retrieve"),
             ("DELETE", "/v1/files/{id}", "files.delete"),
             ("GET", "/v1/files/{id}/content", "files.content"),
@@ -203,6 +208,8 @@ ROUTES = RouteTable(
             ("GET", "/v1/batches/{id}", "batches.retrieve"),
             ("POST", "/v1/batches/{id}/cancel", "batches.cancel"),
         ),
+        # the PUT of an upload's bytes, relayed to together's object store (core/uploads.py)
+        Route("PUT", "/v1/files/uploads/{token}", "object", "files.put", token=True),
         *_routes(
             "operator",
             ("GET", "/v1/fine-tunes", "fine-tunes.list"),

@@ -20,6 +20,7 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.core.auth import KeyStore
 from proxy.core.budgets import BudgetBook
+from proxy.core.uploads import token_key
 from proxy.core.usage import Tokenizer
 from proxy.errors import ConfigError
 from proxy.ledger import Ledger, LedgerRow, LedgerUnavailable, now_us
@@ -35,7 +36,9 @@ from proxy.server.passthrough import Passthrough
 from proxy.server.relay import ENDPOINTS, Relay
 from proxy.server.serving import HeadDeadlineRunner
 from proxy.server.state import Fleet, Secrets
+from proxy.server.uploads import UploadRelay
 from proxy.upstream.client import UpstreamClient
+from proxy.upstream.store import ObjectStore
 
 log = logging.getLogger(__name__)
 BUDGET_SYNC_INTERVAL = 1.0  # seconds between reads of a shared ledger's budget accounts
@@ -110,7 +113,9 @@ class Proxy:
         )
         app[RELAY_KEY] = self.relay
         passthrough = Passthrough(self.relay)
-        objects = ObjectGateway(self.relay, passthrough, self.ledger, self.batch_tracker)
+        key = token_key(self.secrets.together_key)  # upload tokens: every worker and replica has it
+        uploads = UploadRelay(self.relay, passthrough, self.ledger, ObjectStore(self.upstream), key)
+        objects = ObjectGateway(self.relay, passthrough, self.ledger, self.batch_tracker, uploads)
         dispatcher = Dispatcher(self.relay, objects, passthrough)
         for path, endpoint in ENDPOINTS.items():  # the hot path: aiohttp's router finds these
             app.router.add_post(path, _inference(self.relay, dispatcher, path, endpoint))

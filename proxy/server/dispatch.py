@@ -52,6 +52,8 @@ class Dispatcher:
             match = self.table.resolve(request.method, target)
             if match is not None and match.route.kind == "inference":
                 return await self.relay.handle(request, match.route.name)
+            if match is not None and match.route.token:  # an upload's PUT: the token says whose
+                return await self.objects.put_upload(request, match)
             principal = self._caller(request, target, match)
             if match is None:
                 return await self._granted(request, principal, target, None)

@@ -25,6 +25,7 @@ from proxy.server.batches import BatchTracker, job_of, remember_batch_files
 from proxy.server.passthrough import Outbound, Passthrough, respond
 from proxy.server.relay import Relay
 from proxy.server.responses import JSON_CT
+from proxy.server.uploads import UploadRelay
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request, Principal, Match], Awaitable[web.StreamResponse]]
@@ -73,13 +74,21 @@ class ObjectGateway:
     """The Files and Batches routes for tenants: ownership checked, one row per forwarded call."""
 
     def __init__(
-        self, relay: Relay, passthrough: Passthrough, store: OwnershipStore, tracker: BatchTracker
+        self,
+        relay: Relay,
+        passthrough: Passthrough,
+        store: OwnershipStore,
+        tracker: BatchTracker,
+        uploads: UploadRelay,
     ) -> None:
         self.relay, self.pt, self.store, self.tracker = relay, passthrough, store, tracker
+        self.uploads = uploads  # the SDKs' presigned upload: POST /v1/files and its PUT
         self._handlers: dict[str, Handler] = {
             "files.list": self._list,
             "batches.list": self._list,
             "files.upload": self._upload,
+            "files.create": uploads.create,
+            "files.preprocess": self._owned,
             "batches.create": self._create_batch,
             "files.retrieve": self._owned,
             "files.content": self._owned,
@@ -90,6 +99,10 @@ class ObjectGateway:
 
     async def handle(self, request: web.Request, principal: Principal, match: Match) -> web.StreamResponse:
         return await self._handlers[match.route.name](request, principal, match)
+
+    async def put_upload(self, request: web.Request, match: Match) -> web.StreamResponse:
+        """The relayed PUT of an upload: its token, not a tenant key, says whose it is."""
+        return await self.uploads.put(request, match)
 
     async def _list(self, request: web.Request, principal: Principal, match: Match) -> web.StreamResponse:
         """A list read (no row): the upstream's list cut to the caller's own objects."""
@@ -105,7 +118,7 @@ class ObjectGateway:
         return web.Response(body=filter_listing(data, owned), content_type=JSON_CT)
 
     async def _owned(self, request: web.Request, principal: Principal, match: Match) -> web.StreamResponse:
-        """Retrieve, content, delete, cancel: only of the caller's own object."""
+        """Retrieve, content, delete, cancel, preprocess: only of the caller's own object."""
         kind = "file" if match.route.name.startswith("files.") else "batch"
         object_id = match.params["id"]
         owner = None
@@ -117,7 +130,8 @@ class ObjectGateway:
         pt = self.pt
         row = await pt.begin(request, principal, match.route.name, 0)
         try:
-            out = Outbound(request.method, match.upstream_path, match.upstream_query)
+            body = b"" if request.method == "POST" else None  # a POST upstream says its length
+            out = Outbound(request.method, match.upstream_path, match.upstream_query, body)
             up = await pt.send(request, row, out)
             if match.route.name == "files.content" and up.status == 200:
                 return await pt.relay_body(request, row, up, 0)

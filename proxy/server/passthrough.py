@@ -146,8 +146,11 @@ class Passthrough:
         else:
             await self.finish(row, "upstream_error", up.status, 0, f"upstream_{up.status}")
 
-    async def read(self, row: LedgerRow, up: UpstreamResponse, cost: int | None) -> bytes:
-        """The whole answer, its row settled; a broken answer finishes the row and raises."""
+    async def read(
+        self, row: LedgerRow, up: UpstreamResponse, cost: int | None, *, settle: bool = True
+    ) -> bytes:
+        """The whole answer, its row settled (unless `settle` is False: the caller finishes it);
+        a broken answer finishes the row and raises."""
         try:
             async with up:
                 data = await self.relay.read_upstream(up)
@@ -155,7 +158,8 @@ class Passthrough:
             status = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_aborted"
             await self.finish(row, status, up.status, cost if up.status < 300 else 0, exc.code)
             raise
-        await self.settle(row, up, cost)
+        if settle:
+            await self.settle(row, up, cost)
         return data
 
     async def relay_body(

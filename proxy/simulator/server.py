@@ -33,6 +33,16 @@ batch lines at the batch input rate (together documents no cached rate for batch
 `POST /v1/batches/{id}/cancel` stops a job that has not run yet: it never runs nor bills after
 that; `DELETE /v1/files/{id}` forgets a file.
 
+The together SDKs' own upload runs as on together.ai: `POST /v1/files` (a form: purpose,
+file_name, file_type, optional checksum) answers 302 with `X-Together-File-Id` and a `Location`
+that looks presigned, `/_sim/store/{id}?X-Sim-Expires=...&X-Sim-Signature=...` on the
+simulator's own origin (the "object store"); a PUT there with a wrong or expired signature, an
+Authorization header or no Content-Length is refused with S3's XML errors, else it stores the
+bytes (the file is listed from then on, `processing_status` PENDING); `POST
+/v1/files/{id}/preprocess` makes it COMPLETED and answers the file object. A checksum that
+matches a stored file answers 409 naming that file, as together deduplicates uploads.
+`POST /_sim/store_fault {"status": 503}` makes the next store PUT fail with that status.
+
 A few operator-account routes answer in together's shapes so tests can tell whether a proxy
 forwarded them: `/v1/fine-tunes` (list, create, get), `GET /v1/hardware`, `GET /v1/endpoints`.
 
@@ -48,11 +58,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
+import hmac
 import ipaddress
 import itertools
 import json
 import math
+import secrets
 import signal
 import sys
 import time
@@ -158,6 +171,7 @@ class SimulatorOptions:
     prices: dict[str, tuple[str, ...]] | None = None  # model -> (input, output[, cached_input]) per 1M
     max_billed: int | None = None  # keep about this many BilledLog entries (benchmarks); None: all
     batch_delay_ms: float = 0.0  # a batch job completes this long after its creation
+    upload_url_ttl_s: float = 3600.0  # how long a presigned store URL of POST /v1/files is valid
 
 
 class BilledLog:
@@ -222,6 +236,9 @@ class _State:
         self._ids = itertools.count(1)
         self._prefix = f"sim-{int(time.time()):x}"  # ids stay unique across restarts
         self.files: dict[str, _File] = {}
+        self.pending: dict[str, _File] = {}  # POST /v1/files answered, bytes not PUT yet
+        self.store_key = secrets.token_bytes(32)  # signs the presigned store URLs
+        self.store_faults: deque[int] = deque()  # statuses the next store PUTs answer with
         self.batches: dict[str, dict[str, Any]] = {}
         self.fine_tunes: dict[str, dict[str, Any]] = {}
 
@@ -281,6 +298,8 @@ class _File:
     purpose: str
     content: bytes
     created_at: int
+    file_type: str = "jsonl"
+    status: str = "COMPLETED"  # processing_status: PENDING until a presigned upload is preprocessed
 
     def info(self) -> dict[str, Any]:
         """together.ai's file object (types/file_response.py)."""
@@ -290,9 +309,9 @@ class _File:
             "bytes": len(self.content),
             "created_at": self.created_at,
             "filename": self.filename,
-            "FileType": "jsonl",
+            "FileType": self.file_type,
             "purpose": self.purpose,
-            "processing_status": "COMPLETED",
+            "processing_status": self.status,
         }
 
 
@@ -830,6 +849,98 @@ async def _file_upload(request: web.Request) -> web.Response:
     return web.Response(body=_dumps(f.info()), content_type="application/json")
 
 
+_FILE_TYPES = ("jsonl", "parquet", "csv")
+
+
+async def _file_create(request: web.Request) -> web.Response:
+    """POST /v1/files: the SDKs' upload: 302 to a presigned store URL naming the new file."""
+    if not _authorized(request):
+        return _unauthorized()
+    form = dict(request.query)
+    form.update({k: v for k, v in (await request.post()).items() if isinstance(v, str)})
+    name, purpose = form.get("file_name", ""), form.get("purpose", "")
+    file_type = form.get("file_type") or name.rpartition(".")[2]
+    if not name or not purpose or file_type not in _FILE_TYPES:
+        return _error(400, "The form needs file_name, purpose and file_type (jsonl, parquet or csv).")
+    state = request.app[_STATE]
+    checksum = form.get("checksum")
+    for f in state.files.values():
+        if checksum and hashlib.sha256(f.content).hexdigest() == checksum:
+            body = {"message": "File already exists", "file_id": f.id}
+            return web.Response(status=409, body=_dumps(body), content_type="application/json")
+    f = _File(f"file-{state.next_id()}", name, purpose, b"", int(time.time()), file_type, "PENDING")
+    state.pending[f.id] = f
+    expires = int(time.time() + state.options.upload_url_ttl_s)
+    query = f"X-Sim-Expires={expires}&X-Sim-Signature={_store_signature(state, f.id, expires)}"
+    location = f"{request.scheme}://{request.host}/_sim/store/{f.id}?{query}"
+    return web.Response(status=302, headers={"Location": location, "X-Together-File-Id": f.id})
+
+
+def _store_signature(state: _State, file_id: str, expires: int) -> str:
+    return hmac.new(state.store_key, f"PUT\n{file_id}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def _s3_error(status: int, code: str, message: str) -> web.Response:
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message><RequestId>SIM</RequestId></Error>"
+    )
+    return web.Response(status=status, text=body, content_type="application/xml")
+
+
+async def _store_put(request: web.Request) -> web.Response:
+    """PUT /_sim/store/{file_id}?X-Sim-Expires&X-Sim-Signature: the object store's presigned PUT."""
+    state = request.app[_STATE]
+    file_id = request.match_info["file_id"]
+    expires = request.query.get("X-Sim-Expires", "")
+    signature = request.query.get("X-Sim-Signature", "")
+    if "Authorization" in request.headers:
+        return _s3_error(400, "InvalidArgument", "Only one auth mechanism allowed")
+    expected = _store_signature(state, file_id, int(expires)) if expires.isdigit() else ""
+    if not expected or not hmac.compare_digest(expected, signature):
+        return _s3_error(403, "SignatureDoesNotMatch", "The request signature we calculated does not match")
+    if time.time() >= int(expires):
+        return _s3_error(403, "AccessDenied", "Request has expired")
+    if request.content_length is None:
+        return _s3_error(411, "MissingContentLength", "You must provide the Content-Length HTTP header.")
+    content = await request.read()
+    if state.store_faults:
+        return _s3_error(state.store_faults.popleft(), "InternalError", "We encountered an internal error.")
+    f = state.pending.pop(file_id, None) or state.files.get(file_id)
+    if f is None:
+        return _s3_error(404, "NoSuchUpload", "The upload does not exist.")
+    state.files[file_id] = dataclasses.replace(f, content=content, status="PENDING")
+    etag = hashlib.md5(content, usedforsecurity=False).hexdigest()
+    return web.Response(status=200, headers={"ETag": f'"{etag}"'})
+
+
+async def _store_fault(request: web.Request) -> web.Response:
+    """POST /_sim/store_fault {"status": 503}: the next store PUT answers that status."""
+    body = await _json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    status = body.get("status")
+    if type(status) is not int or not 400 <= status <= 599:
+        return _error(400, "status must be an HTTP error status (400-599).")
+    request.app[_STATE].store_faults.append(status)
+    return _json({"ok": True})
+
+
+async def _file_preprocess(request: web.Request) -> web.Response:
+    """POST /v1/files/{file_id}/preprocess: a presigned upload's file becomes COMPLETED."""
+    if not _authorized(request):
+        return _unauthorized()
+    state = request.app[_STATE]
+    file_id = request.match_info["file_id"]
+    if file_id in state.pending:
+        return _error(400, "The file's bytes have not been uploaded yet.", "file_not_uploaded")
+    f = _file_of(request)
+    if isinstance(f, web.Response):
+        return f
+    done = state.files[f.id] = dataclasses.replace(f, status="COMPLETED")
+    return _json(done.info())
+
+
 def _file_of(request: web.Request) -> _File | web.Response:
     if not _authorized(request):
         return _unauthorized()
@@ -1166,6 +1277,10 @@ def create_app(options: SimulatorOptions | None = None) -> web.Application:
     r.add_get("/v1/models", _models)
     r.add_get("/v2/projects/{project_id}/models", _project_models)
     r.add_post("/v1/files/upload", _file_upload)
+    r.add_post("/v1/files", _file_create)
+    r.add_post("/v1/files/{file_id}/preprocess", _file_preprocess)
+    r.add_put("/_sim/store/{file_id}", _store_put)
+    r.add_post("/_sim/store_fault", _store_fault)
     r.add_get("/v1/files", _files)
     r.add_get("/v1/files/{file_id}", _file_info)
     r.add_delete("/v1/files/{file_id}", _file_delete)

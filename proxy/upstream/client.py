@@ -83,6 +83,8 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._head_raw = 0  # bytes received for the current response until its head was complete
         self._interim = False  # parsing a 1xx answer: the final one follows on the same exchange
+        self.single_use = False  # to an object store (store.py): closed after its one exchange
+        self._writable: asyncio.Future[None] | None = None  # set while the transport is paused
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -107,8 +109,23 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamStreamError(f"the upstream response head exceeds {MAX_HEAD_BYTES} bytes"))
             self.abort()
 
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the transport takes more bytes (a streamed request body)."""
+        if self._writable is not None and not self.closed:
+            await asyncio.shield(self._writable)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.resume_writing()
         resp = self.response
         if resp is None:
             self.pool._forget(self)  # an idle connection the upstream closed: its slot is free now
@@ -413,6 +430,7 @@ class UpstreamResponse:
         if (
             self.complete
             and self.keep_alive
+            and not conn.single_use
             and self._error is None
             and not conn.closed
             and transport is not None
@@ -732,19 +750,24 @@ class UpstreamClient:
         return conn
 
     async def _connect(self) -> _Connection:
+        return await self.connect_to(self.host, self.port, self._ssl, self._proxy)
+
+    async def connect_to(
+        self, host: str, port: int, tls: ssl.SSLContext | None, proxy: _Proxy | None
+    ) -> _Connection:
+        """A new connection to host:port (directly or through `proxy`), outside the pool: the
+        upstream's own through `_acquire`, an object store's through store.py."""
         loop = asyncio.get_running_loop()
-        if self._proxy is not None:
-            return await self._connect_tunnel(loop, self._proxy)
+        if proxy is not None:
+            return await self._connect_tunnel(loop, proxy, host, tls)
         _, conn = await loop.create_connection(
-            lambda: _Connection(self),
-            self.host,
-            self.port,
-            ssl=self._ssl,
-            server_hostname=self.host if self._ssl else None,
+            lambda: _Connection(self), host, port, ssl=tls, server_hostname=host if tls else None
         )
         return conn
 
-    async def _connect_tunnel(self, loop: asyncio.AbstractEventLoop, proxy: _Proxy) -> _Connection:
+    async def _connect_tunnel(
+        self, loop: asyncio.AbstractEventLoop, proxy: _Proxy, host: str, tls: ssl.SSLContext | None
+    ) -> _Connection:
         """A connection through an HTTP proxy: CONNECT, a 2xx, then TLS to the upstream over the
         tunnel. A plain-http upstream is tunnelled too (one code path; the proxy sees no request)."""
         transport, reader = await loop.create_connection(lambda: _TunnelReader(loop), proxy.host, proxy.port)
@@ -754,15 +777,15 @@ class UpstreamClient:
             if transport.is_closing():  # closed right after its 2xx: the reader got connection_lost
                 raise UpstreamProxyError("the proxy closed the tunnel")
             conn = _Connection(self)
-            if self._ssl is None:
+            if tls is None:
                 transport.set_protocol(conn)
                 conn.connection_made(transport)
                 transport.resume_reading()
                 return conn
-            tls = await loop.start_tls(transport, conn, self._ssl, server_hostname=self.host)
-            if tls is None:
+            secured = await loop.start_tls(transport, conn, tls, server_hostname=host)
+            if secured is None:
                 raise UpstreamProxyError("TLS could not be started over the tunnel")
-            conn.connection_made(tls)
+            conn.connection_made(secured)
             return conn
         except BaseException:
             transport.abort()
