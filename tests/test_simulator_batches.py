@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import aiohttp
 import pytest
-from together import AsyncTogether
+from together import AsyncTogether, Together
 
 from proxy.simulator import RunningSimulator, SimulatorOptions, start
 
 CHAT_MODEL = "meta-llama/Llama-3.3-70B-Instruct-Turbo"
 AUTH = {"Authorization": "Bearer test-key"}
+FORM_CT = "application/x-www-form-urlencoded"
+FORM = {**AUTH, "Content-Type": FORM_CT}
 
 
 def batch_input(n: int, **extra: Any) -> bytes:
@@ -272,3 +277,117 @@ async def test_fine_tune_create_checks_its_body_and_key(sim: RunningSimulator) -
     status, refused = await send("POST", url, AUTH, {"model": CHAT_MODEL, "training_file": "file-nope"})
     assert status == 400 and refused["error"]["code"] == "invalid_training_file"
     assert (await send("GET", url, AUTH))[1] == {"data": []}
+
+
+# -- the SDKs' presigned upload (POST /v1/files -> 302 -> PUT to the store -> preprocess) ------
+
+
+async def raw(
+    method: str, url: str, headers: dict[str, str] | None = None, data: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(method, url, headers=headers, data=data, allow_redirects=False) as r,
+    ):
+        return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read()
+
+
+async def announce(sim: RunningSimulator, **extra: str) -> tuple[str, str]:
+    form = {"purpose": "batch-api", "file_name": "in.jsonl", "file_type": "jsonl", **extra}
+    status, headers, body = await raw("POST", f"{sim.url}/files", FORM, urlencode(form).encode())
+    assert status == 302, body
+    return headers["x-together-file-id"], headers["location"]
+
+
+async def test_presigned_upload_flow(sim: RunningSimulator) -> None:
+    """302 naming the file and a presigned-looking store URL on the simulator's origin; the PUT
+    (no key) stores the bytes: listed as PENDING, preprocess makes it COMPLETED; a batch runs on it."""
+    file_id, location = await announce(sim)
+    url = urlsplit(location)
+    assert f"{url.scheme}://{url.netloc}" == sim.origin and url.path == f"/_sim/store/{file_id}"
+    assert set(parse_qs(url.query)) == {"X-Sim-Expires", "X-Sim-Signature"}
+    status, _ = await get(f"{sim.url}/files/{file_id}", AUTH)
+    assert status == 404  # nothing uploaded yet
+    status, _, body = await raw("POST", f"{sim.url}/files/{file_id}/preprocess", AUTH)
+    assert status == 400 and b"file_not_uploaded" in body
+    content = batch_input(2)
+    status, headers, _ = await raw("PUT", location, data=content)
+    assert status == 200 and headers["etag"].startswith('"')
+    status, body = await get(f"{sim.url}/files/{file_id}", AUTH)
+    assert status == 200 and json.loads(body)["processing_status"] == "PENDING"
+    status, _, body = await raw("POST", f"{sim.url}/files/{file_id}/preprocess", AUTH)
+    info = json.loads(body)
+    assert status == 200 and (info["id"], info["bytes"], info["processing_status"]) == (
+        file_id,
+        len(content),
+        "COMPLETED",
+    )
+    assert info["filename"] == "in.jsonl" and info["FileType"] == "jsonl"
+    await create_batch(sim, file_id)
+
+
+async def test_the_store_refuses_like_s3(sim: RunningSimulator) -> None:
+    """A wrong signature, another object's signature, an API key alongside the signature, no
+    Content-Length: S3's XML errors, nothing stored. A store fault answers once."""
+    file_id, location = await announce(sim)
+    other_id, other = await announce(sim)
+    wrong = location.replace("X-Sim-Signature=", "X-Sim-Signature=0")
+    swapped = other.replace(other_id, file_id)
+    for url, headers, code in (
+        (wrong, {}, b"SignatureDoesNotMatch"),
+        (swapped, {}, b"SignatureDoesNotMatch"),
+        (location, AUTH, b"InvalidArgument"),
+    ):
+        status, got, body = await raw("PUT", url, headers, b"{}\n")
+        assert status in (400, 403) and code in body and got["content-type"].startswith("application/xml")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"{}\n"
+
+    async with aiohttp.ClientSession() as s, s.put(location, data=chunks()) as r:
+        assert r.status == 411 and b"MissingContentLength" in await r.read()
+    assert (await get(f"{sim.url}/files/{file_id}", AUTH))[0] == 404
+    status, _ = await send("POST", f"{sim.origin}/_sim/store_fault", {}, {"status": 503})
+    assert status == 200
+    status, _, body = await raw("PUT", location, data=b"{}\n")
+    assert status == 503 and b"InternalError" in body
+    status, _, _ = await raw("PUT", location, data=b"{}\n")
+    assert status == 200
+
+
+async def test_expired_store_url() -> None:
+    """A presigned URL past its expiry: 403 AccessDenied 'Request has expired'."""
+    sim = await start(options=SimulatorOptions(upload_url_ttl_s=0))
+    try:
+        _, location = await announce(sim)
+        status, _, body = await raw("PUT", location, data=b"{}\n")
+        assert status == 403 and b"Request has expired" in body
+    finally:
+        await sim.stop()
+
+
+async def test_checksum_of_a_stored_file_is_409(sim: RunningSimulator) -> None:
+    """together deduplicates by checksum: a known one answers 409 naming the stored file."""
+    content = batch_input(1)
+    status, info = await upload(sim.url, content, AUTH)
+    assert status == 200
+    checksum = hashlib.sha256(content).hexdigest()
+    form = urlencode({"purpose": "batch-api", "file_name": "x.jsonl", "checksum": checksum}).encode()
+    status, _, body = await raw("POST", f"{sim.url}/files", FORM, form)
+    assert status == 409 and json.loads(body)["file_id"] == info["id"]
+    status, _, _ = await raw("POST", f"{sim.url}/files", {"Content-Type": FORM_CT}, form)
+    assert status == 401
+
+
+async def test_the_real_sdk_uploads_to_the_simulator(sim: RunningSimulator, tmp_path: Path) -> None:
+    """together 3.1.1's files.upload against the simulator directly (its validation of the
+    Location and the file id included)."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(batch_input(2))
+
+    def run() -> Any:
+        with Together(api_key="test-key", base_url=sim.origin, max_retries=0, timeout=20) as client:
+            return client.files.upload(path, purpose="batch-api")
+
+    info = await asyncio.to_thread(run)
+    assert info.bytes == path.stat().st_size and info.processing_status == "COMPLETED"

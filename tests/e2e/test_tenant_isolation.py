@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 
 from proxy.config import Config
 from proxy.core.routes import Grant
+from proxy.core.uploads import open_grant, sign_grant, token_key
 from tests.faultrelay import FaultRelay
 
 from .support import CHAT_MODEL, OPERATOR_KEY, Meter, StartMeter, error_of, start_simulator
@@ -30,9 +32,10 @@ READ_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class Attack:
-    """Raw request bytes ({key}, {gkey}, {gfile}, {gbatch}, {afile}, {opfile}, {body} are filled
-    in), the status and error code expected, the request lines the upstream must see (exactly,
-    in order), and the ledger endpoints of the rows it must leave (one per forwarded call)."""
+    """Raw request bytes ({key}, {gkey}, {gfile}, {gbatch}, {afile}, {opfile}, {body}, and acme's
+    upload tokens {atoken}, {ftoken} (forged), {xtoken} (expired) are filled in), the status and
+    error code expected, the request lines the upstream must see (exactly, in order), and the
+    ledger endpoints of the rows it must leave (one per forwarded call)."""
 
     name: str
     raw: str
@@ -55,6 +58,15 @@ def send(
     return (
         f"{method} {target} HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {key}\r\n{headers}"
         f"Content-Type: {ctype}\r\n" + "Content-Length: {len}\r\nConnection: close\r\n\r\n" + body
+    )
+
+
+def put_upload(token: str, key: str | None = None) -> str:
+    """The relayed PUT of an upload as the SDKs send it: no Authorization (unless `key`)."""
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (
+        f"PUT /v1/files/uploads/{token} HTTP/1.1\r\nHost: proxy\r\n{auth}"
+        "Content-Length: 3\r\nConnection: close\r\n\r\n{}\n"
     )
 
 
@@ -199,6 +211,33 @@ ATTACKS = [
         400,
         BAD,
     ),
+    Attack("preprocess other's file", send("POST", "/v1/files/{gfile}/preprocess"), 404, NOT_FOUND),
+    Attack("preprocess operator's file", send("POST", "/v1/files/{opfile}/preprocess"), 404, NOT_FOUND),
+    Attack(
+        "own preprocess",
+        send("POST", "/v1/files/{afile}/preprocess"),
+        200,
+        upstream=("POST /v1/files/{afile}/preprocess HTTP/1.1",),
+        rows=("files.preprocess",),
+    ),
+    Attack(
+        "upload request: query dropped, form rebuilt",
+        send(
+            "POST",
+            "/v1/files?purpose=fine-tune&api_key=sk-x",
+            "purpose=batch-api&file_name=a.jsonl&file_type=jsonl&checksum=0f",
+            ctype="application/x-www-form-urlencoded",
+        ),
+        302,
+        upstream=("POST /v1/files HTTP/1.1",),
+        rows=("files.create",),
+    ),
+    Attack("upload request with a JSON body", send("POST", "/v1/files", '{"purpose": "x"}'), 400, BAD),
+    Attack("forged upload token", put_upload("{ftoken}"), 403, "invalid_upload_token"),
+    Attack("expired upload token", put_upload("{xtoken}"), 403, "upload_token_expired"),
+    Attack("other's upload token", put_upload("{atoken}", key="{gkey}"), 403, "invalid_upload_token"),
+    Attack("upload token with a CRLF escape", put_upload("a%0D%0AX:%20y"), 400, BAD),
+    Attack("upload token route, wrong method", get("/v1/files/uploads/{atoken}"), 405, "method_not_allowed"),
     Attack("operator's own file", get("/v1/files/{opfile}"), 404, NOT_FOUND),
     Attack("operator's own file content", get("/v1/files/{opfile}/content"), 404, NOT_FOUND),
     Attack("missing file", get("/v1/files/file-does-not-exist"), 404, NOT_FOUND),
@@ -397,6 +436,16 @@ async def _objects(meter: Meter, sim_url: str) -> dict[str, str]:
         async with s.post(f"{meter.base_url}/batches", json=body, headers=meter.auth("globex")) as r:
             assert r.status == 200, await r.text()
             values["gbatch"] = str((await r.json())["job"]["id"])
+        form = "purpose=batch-api&file_name=a.jsonl&file_type=jsonl"
+        headers = {**meter.auth("acme"), "Content-Type": "application/x-www-form-urlencoded"}
+        async with s.post(f"{meter.base_url}/files", data=form, headers=headers, allow_redirects=False) as r:
+            assert r.status == 302, await r.text()
+            token = r.headers["Location"].rsplit("/", 1)[1]
+    key = token_key(OPERATOR_KEY)
+    grant = open_grant(token, key, time.time())
+    values["atoken"] = token
+    values["ftoken"] = token[:8] + ("A" if token[8] != "A" else "B") + token[9:]
+    values["xtoken"] = sign_grant(replace(grant, expires=int(time.time()) - 1), key)
     values["key"], values["gkey"] = meter.keys["acme"], meter.keys["globex"]
     values["body"], values["bodylen"], values["chunked"] = CHAT, str(len(CHAT)), _chunked(CHAT)
     return values
