@@ -369,3 +369,38 @@ def test_wrong_postgres_ledger_settings_are_named(
     err = config_error(tmp_path, data)
     assert_names(err, tmp_path / "meter.yaml", key, *words)
     assert "hunter2" not in str(err)
+
+
+def test_files_settings(tmp_path: Path) -> None:
+    """files.*: relaying is the default; public_url loses a trailing slash; all three are read."""
+    default = load_config(write_config(tmp_path, BASE)).files
+    assert (default.relay_uploads, default.public_url, default.upload_token_ttl) == (True, None, 900.0)
+    data = with_value(
+        "files", {"relay_uploads": False, "public_url": "https://m.example/tm/", "upload_token_ttl": 60}
+    )
+    files = load_config(write_config(tmp_path, data)).files
+    assert (files.relay_uploads, files.public_url, files.upload_token_ttl) == (
+        False,
+        "https://m.example/tm",
+        60.0,
+    )
+    assert load_config(
+        write_config(tmp_path, with_value("files.public_url", "http://[::1]:8787"))
+    ).files.public_url
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("files.relay_uploads", "yes", ("true or false",)),
+        ("files.public_url", "ftp://m.example", ("URL",)),
+        ("files.public_url", "https://m.example/x?y=1", ("URL",)),
+        ("files.public_url", "https://m.example/a b", ("URL",)),
+        ("files.upload_token_ttl", 0, ("number",)),
+        ("files.upload_token_ttl", 100000, ("86400",)),
+        ("files.relay", True, ("unknown key",)),
+    ],
+)
+def test_files_settings_refused(tmp_path: Path, key: str, value: Any, words: tuple[str, ...]) -> None:
+    err = config_error(tmp_path, with_value(key, value))
+    assert_names(err, tmp_path / "meter.yaml", key, *words)
