@@ -158,9 +158,13 @@ class UploadRelay:
     async def _not_redirected(
         self, up: UpstreamResponse, data: bytes, principal: Principal, row: LedgerRow
     ) -> web.Response:
-        """together's answer as it came, except a duplicate (409) naming someone else's file."""
+        """together's answer as it came (a file it made at once is the caller's), except a
+        duplicate (409) naming someone else's file."""
+        made = _field(data, "id") if 200 <= up.status < 300 else None
+        if made is not None and ID_RE.match(made):
+            await self._own(made, principal)
         if up.status == 409:
-            other = _file_id_in(data)
+            other = _field(data, "file_id")
             if other is not None and await self.owners.file_owner(other) != principal.tenant:
                 return error_response(
                     BadRequest("together refused the upload as a duplicate.", code="file_exists"),
@@ -263,13 +267,14 @@ def _store_error(status: int, data: bytes) -> ObjectStoreError:
     return ObjectStoreError(f"The object store refused the upload ({status}{reason}).", status=status)
 
 
-def _file_id_in(data: bytes) -> str | None:
+def _field(data: bytes, name: str) -> str | None:
+    """A string field of a JSON object answer, if there is one."""
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
-    file_id = obj.get("file_id") if isinstance(obj, dict) else None
-    return file_id if isinstance(file_id, str) else None
+    value = obj.get(name) if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
 
 
 __all__ = ["UPLOAD_PATH", "FileOwners", "UploadRelay"]

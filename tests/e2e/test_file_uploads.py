@@ -407,13 +407,16 @@ async def test_store_failures_are_clear_errors(meter: Meter, tmp_path: Path) -> 
 
 async def test_a_bad_redirect_from_the_upstream_is_refused(start_meter: StartMeter) -> None:
     """A 302 whose Location is plain http to another origin (or has no file id) is answered 502
-    upstream_protocol_error; the client never gets a URL to upload to, and no file is owned."""
+    upstream_protocol_error; the client never gets a URL to upload to, and no file is owned. A
+    2xx file object instead of a 302 is passed on, its file the caller's."""
     answers = [
         {"Location": "http://store.elsewhere.example/x?sig=1", "X-Together-File-Id": "file-x1"},
         {"Location": "https://store.example/x?sig=1"},
     ]
 
     async def fake(request: web.Request) -> web.Response:
+        if not answers:  # an upstream that makes the file at once: it is still the caller's
+            return web.json_response({"id": "file-y2", "object": "file"})
         return web.Response(status=302, headers=answers.pop(0))
 
     app = web.Application()
@@ -434,6 +437,9 @@ async def test_a_bad_redirect_from_the_upstream_is_refused(start_meter: StartMet
             assert await meter.proxy.ledger.file_owner("file-x1") is None
             rows = await meter.wait_terminal(2)
             assert [(r.endpoint, r.status) for r in rows] == [("files.create", "upstream_error")] * 2
+            status, _, body = await request("POST", meter.base_url + "/files", headers, b"purpose=batch-api")
+            assert status == 200 and json.loads(body)["id"] == "file-y2"
+            assert await meter.proxy.ledger.file_owner("file-y2") == "acme"
     finally:
         await runner.cleanup()
 
