@@ -388,6 +388,35 @@ async def test_uploads_other_than_wav_are_read_from_frames_or_estimated(
     assert_unit_entry(estimated, "audio.transcriptions", "audio_second", Decimal("0.25"), "0.000025")
 
 
+def flac_head(rate: int, total_samples: int) -> bytes:
+    """fLaC + a last STREAMINFO block (34 bytes) saying rate, mono, 16 bits and the total samples."""
+    bits = rate << 44 | 0 << 41 | 15 << 36 | total_samples
+    info = struct.pack(">HH", 4096, 4096) + bytes(6) + bits.to_bytes(8, "big") + bytes(16)
+    return b"fLaC" + bytes([0x80]) + len(info).to_bytes(3, "big") + info
+
+
+def float_wav_with_a_list_chunk(samples: int, rate: int) -> bytes:
+    """A 32-bit float WAV whose `data` follows an odd-sized LIST chunk (and its pad byte)."""
+    fmt = struct.pack("<HHIIHHH", 3, 1, rate, 4 * rate, 4, 32, 0)
+    listing = b"INFOISFT\x05\x00\x00\x00meter"  # 17 bytes: odd, so a pad byte follows
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"LIST" + struct.pack("<I", len(listing)) + listing + b"\x00"
+    body += b"data" + struct.pack("<I", 4 * samples) + bytes(4 * samples)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+async def test_flac_streaminfo_and_wav_chunks_give_exact_durations(
+    sim: RunningSimulator, tog: AsyncTogether
+) -> None:
+    """A FLAC is timed by STREAMINFO; a float WAV by walking its chunks (LIST and pad byte skipped)."""
+    await tog.audio.transcriptions.create(file=("a.flac", flac_head(16000, 52000) + bytes(100)))
+    await tog.audio.translations.create(file=("b.wav", float_wav_with_a_list_chunk(12000, 16000)))
+    flac, wav = sim.billed.entries
+    assert (flac["duration_from"], wav["duration_from"]) == ("flac-streaminfo", "wav-header")
+    assert_unit_entry(flac, "audio.transcriptions", "audio_second", Decimal("3.25"), "0.000025")
+    assert_unit_entry(wav, "audio.translations", "audio_second", Decimal("0.75"), "0.000025")
+
+
 # -- videos -------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Bytes the simulator's media routes answer with, and the durations it reads back from uploads.
 
 Writing: a solid-colour PNG of the exact requested size; silent PCM in together's four
-`response_encoding`s; a RIFF/WAVE file around it; constant-bitrate MPEG audio frames (Layer III
+`response_encoding`s; a 16-bit PCM RIFF/WAVE file; constant-bitrate MPEG audio frames (Layer III
 headers, silent bodies, padding spread as an encoder does so the bitrate is exact on average).
 Reading: a WAV's duration from its RIFF chunks (exact), an MP3's from its frame headers (exact for
 the frames found), a FLAC's from STREAMINFO (exact). Durations are `Fraction`s of a second; every
@@ -16,12 +16,12 @@ import zlib
 from collections.abc import Iterator
 from fractions import Fraction
 
-# response_encoding -> (bytes per sample, WAVE format tag, the byte one silent sample is made of)
-ENCODINGS: dict[str, tuple[int, int, bytes]] = {
-    "pcm_f32le": (4, 3, b"\x00"),  # WAVE_FORMAT_IEEE_FLOAT
-    "pcm_s16le": (2, 1, b"\x00"),  # WAVE_FORMAT_PCM
-    "pcm_mulaw": (1, 7, b"\xff"),  # WAVE_FORMAT_MULAW: 0xFF is mu-law zero
-    "pcm_alaw": (1, 6, b"\xd5"),  # WAVE_FORMAT_ALAW: 0xD5 is A-law zero
+# response_encoding -> (bytes per sample, the byte one silent sample is made of)
+ENCODINGS: dict[str, tuple[int, bytes]] = {
+    "pcm_f32le": (4, b"\x00"),
+    "pcm_s16le": (2, b"\x00"),
+    "pcm_mulaw": (1, b"\xff"),  # 0xFF is mu-law zero
+    "pcm_alaw": (1, b"\xd5"),  # 0xD5 is A-law zero
 }
 PIECE = 64 * 1024  # bytes per piece of a long body
 
@@ -48,7 +48,7 @@ _MP3_SAMPLE_RATES = {0b11: (44100, 48000, 32000), 0b10: (22050, 24000, 16000), 0
 
 def silence(samples: int, encoding: str) -> Iterator[bytes]:
     """`samples` silent samples in `encoding`, in pieces of at most PIECE bytes."""
-    width, _, zero = ENCODINGS[encoding]
+    width, zero = ENCODINGS[encoding]
     left = samples * width
     while left > 0:
         n = min(left, PIECE)
@@ -56,18 +56,11 @@ def silence(samples: int, encoding: str) -> Iterator[bytes]:
         left -= n
 
 
-def wav_header(samples: int, rate: int, encoding: str) -> bytes:
-    """A RIFF/WAVE header for `samples` mono samples; non-PCM formats get cbSize and a `fact` chunk."""
-    width, tag, _ = ENCODINGS[encoding]
-    data = samples * width
-    fmt = struct.pack("<HHIIHH", tag, 1, rate, rate * width, width, width * 8)
-    if tag == 1:
-        chunks = b"fmt " + struct.pack("<I", 16) + fmt
-    else:
-        chunks = b"fmt " + struct.pack("<I", 18) + fmt + b"\x00\x00"
-        chunks += b"fact" + struct.pack("<II", 4, samples)
-    chunks += b"data" + struct.pack("<I", data)
-    return b"RIFF" + struct.pack("<I", 4 + len(chunks) + data) + b"WAVE" + chunks
+def wav_header(samples: int, rate: int) -> bytes:
+    """The 44-byte RIFF/WAVE header of `samples` mono 16-bit PCM samples (the data follows it)."""
+    data = 2 * samples
+    fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, 1, rate, 2 * rate, 2, 16)
+    return struct.pack("<4sI4s", b"RIFF", 36 + data, b"WAVE") + fmt + struct.pack("<4sI", b"data", data)
 
 
 def mp3_frame_sizes(samples: int, rate: int, bitrate: int) -> tuple[list[int], int]:
@@ -170,14 +163,6 @@ def png(width: int, height: int, rgb: int) -> bytes:
     raw = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
-
-
-def png_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's IHDR, or None."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or len(data) < 24:
-        return None
-    width, height = struct.unpack_from(">II", data, 16)
-    return width, height
 
 
 # an MP4 a video URL can serve: an `ftyp` box and an empty `mdat`, enough for a sniffer

@@ -19,7 +19,8 @@ Routes and what an answer carries:
   when streaming), response_encoding, sample_rate, bit_rate, stream}: the audio, 80 ms per
   character of input, silent. wav: a RIFF/WAVE file (16-bit PCM) with exact chunk sizes; raw: bare
   PCM in `response_encoding` (default pcm_f32le); mp3: constant-bitrate MPEG Layer III frames
-  (`bit_rate`, default 128000; a sample rate MP3 lacks falls back to 44100). Kokoro and Orpheus
+  (`bit_rate`, default 128000; a sample rate MP3 lacks falls back to 44100, a bit rate its MPEG
+  version lacks to 128000). Kokoro and Orpheus
   always answer 24000 Hz pcm_s16le (as together documents); Cartesia takes `sample_rate` (default
   44100). Content-Type audio/wav, audio/mpeg or application/octet-stream; no header names the
   rate or the encoding (together documents none). `stream: true`: server-sent events, one per
@@ -56,8 +57,8 @@ Prices: together's `GET /v1/models` pricing object documents only hourly, input,
 finetune (+ cached_input); none is named as a per-megapixel, per-image or per-second price and no
 published answer shows one. The simulator's choice: a media model's type is together's (image,
 audio, transcribe, video), its `input`/`output` are 0 and `base` carries the per-unit price (USD
-per megapixel, image or second). The per-unit prices below are illustrative (together bills its
-TTS per million characters; the per-second figures are conversions).
+per megapixel, image or second). The per-unit prices below are illustrative, not together's list
+prices (the speech and video ones especially).
 
 `simulate` (JSON body; for multipart a `simulate` form field holding a JSON object): `status`
 (an error answer, not billed; `retry_after` on 429/503), `delay_ms` (before the answer); speech
@@ -167,7 +168,7 @@ def _per_unit(text: str) -> str:
         d = Decimal(text)
     except (InvalidOperation, TypeError, ValueError):
         raise ValueError(f"per_unit {text!r} is not a decimal number") from None
-    if not d.is_finite() or d < 0 or d != d.quantize(Decimal("1e-12")):
+    if not d.is_finite() or d < 0 or int(d.normalize().as_tuple().exponent) < -12:
         raise ValueError(f"per_unit {text!r} must be a finite number >= 0 with at most 12 decimals")
     return format(d.normalize(), "f")
 
@@ -195,9 +196,9 @@ def model_items(catalog: dict[str, UnitModel], created: int) -> list[str]:
     return items
 
 
-def micros(seconds: Fraction) -> int:
+def micros(value: Fraction) -> int:
     """A non-negative quantity in millionths, rounded half up."""
-    return (2 * seconds.numerator * 1_000_000 + seconds.denominator) // (2 * seconds.denominator)
+    return (2 * value.numerator * 1_000_000 + value.denominator) // (2 * value.denominator)
 
 
 def quantity_text(quantity_micros: int) -> str:
@@ -470,16 +471,15 @@ class _Speech:
             sizes, _ = codecs.mp3_frame_sizes(self.samples, self.rate, self.bitrate)
             yield from codecs.mp3_frames(sizes, self.rate, self.bitrate)
             return
-        encoding = "pcm_s16le" if self.fmt == "wav" else self.encoding
         if self.fmt == "wav":
-            yield codecs.wav_header(self.samples, self.rate, encoding)
-        yield from codecs.silence(self.samples, encoding)
+            yield codecs.wav_header(self.samples, self.rate)
+        yield from codecs.silence(self.samples, "pcm_s16le" if self.fmt == "wav" else self.encoding)
 
     def size(self) -> int:
         if self.fmt == "mp3":
             return sum(codecs.mp3_frame_sizes(self.samples, self.rate, self.bitrate)[0])
         if self.fmt == "wav":
-            return len(codecs.wav_header(self.samples, self.rate, "pcm_s16le")) + 2 * self.samples
+            return len(codecs.wav_header(self.samples, self.rate)) + 2 * self.samples
         return codecs.ENCODINGS[self.encoding][0] * self.samples
 
 
@@ -526,6 +526,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
     extra = {"format": ask.fmt, "sample_rate": ask.rate, "stream": ask.stream, "body": body}
     extra["encoding"] = ask.encoding if ask.fmt == "raw" else None
     extra["bit_rate"] = ask.bitrate if ask.fmt == "mp3" else None
+    extra["bytes"] = 0 if ask.stream else ask.size()  # the body's length (streams: PCM sent so far)
     seconds = Fraction(0) if ask.stream else ask.seconds()
     rid = state.next_id()
     entry = _entry(request, "audio.speech", rid, ask.model, m, seconds, usage_reported=False, **extra)
