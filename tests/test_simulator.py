@@ -214,7 +214,7 @@ async def test_models_bare_array(sim: RunningSimulator) -> None:
     assert b'"input": 0.9, "output": 3.3' in raw
     assert by_id["togethercomputer/m2-bert-80M-8k-retrieval"]["pricing"]["input"] == 0.008
     assert by_id["meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"]["type"] == "language"
-    assert len(models) == 11
+    assert len(models) == 22  # 13 token-billed models (2 of them rerank) and 9 media models
 
 
 async def test_models_custom_prices() -> None:

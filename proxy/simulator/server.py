@@ -46,8 +46,16 @@ matches a stored file answers 409 naming that file, as together deduplicates upl
 A few operator-account routes answer in together's shapes so tests can tell whether a proxy
 forwarded them: `/v1/fine-tunes` (list, create, get), `GET /v1/hardware`, `GET /v1/endpoints`.
 
-Every BilledLog entry carries the `rates` it was billed at (USD per 1M tokens, decimal strings)
-and `billed_pusd(entry)` is its exact bill in pico-USD, so tests compare a ledger with it exactly.
+The media routes (`/v1/rerank`, `/v1/images/generations`, `/v1/audio/speech`,
+`/v1/audio/transcriptions`, `/v1/audio/translations`, `/v2/videos`) live in `media.py`, whose
+docstring gives their shapes, knobs and units: rerank is billed in tokens like embeddings, the
+others by megapixel, image or second (entries with `unit` and `quantity`; `billed_pusd` prices
+them exactly). Options: `video_delay_ms`, and `unit_prices` (media model -> USD per unit, None for
+unpriced) next to `prices`, which replaces the token-billed models only.
+
+Every BilledLog entry carries the `rates` it was billed at (USD per 1M tokens, decimal strings;
+`{"per_unit"}` for a unit entry) and `billed_pusd(entry)` is its exact bill in pico-USD, so tests
+compare a ledger with it exactly.
 
 `app[SEEN]` notes every request that reaches the simulator (method, path, query), whatever its
 route or answer, so tests can assert exactly what got through a proxy; `GET /_sim/seen` reads it.
@@ -64,7 +72,6 @@ import hmac
 import ipaddress
 import itertools
 import json
-import math
 import secrets
 import signal
 import sys
@@ -78,10 +85,16 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-try:
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - orjson is a dependency; json keeps the module usable
-    _orjson = None  # type: ignore[assignment]
+from . import media
+from .wire import authorized as _authorized
+from .wire import dumps as _dumps
+from .wire import error as _error
+from .wire import int_field as _int
+from .wire import json_body as _json_body
+from .wire import json_response as _json
+from .wire import loads as _loads
+from .wire import ms_field as _ms
+from .wire import unauthorized as _unauthorized
 
 USAGE_PLACEMENTS = ("finish", "last", "cumulative", "none")
 MALFORMED_USAGE = ("negative", "string", "huge", "inflated")
@@ -145,19 +158,11 @@ _CATALOG: dict[str, _Model] = {
     "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference": _Model("language", 8192, "0.20", "0.20"),
     "BAAI/bge-large-en-v1.5": _Model("embedding", 512, "0.02", "0"),
     "togethercomputer/m2-bert-80M-8k-retrieval": _Model("embedding", 8192, "0.008", "0"),
+    "Salesforce/Llama-Rank-V1": _Model("rerank", 8192, "0.10", "0"),
+    "mixedbread-ai/Mxbai-Rerank-Large-V2": _Model("rerank", 32768, "0.10", "0"),
 }
 # models whose usage carries `cached_tokens` flat instead of in `prompt_tokens_details`
 FLAT_CACHED = frozenset({"deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-R1"})
-
-
-def _dumps(obj: Any) -> bytes:
-    if _orjson is not None:
-        return _orjson.dumps(obj)
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def _loads(data: bytes) -> Any:
-    return _orjson.loads(data) if _orjson is not None else json.loads(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +177,8 @@ class SimulatorOptions:
     max_billed: int | None = None  # keep about this many BilledLog entries (benchmarks); None: all
     batch_delay_ms: float = 0.0  # a batch job completes this long after its creation
     upload_url_ttl_s: float = 3600.0  # how long a presigned store URL of POST /v1/files is valid
+    video_delay_ms: float = 0.0  # a video job completes this long after its creation
+    unit_prices: dict[str, str | None] | None = None  # media model -> USD per unit (None: unpriced)
 
 
 class BilledLog:
@@ -199,9 +206,11 @@ class BilledLog:
         return sum(billed_pusd(e) or 0 for e in self.entries)
 
     def totals(self) -> dict[str, tuple[int, int]]:
-        """model -> (prompt_tokens, completion_tokens) summed over the entries."""
+        """model -> (prompt_tokens, completion_tokens) summed over the token-billed entries."""
         out: dict[str, tuple[int, int]] = {}
         for e in self.entries:
+            if "prompt_tokens" not in e:
+                continue  # a media entry billed by unit (images, audio, videos)
             p, c = out.get(e["model"], (0, 0))
             out[e["model"]] = (p + e["prompt_tokens"], c + e["completion_tokens"])
         return out
@@ -231,7 +240,8 @@ class _State:
     def __init__(self, options: SimulatorOptions) -> None:
         self.options = options
         self.catalog = _catalog(options.prices)
-        self.models_body = _models_body(self.catalog)
+        self.unit_catalog = media.unit_catalog(options.unit_prices)
+        self.models_body = _models_body(self.catalog, media.model_items(self.unit_catalog, _CREATED))
         self._enc: Any = None
         self._ids = itertools.count(1)
         self._prefix = f"sim-{int(time.time()):x}"  # ids stay unique across restarts
@@ -344,7 +354,7 @@ def _normalized(m: _Model) -> _Model:
     return _Model(m.type, m.context_length, _price(m.input), _price(m.output), cached, m.batch_discount)
 
 
-def _models_body(catalog: dict[str, _Model]) -> bytes:
+def _models_body(catalog: dict[str, _Model], media_items: list[str]) -> bytes:
     """together.ai's GET /v1/models: a bare array; prices written from their decimal digits."""
     items = []
     for model, m in catalog.items():
@@ -365,7 +375,7 @@ def _models_body(catalog: dict[str, _Model]) -> bytes:
             f'{head}, "pricing": {{"hourly": 0, "input": {m.input}, "output": {m.output}, '
             f'"base": 0, "finetune": 0{cached}}}}}'
         )
-    return ("[" + ", ".join(items) + "]").encode()
+    return ("[" + ", ".join(items + media_items) + "]").encode()
 
 
 def bill_rates(m: _Model | None, mode: str) -> dict[str, str] | None:
@@ -388,6 +398,8 @@ def bill_rates(m: _Model | None, mode: str) -> dict[str, str] | None:
 
 def billed_pusd(entry: dict[str, Any]) -> int | None:
     """What the simulator billed for one entry, exactly, in pico-USD (None for an unpriced model)."""
+    if "unit" in entry:
+        return media.unit_pusd(entry)  # billed by megapixel, image or second
     rates = entry.get("rates")
     if rates is None:
         return None
@@ -399,49 +411,6 @@ def billed_pusd(entry: dict[str, Any]) -> int | None:
         + completion * Decimal(rates["output"])
     )
     return int(usd_per_mtok.scaleb(6))  # USD per 1M tokens x tokens = micro-USD; x 1e6 = pico-USD
-
-
-def _error(
-    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
-) -> web.Response:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    body = {"error": {"message": message, "type": kind, "code": code}}
-    return web.Response(status=status, body=_dumps(body), headers=headers, content_type="application/json")
-
-
-def _authorized(request: web.Request) -> bool:
-    return request.headers.get("Authorization", "")[:7].lower() == "bearer "
-
-
-def _unauthorized() -> web.Response:
-    return _error(401, "Invalid API key provided. Send 'Authorization: Bearer <key>'.", "invalid_api_key")
-
-
-def _json(obj: Any) -> web.Response:
-    return web.Response(body=_dumps(obj), content_type="application/json")
-
-
-async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
-    """The request's JSON object body, or the 400 answer to send instead."""
-    try:
-        body = _loads(await request.read())
-    except ValueError:
-        return _error(400, "Request body is not valid JSON.")
-    if not isinstance(body, dict):
-        return _error(400, "Request body must be a JSON object.")
-    return body
-
-
-def _int(sim: dict[str, Any], key: str) -> int | None:
-    v = sim.get(key)
-    return v if type(v) is int else None  # bools and floats are not counts
-
-
-def _ms(sim: dict[str, Any], key: str, default: float) -> float:
-    """Milliseconds from `simulate` (or the default) as seconds; junk and inf fall back."""
-    v: Any = sim.get(key)
-    ms = float(v) if type(v) in (int, float) and math.isfinite(v) else default
-    return max(ms, 0.0) / 1000.0
 
 
 def _usage(
@@ -1270,6 +1239,15 @@ def create_app(options: SimulatorOptions | None = None) -> web.Application:
     app[BILLED] = BilledLog(options.max_billed)
     app[SEEN] = seen
     app.on_startup.append(_load_tokenizer)
+    state = app[_STATE]
+    app[media.MEDIA] = media.MediaState(
+        billed=app[BILLED],
+        count=state.count,
+        next_id=state.next_id,
+        token_rates=lambda model: bill_rates(state.catalog.get(model), "serverless"),
+        catalog=state.unit_catalog,
+        video_delay_ms=options.video_delay_ms,
+    )
     r = app.router
     r.add_post("/v1/chat/completions", _chat)
     r.add_post("/v1/completions", _completions)
@@ -1294,6 +1272,7 @@ def create_app(options: SimulatorOptions | None = None) -> web.Application:
     r.add_get("/v1/fine-tunes/{ft_id}", _fine_tune_get)
     r.add_get("/v1/hardware", _hardware)
     r.add_get("/v1/endpoints", _endpoints)
+    media.add_routes(r)  # rerank, images, audio, videos (proxy/simulator/media.py)
     r.add_get("/health", _health)
     r.add_get("/_sim/billed", _billed)
     r.add_get("/_sim/seen", _seen)
