@@ -110,3 +110,26 @@ async def test_models_bare_array_byte_for_byte(meter: Meter) -> None:
     assert isinstance(models, list) and len(models) == 11
     assert headers["content-type"].startswith("application/json")
     assert [s["path"] for s in meter.upstream_seen] == ["/v1/models", "/v1/models"]
+
+
+async def test_base_url_with_v1_is_served_too(meter: Meter) -> None:
+    """A 3.x user who adds /v1 (the SDK then asks for /v1/v1/... and /v1/v2/...) is served, not
+    404: the chat is metered once and the project listing is passed on as /v2/projects/p/models."""
+    async with AsyncTogether(
+        api_key=meter.keys["acme"], base_url=meter.base_url, project_id="p", max_retries=0, timeout=20
+    ) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=CHAT_MODEL, messages=MESSAGES, max_tokens=3
+        )
+        r = await raw.parse()
+        listed = [m.id async for m in await client.models.list()]
+    assert r.choices[0].message is not None and r.choices[0].message.content == "Hello from the"
+    assert len(listed) == 11
+    (entry,) = meter.sim.billed.entries
+    (row,) = await meter.rows()
+    assert (row.request_id, row.endpoint, row.status) == (raw.headers["x-request-id"], "chat", "ok")
+    assert row.cost_pusd == meter.cost(CHAT_MODEL, entry["prompt_tokens"], 3)
+    assert [(s["method"], s["path"]) for s in meter.upstream_seen] == [
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v2/projects/p/models"),
+    ]
