@@ -8,7 +8,7 @@ FUZZ_STAMP := $(VENV)/.installed-fuzz
 FUZZ_RUNS ?= 200000
 FUZZ_SECONDS ?= 60
 
-.PHONY: demo serve test test-long lint bench install clean fuzz container-test
+.PHONY: demo serve test test-long lint bench install clean fuzz container-test sdk-envs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,14 +24,19 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/together-meter serve --config config/example.yaml
 
-test: $(STAMP)
+# The SDK matrix's environments (tests/sdk/envs.py): together 1.x and 2.x venvs and the Node SDKs,
+# made once under ~/.cache/together-meter-sdk (keyed by their pins, reused after), bounded in time
+sdk-envs: $(STAMP)
+	$(PY) -m tests.sdk.envs
+
+test: $(STAMP) sdk-envs
 	$(PY) -m ruff check proxy tests
 	$(PY) -m ruff format --check proxy tests
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow"
 
-test-long: $(STAMP) $(FUZZ_STAMP)
+test-long: $(STAMP) $(FUZZ_STAMP) sdk-envs
 	$(PY) -m pytest -q
 
 $(FUZZ_STAMP): $(STAMP)

@@ -108,7 +108,17 @@ async def test_check_config_reports_ok_and_errors(config_dir: Path) -> None:
     """check-config exits 0 on a good file and 2 on an unknown key."""
     good = str(config_dir / "example.yaml")
     code, out, _ = await run_cli("check-config", good)
-    assert code == 0 and "2 tenants" in out
+    assert code == 0 and "2 tenants" in out and "upstream https://api.together.ai/v1)" in out
+    split = config_dir / "split.yaml"
+    split.write_text(
+        (config_dir / "example.yaml")
+        .read_text()
+        .replace("  # inference_url: https://", "  inference_url: https://", 1)
+    )
+    code, out, _ = await run_cli("check-config", str(split))
+    assert code == 0 and out.rstrip().endswith(
+        "upstream https://api.together.ai/v1, inference https://api-inference.together.ai/v1)"
+    )
     bad = config_dir / "bad.yaml"
     bad.write_text((config_dir / "example.yaml").read_text() + "\nbudgets_everywhere: true\n")
     code, _, err = await run_cli("check-config", str(bad))

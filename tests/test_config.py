@@ -104,6 +104,23 @@ def test_full_config_values_are_read(tmp_path: Path) -> None:
     assert config.tenants["globex"].models == (PRICED_MODEL,)
 
 
+def test_upstream_defaults_to_together_ai_without_an_inference_host(tmp_path: Path) -> None:
+    """No upstream section: together's current API host, every route to it."""
+    data = copy.deepcopy(BASE)
+    del data["upstream"]
+    config = load_config(write_config(tmp_path, data))
+    assert config.upstream.url == "https://api.together.ai/v1"
+    assert config.upstream.inference_url is None
+
+
+def test_upstream_inference_url_is_read(tmp_path: Path) -> None:
+    """upstream.inference_url is read (trailing '/' removed) next to url; the .xyz host still loads."""
+    data = with_value("upstream.inference_url", "https://api-inference.together.ai/v1/")
+    config = load_config(write_config(tmp_path, data))
+    assert config.upstream.url == "https://api.together.xyz/v1"
+    assert config.upstream.inference_url == "https://api-inference.together.ai/v1"
+
+
 def test_keys_file_digests_are_merged(tmp_path: Path) -> None:
     """Digests from keys_file are added to their tenants (duplicates once)."""
     other = hashlib.sha256(b"tm-other").hexdigest()
@@ -149,6 +166,10 @@ def test_unknown_nested_key(tmp_path: Path) -> None:
         ("listen.host", 127, ("string",)),
         ("listen", [8787], ("mapping",)),
         ("upstream.url", "ftp://example.com", ("URL",)),
+        ("upstream.url", "https://api.together.ai/v1?x=1", ("URL",)),
+        ("upstream.url", "https://user:pw@api.together.ai/v1", ("URL",)),
+        ("upstream.inference_url", "api-inference.together.ai", ("URL",)),
+        ("upstream.inference_url", 7, ("string",)),
         ("upstream.timeouts.idle", 0, ("number",)),
         ("upstream.timeouts.total", "long", ("number",)),
         ("upstream.timeouts.connect", float("nan"), ("number",)),

@@ -7,12 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.core.routes import (
+    INFERENCE_HOST_PATHS,
     OBJECT_ENDPOINTS,
     ROUTES,
     Grant,
     InvalidTarget,
     check_header_values,
     parse_target,
+    undouble_version,
 )
 from proxy.errors import MethodNotAllowed
 
@@ -189,3 +191,60 @@ def test_forwarded_header_values_are_checked() -> None:
     for bad in ("caf\xe9", "a\x00b", "a\x7f", "a\rb"):
         with pytest.raises(InvalidTarget):
             check_header_values({"user-agent": bad}, ("user-agent", "accept"))
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        ("/v1/v1/chat/completions", "/v1/chat/completions"),
+        ("/v1/v1/models", "/v1/models"),
+        ("/v1/v2/projects/p/models", "/v2/projects/p/models"),
+        ("/v1/v2/videos", "/v2/videos"),
+        ("/v1/v3/whoami", "/v3/whoami"),
+        ("/v1/v1/v1/chat/completions", "/v1/v1/chat/completions"),  # once only
+        ("/v1/v1", "/v1"),
+        ("/v2/v1/models", "/v2/v1/models"),  # only a leading v1 is dropped
+        ("/v1/files/v1", "/v1/files/v1"),
+        ("/v1/vx/models", "/v1/vx/models"),
+        ("/v1/V1/models", "/v1/V1/models"),
+        ("http://elsewhere/v1/v1/models?dedicated=true", "/v1/models"),
+    ],
+)
+def test_a_doubled_leading_version_is_undone(raw: str, path: str) -> None:
+    """A together SDK 3.x client given `.../v1` sends `/v1/v1/...` or `/v1/v2/...`: served as meant."""
+    assert parse_target(raw).path == path
+
+
+def test_doubled_paths_resolve_to_the_routes_they_meant() -> None:
+    """/v1/v1/chat/completions is the chat route; /v1/v2/projects/p/models the project listing."""
+    m = ROUTES.resolve("POST", parse_target("/v1/v1/chat/completions"))
+    assert m is not None and m.route.name == "chat" and m.upstream_path == "/v1/chat/completions"
+    m = ROUTES.resolve("GET", parse_target("/v1/v2/projects/p/models?dedicated=true"))
+    assert m is not None and m.route.name == "models.list"
+    assert (m.upstream_path, m.upstream_query) == ("/v2/projects/p/models", "dedicated=true")
+    m = ROUTES.resolve("POST", parse_target("/v1/v1/batches/b-1/cancel"))
+    assert m is not None and m.route.name == "batches.cancel" and m.params == {"id": "b-1"}
+    assert ROUTES.resolve("POST", parse_target("/v1/v1/v1/chat/completions")) is None
+
+
+@pytest.mark.parametrize("raw", [f"/v1{r}" for r in REFUSED if r.startswith("/v1/")])
+def test_doubled_paths_are_validated_like_any_other(raw: str) -> None:
+    """The doubled form gets no way around target validation: every refused target stays refused."""
+    with pytest.raises(InvalidTarget):
+        parse_target(raw)
+
+
+@given(st.lists(st.sampled_from(["v1", "v2", "v10", "chat", "models", "x"]), max_size=5))
+def test_undoubling_drops_at_most_one_leading_v1(segments: list[str]) -> None:
+    """The rule only ever removes the first segment, and only a `v1` before a version segment."""
+    out = undouble_version(tuple(segments))
+    assert out == tuple(segments) or (segments[0] == "v1" and out == tuple(segments[1:]) and out[0][0] == "v")
+
+
+def test_inference_host_paths_are_the_inference_routes_and_no_other() -> None:
+    """chat, completions and embeddings go to the inference host; files, batches, models and
+    operator routes never do (they must reach the account's API host)."""
+    inference = {r.pattern for r in ROUTES.routes if r.kind == "inference"}
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"} <= inference <= INFERENCE_HOST_PATHS
+    others = {r.upstream_path({p[1:-1]: "x" for p in r.parts if p.startswith("{")}) for r in ROUTES.routes}
+    assert not {o for o in others if o not in inference} & INFERENCE_HOST_PATHS

@@ -1,4 +1,4 @@
-"""proxy/core/shapes.py: the OpenAI list shape for model listings, base64 embeddings."""
+"""proxy/core/shapes.py: OpenAI shapes of model, file and batch lists, batch creation, base64 embeddings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import struct
 
 import orjson
 
-from proxy.core.shapes import embeddings_as_base64, openai_list, wants_openai_list
+from proxy.core.shapes import embeddings_as_base64, openai_batch, openai_list, openai_page, wants_openai_list
 
 
 def test_openai_clients_are_told_apart_from_together_ones() -> None:
@@ -45,3 +45,25 @@ def test_base64_answers_and_non_embeddings_are_left_alone() -> None:
     assert embeddings_as_base64(done) is done
     assert embeddings_as_base64(b'{"error":{}}') == b'{"error":{}}'
     assert embeddings_as_base64(b"nope") == b"nope"
+
+
+def test_lists_become_whole_cursor_pages() -> None:
+    """A bare array or a {object, data} list becomes {object: list, data, has_more: false} (so an
+    OpenAI SDK's auto-paging stops); anything else is left alone."""
+    jobs = [{"id": "b-1", "status": "IN_PROGRESS"}]
+    page = {"object": "list", "data": jobs, "has_more": False}
+    assert orjson.loads(openai_page(orjson.dumps(jobs))) == page
+    assert orjson.loads(openai_page(orjson.dumps({"object": "list", "data": jobs}))) == page
+    for other in (b'{"error": {"message": "x"}}', b"[oops", b'"text"'):
+        assert openai_page(other) == other
+
+
+def test_batch_creation_answers_the_job_itself() -> None:
+    """{"job": {...}, "warning": null} becomes the job; a warning stays as its field; a job
+    already bare (or anything else) is unchanged."""
+    job = {"id": "b-1", "status": "VALIDATING", "input_file_id": "file-1"}
+    assert orjson.loads(openai_batch(orjson.dumps({"job": job, "warning": None}))) == job
+    warned = orjson.loads(openai_batch(orjson.dumps({"job": job, "warning": "slow"})))
+    assert warned == {**job, "warning": "slow"}
+    for other in (orjson.dumps(job), b"[]", b"not json"):
+        assert openai_batch(other) == other

@@ -139,7 +139,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(
         f"{args.file}: ok ({len(config.tenants)} tenants, {len(config.prices)} priced models, "
-        f"upstream {config.upstream.url})"
+        f"upstream {config.upstream.url}"
+        + (f", inference {config.upstream.inference_url})" if config.upstream.inference_url else ")")
     )
     return EXIT_OK
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import yaml
@@ -92,13 +93,20 @@ def list_prices(config: Config, fmt: str) -> int:
     return 0
 
 
+def models_url(base_url: str) -> str:
+    """`<base>/models` for a base URL with a path (`.../v1`); `<origin>/v1/models` for a bare
+    origin (`https://api.together.ai`), as the proxy itself sends `/v1` paths there."""
+    base = base_url.rstrip("/")
+    return base + ("/models" if urlsplit(base).path else "/v1/models")
+
+
 async def fetch_upstream_prices(base_url: str, api_key: str) -> dict[str, dict[str, Any]]:
     """model id -> {input, output, cached_input (Decimal USD per 1M or None), context_length, type}."""
     timeout = aiohttp.ClientTimeout(total=60)
     async with (
         aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
         session.get(
-            base_url.rstrip("/") + "/models",
+            models_url(base_url),
             headers={"Authorization": f"Bearer {api_key}"},
             allow_redirects=False,
         ) as resp,

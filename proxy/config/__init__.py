@@ -25,7 +25,7 @@ from proxy.core.pricing import PUSD_PER_USD, PriceTable
 from proxy.core.routes import Grant
 from proxy.errors import ConfigError
 
-DEFAULT_UPSTREAM = "https://api.together.xyz/v1"
+DEFAULT_UPSTREAM = "https://api.together.ai/v1"  # the host together's current SDKs use
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
@@ -39,6 +39,9 @@ class Listen:
 @dataclass(frozen=True, slots=True)
 class Upstream:
     url: str = DEFAULT_UPSTREAM
+    # where the metered inference routes go (routes.INFERENCE_HOST_PATHS), e.g. together's
+    # https://api-inference.together.ai/v1; None: to `url` like everything else
+    inference_url: str | None = None
     connect_timeout: float = 10.0
     first_byte_timeout: float = 120.0  # time to response headers (a silent upstream -> 504)
     idle_timeout: float = 60.0  # longest gap between stream chunks
@@ -242,14 +245,14 @@ def _listen(r: _Reader, default_port: int) -> Listen:
 
 
 def _upstream(r: _Reader) -> Upstream:
-    r.check_keys({"url", "timeouts", "max_connections", "client_abort_grace"})
-    url = r.text("url", DEFAULT_UPSTREAM) or DEFAULT_UPSTREAM
-    if not re.match(r"^https?://[^/\s]+", url):
-        raise r.err("url", f"must be an http(s) URL, got {url!r}")
+    r.check_keys({"url", "inference_url", "timeouts", "max_connections", "client_abort_grace"})
+    url = _upstream_url(r, "url", DEFAULT_UPSTREAM)
+    inference = _upstream_url(r, "inference_url", None) if r.data.get("inference_url") is not None else None
     t = r.section("timeouts")
     t.check_keys({"connect", "first_byte", "idle", "total"})
     return Upstream(
-        url=url.rstrip("/"),
+        url=url,
+        inference_url=inference,
         connect_timeout=t.num("connect", 10.0),
         first_byte_timeout=t.num("first_byte", 120.0),
         idle_timeout=t.num("idle", 60.0),
@@ -257,6 +260,15 @@ def _upstream(r: _Reader) -> Upstream:
         max_connections=r.int("max_connections", 256, 1, 100_000),
         client_abort_grace=r.num("client_abort_grace", 5.0, lo=0.0, inclusive=True),
     )
+
+
+def _upstream_url(r: _Reader, name: str, default: str | None) -> str:
+    """An upstream base URL: `scheme://host[:port]` with an optional path (`/v1`); no query,
+    fragment or credentials (they would travel nowhere, or leak in logs)."""
+    url = r.text(name, default) or DEFAULT_UPSTREAM
+    if not re.match(r"^https?://[^/\s?#@]+(/[^\s?#]*)?\Z", url):
+        raise r.err(name, f"must be an http(s) URL (scheme://host[:port][/path]), got {url!r}")
+    return url.rstrip("/")
 
 
 def _tenants(r: _Reader) -> dict[str, Tenant]:

@@ -32,6 +32,7 @@ _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]+\Z")
 _QUERY_RE = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=/?%-]*\Z")
 _PCT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ABSOLUTE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+_VERSION_RE = re.compile(r"^v[0-9]{1,3}\Z")
 # together's object ids (file-..., batch uuids, ft-...): anything else cannot exist upstream
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 
@@ -54,7 +55,8 @@ def parse_target(raw: str) -> Target:
     Absolute-form (`http://host/path`) is accepted and its authority ignored: the upstream
     comes only from config. Refused: bytes outside visible ASCII (raw or percent-encoded),
     malformed escapes, empty segments (`//`), dot segments (`.`, `..`, `%2e%2e`), and
-    encoded '/', '?', '#', '%' or '\\' inside a segment.
+    encoded '/', '?', '#', '%' or '\\' inside a segment. A doubled leading version
+    (`/v1/v1/...`, `/v1/v2/...`) is then undone: see `undouble_version`.
     """
     if not raw.isascii() or any(c <= " " or c == "\x7f" for c in raw):
         raise InvalidTarget("The request target may contain only visible ASCII characters.")
@@ -69,7 +71,17 @@ def parse_target(raw: str) -> Target:
     segments = tuple(_segment(s) for s in path[1:].split("/")) if path != "/" else ()
     if query and (not _QUERY_RE.match(query) or not _visible(_unquote(query))):
         raise InvalidTarget("The query string may contain only visible ASCII characters.")
-    return Target(segments, query)
+    return Target(undouble_version(segments), query)
+
+
+def undouble_version(segments: tuple[str, ...]) -> tuple[str, ...]:
+    """`/v1/v1/...` -> `/v1/...` and `/v1/v2/...` -> `/v2/...`: a leading `v1` followed by a
+    version segment (`v` + digits) is dropped, once. together SDK 3.x paths carry their own
+    version, so a 3.x client given the base URL `http://proxy/v1` sends `/v1/v1/chat/completions`
+    (and `/v1/v2/...`); it is served as the path it meant. Runs on validated segments only."""
+    if len(segments) > 1 and segments[0] == "v1" and _VERSION_RE.match(segments[1]):
+        return segments[1:]
+    return segments
 
 
 def _segment(raw: str) -> str:
@@ -235,6 +247,23 @@ ROUTES = RouteTable(
             ("GET", "/v1/evaluation/{id}/status", "evaluations.status"),
         ),
     ]
+)
+
+# together.ai's inference paths: where `upstream.inference_url` is set, these go there (together's
+# SDK 3.x sends inference to api-inference.together.ai; dedicated endpoints answer there); files,
+# batches, models, videos and the operator's routes stay on `upstream.url`. Listed whether or not
+# the table above serves them yet, so a route added later goes to the right host.
+INFERENCE_HOST_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/rerank",
+        "/v1/images/generations",
+        "/v1/audio/speech",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+    }
 )
 
 # Ledger endpoints of object routes: together bills nothing for them (cost 0, usage "none"

@@ -4,6 +4,10 @@
   `{"object": "list", "data": [...]}` (their `models.list()` raises on the array).
 - Embeddings: the Node `openai` SDK asks for `encoding_format: "base64"` by default and decodes
   what comes back as base64; together answers floats, which that SDK would turn into a wrong vector.
+- Batches: together answers `POST /v1/batches` with `{"job": {...}, "warning": ...}` and
+  `GET /v1/batches` with a bare array; the OpenAI SDKs read the batch itself and a cursor page
+  (`{"object": "list", "data": [...], "has_more": false}`: without `has_more` their auto-paging
+  asks for the next page after the last id, again and again). File lists get the same page.
 """
 
 from __future__ import annotations
@@ -55,3 +59,31 @@ def embeddings_as_base64(data: bytes) -> bytes:
             item["embedding"] = base64.b64encode(packed).decode("ascii")
             changed = True
     return orjson.dumps(obj) if changed else data
+
+
+def openai_page(data: bytes) -> bytes:
+    """A list answer (a bare array or `{"object": "list", "data": [...]}`) as OpenAI's cursor page
+    with `has_more: false`: the proxy's file and batch lists are whole (cut to the caller's own
+    objects, cursors dropped). Anything else unchanged."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data
+    items = obj if isinstance(obj, list) else obj.get("data") if isinstance(obj, dict) else None
+    if not isinstance(items, list):
+        return data
+    return orjson.dumps({"object": "list", "data": items, "has_more": False})
+
+
+def openai_batch(data: bytes) -> bytes:
+    """together's batch creation answer `{"job": {...}, "warning": w}` as the job itself, as
+    OpenAI's `batches.create` returns it (a warning, if any, kept as its `warning` field)."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data
+    job = obj.get("job") if isinstance(obj, dict) else None
+    if not isinstance(job, dict):
+        return data
+    warning = obj.get("warning")
+    return orjson.dumps({**job, "warning": warning} if warning is not None else job)

@@ -53,7 +53,7 @@ from proxy.core.rollups import Rollup, RollupFilter
 from proxy.errors import AuthenticationError, BadRequest, ConfigError, MeterError, NotFound
 from proxy.server.metrics import build_registry, render
 from proxy.server.state import Operated
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.hosts import Upstreams
 
 PROBE_EVERY = 10.0  # seconds between two connect probes of the upstream for /readyz
 PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
@@ -106,7 +106,7 @@ class UpstreamWatch:
     """Readiness's view of the upstream: a TCP connect probe (nothing sent, nothing billed) at
     start and every PROBE_EVERY seconds, and the client's count of failed requests."""
 
-    def __init__(self, upstream: UpstreamClient) -> None:
+    def __init__(self, upstream: Upstreams) -> None:
         self.upstream = upstream
         self.connectable: bool | None = None  # None: not probed yet
 

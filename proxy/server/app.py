@@ -37,7 +37,7 @@ from proxy.server.relay import ENDPOINTS, Relay
 from proxy.server.serving import HeadDeadlineRunner
 from proxy.server.state import Fleet, Secrets
 from proxy.server.uploads import UploadRelay
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.hosts import Upstreams
 from proxy.upstream.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Proxy:
         )
         self._budget_sync: asyncio.Task[None] | None = None
         self.notifier = Notifier(config.notify, self.ledger)
-        self.upstream = UpstreamClient(config.upstream, secrets.together_key)
+        self.upstream = Upstreams(config.upstream, secrets.together_key)
         self.relay = Relay(
             config,
             KeyStore(config.key_index()),
@@ -114,11 +114,14 @@ class Proxy:
         app[RELAY_KEY] = self.relay
         passthrough = Passthrough(self.relay)
         key = token_key(self.secrets.together_key)  # upload tokens: every worker and replica has it
-        uploads = UploadRelay(self.relay, passthrough, self.ledger, ObjectStore(self.upstream), key)
+        uploads = UploadRelay(self.relay, passthrough, self.ledger, ObjectStore(self.upstream.api), key)
         objects = ObjectGateway(self.relay, passthrough, self.ledger, self.batch_tracker, uploads)
         dispatcher = Dispatcher(self.relay, objects, passthrough)
         for path, endpoint in ENDPOINTS.items():  # the hot path: aiohttp's router finds these
             app.router.add_post(path, _inference(self.relay, dispatcher, path, endpoint))
+            # ... also as a together SDK 3.x client given `http://proxy/v1` sends them
+            # (routes.undouble_version serves the other doubled paths)
+            app.router.add_post("/v1" + path, _inference(self.relay, dispatcher, "/v1" + path, endpoint))
         # everything else, and any target aiohttp would decode or normalise, goes through the
         # route table (`[\s\S]`: a decoded line break must not fall to aiohttp's own 404)
         app.router.add_route("*", "/{tail:[\\s\\S]*}", dispatcher.handle)
@@ -359,7 +362,10 @@ def with_overrides(
 ) -> Config:
     """The config with command-line overrides applied."""
     if upstream:
-        config = replace(config, upstream=replace(config.upstream, url=upstream.rstrip("/")))
+        # every route to that URL: a configured inference host is left out too
+        config = replace(
+            config, upstream=replace(config.upstream, url=upstream.rstrip("/"), inference_url=None)
+        )
     if port is not None:
         config = replace(config, listen=replace(config.listen, port=port))
     if admin_port is not None:

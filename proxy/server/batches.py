@@ -26,7 +26,8 @@ from proxy.errors import MeterError, UpstreamProtocolError, UpstreamTimeout
 from proxy.ledger import BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us
 from proxy.server.relay import ENDPOINTS
 from proxy.server.tokens import loaded
-from proxy.upstream.client import UpstreamClient, UpstreamStreamError
+from proxy.upstream.client import UpstreamStreamError
+from proxy.upstream.hosts import Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class BatchTracker:
     def __init__(
         self,
         store: BatchStore,
-        upstream: UpstreamClient,
+        upstream: Upstreams,
         config: Callable[[], Config],
         periods: Periods,
         tokenizer: Tokenizer,

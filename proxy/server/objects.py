@@ -19,6 +19,7 @@ from aiohttp import web
 from proxy.core.auth import Principal
 from proxy.core.calls import header_attribution, new_request_id
 from proxy.core.routes import ID_RE, Match
+from proxy.core.shapes import openai_batch, openai_page, wants_openai_list
 from proxy.errors import InvalidField, InvalidJSON, NotFound, UpstreamProtocolError
 from proxy.ledger import BatchJob, OwnedFile, now_us
 from proxy.server.batches import BatchTracker, job_of, remember_batch_files
@@ -115,7 +116,10 @@ class ObjectGateway:
         if up.status != 200:
             return respond(up, data, new_request_id())
         owned = await (self.store.files_of if files else self.store.batches_of)(principal.tenant)
-        return web.Response(body=filter_listing(data, owned), content_type=JSON_CT)
+        body = filter_listing(data, owned)
+        if wants_openai_list(request.headers):  # an OpenAI SDK pages through a cursor list
+            body = openai_page(body)
+        return web.Response(body=body, content_type=JSON_CT)
 
     async def _owned(self, request: web.Request, principal: Principal, match: Match) -> web.StreamResponse:
         """Retrieve, content, delete, cancel, preprocess: only of the caller's own object."""
@@ -178,6 +182,8 @@ class ObjectGateway:
             await pt.close(row)
         if 200 <= up.status < 300:
             await self._remember(data, principal, feature, environment)
+            if wants_openai_list(request.headers):  # an OpenAI SDK reads the batch itself
+                data = openai_batch(data)
         return respond(up, data, row.request_id)
 
     async def _check_input(self, body: bytes, tenant: str) -> None:

@@ -45,7 +45,8 @@ from proxy.server.recorder import Recorder, Sinks
 from proxy.server.responses import JSON_CT, client_gone, error_response
 from proxy.server.stream_relay import StreamRelay
 from proxy.server.tokens import loaded
-from proxy.upstream.client import FORWARDED_HEADERS, UpstreamClient, UpstreamResponse, UpstreamStreamError
+from proxy.upstream.client import FORWARDED_HEADERS, UpstreamResponse, UpstreamStreamError
+from proxy.upstream.hosts import Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Relay:
         self,
         config: Config,
         keys: KeyStore,
-        upstream: UpstreamClient,
+        upstream: Upstreams,
         ledger: Ledger,
         metrics: Metrics,
         tokenizer: Tokenizer,

@@ -9,7 +9,7 @@ from proxy.config import Config
 from proxy.core.budgets import BudgetBook, Periods
 from proxy.ledger import Ledger
 from proxy.server.metrics import Metrics
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.hosts import Upstreams
 
 
 class Fleet(Protocol):
@@ -45,7 +45,7 @@ class Operated(Protocol):
     periods: Periods
     ledger: Ledger
     metrics: Metrics
-    upstream: UpstreamClient
+    upstream: Upstreams
     fleet: Fleet | None
 
     @property

@@ -8,8 +8,10 @@ from __future__ import annotations
 from .server import (
     BILLED,
     FLAT_CACHED,
+    MEDIA_MODELS,
     SEEN,
     SEEN_MAX,
+    TOKEN_MODELS,
     BilledLog,
     RunningSimulator,
     SimulatorOptions,
@@ -22,8 +24,10 @@ from .server import (
 __all__ = [
     "BILLED",
     "FLAT_CACHED",
+    "MEDIA_MODELS",
     "SEEN",
     "SEEN_MAX",
+    "TOKEN_MODELS",
     "BilledLog",
     "RunningSimulator",
     "SimulatorOptions",

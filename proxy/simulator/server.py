@@ -161,6 +161,10 @@ _CATALOG: dict[str, _Model] = {
     "Salesforce/Llama-Rank-V1": _Model("rerank", 8192, "0.10", "0"),
     "mixedbread-ai/Mxbai-Rerank-Large-V2": _Model("rerank", 32768, "0.10", "0"),
 }
+# the model ids GET /v1/models lists by default: token-priced ones (also in project listings) and
+# the media ones (proxy/simulator/media.py)
+TOKEN_MODELS = tuple(_CATALOG)
+MEDIA_MODELS = tuple(media.UNIT_CATALOG)
 # models whose usage carries `cached_tokens` flat instead of in `prompt_tokens_details`
 FLAT_CACHED = frozenset({"deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-R1"})
 

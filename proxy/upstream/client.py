@@ -628,8 +628,9 @@ class UpstreamClient:
         return out
 
     def target_for(self, path: str) -> str:
-        """`/v1/chat/completions` -> `<base path>/chat/completions`; `/v2/...` as it is."""
-        if path.startswith("/v1/"):
+        """`/v1/chat/completions` -> `<base path>/chat/completions`; `/v2/...` as it is. A base
+        URL without a path (`https://api.together.ai`) takes every path as it is."""
+        if path.startswith("/v1/") and self.base_path:
             return self.base_path + path[3:]
         return path
 

@@ -9,6 +9,8 @@ import orjson
 import pytest
 from together import AsyncTogether, Together
 
+from proxy.simulator import TOKEN_MODELS
+
 from .support import CHAT_MODEL, EMBEDDING_MODEL, MESSAGES, Meter, post_raw
 
 ATTRIBUTION = {"X-Meter-Feature": "summarize", "X-Meter-Environment": "prod"}
@@ -91,7 +93,7 @@ async def test_project_models_list(meter: Meter) -> None:
             return [f"{m.project_id}:{m.id}" for m in client.models.list()]
 
     listed = await asyncio.to_thread(list_models)
-    assert len(listed) == 13 and f"p:{CHAT_MODEL}" in listed  # the token models (chat ... rerank)
+    assert len(listed) == len(TOKEN_MODELS) and f"p:{CHAT_MODEL}" in listed
     assert all(m.startswith("p:") for m in listed)
     (seen,) = meter.upstream_seen
     assert (seen["method"], seen["path"]) == ("GET", "/v2/projects/p/models")
@@ -112,3 +114,26 @@ async def test_models_bare_array_byte_for_byte(meter: Meter) -> None:
     }
     assert headers["content-type"].startswith("application/json")
     assert [s["path"] for s in meter.upstream_seen] == ["/v1/models", "/v1/models"]
+
+
+async def test_base_url_with_v1_is_served_too(meter: Meter) -> None:
+    """A 3.x user who adds /v1 (the SDK then asks for /v1/v1/... and /v1/v2/...) is served, not
+    404: the chat is metered once and the project listing is passed on as /v2/projects/p/models."""
+    async with AsyncTogether(
+        api_key=meter.keys["acme"], base_url=meter.base_url, project_id="p", max_retries=0, timeout=20
+    ) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=CHAT_MODEL, messages=MESSAGES, max_tokens=3
+        )
+        r = await raw.parse()
+        listed = [m.id async for m in await client.models.list()]
+    assert r.choices[0].message is not None and r.choices[0].message.content == "Hello from the"
+    assert len(listed) == len(TOKEN_MODELS)
+    (entry,) = meter.sim.billed.entries
+    (row,) = await meter.rows()
+    assert (row.request_id, row.endpoint, row.status) == (raw.headers["x-request-id"], "chat", "ok")
+    assert row.cost_pusd == meter.cost(CHAT_MODEL, entry["prompt_tokens"], 3)
+    assert [(s["method"], s["path"]) for s in meter.upstream_seen] == [
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v2/projects/p/models"),
+    ]

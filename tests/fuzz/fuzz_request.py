@@ -32,7 +32,7 @@ from proxy.ledger.sqlite import SQLiteLedger
 from proxy.server.metrics import Metrics
 from proxy.server.relay import ENDPOINTS, Relay
 from proxy.server.responses import error_response
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.hosts import Upstreams
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "example.yaml"
 PATHS = {name: path for path, name in ENDPOINTS.items()}
@@ -49,7 +49,7 @@ def relay() -> Relay:
     return Relay(
         config,
         KeyStore(config.key_index()),
-        UpstreamClient(config.upstream, "fuzz-key"),
+        Upstreams(config.upstream, "fuzz-key"),
         SQLiteLedger(":memory:"),
         Metrics(config.attribution, config.prices.models),
         Tokenizer(None),
