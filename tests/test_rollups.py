@@ -253,18 +253,23 @@ async def test_postgres_migration_fills_rollups_from_rows_and_aggregates(pg_dsn:
     conn = await asyncpg.connect(pg_dsn)
     try:
         await migrate(conn, tmp_path)
-        cols = ", ".join(COLUMNS)
-        marks = ", ".join(f"${i + 1}" for i in range(len(COLUMNS)))
-        await conn.executemany(f"INSERT INTO requests ({cols}) VALUES ({marks})", [r.values() for r in rows])
+        before_units = COLUMNS[: COLUMNS.index("unit")]  # the columns of a version-2 database
+        cols = ", ".join(before_units)
+        marks = ", ".join(f"${i + 1}" for i in range(len(before_units)))
+        width = len(before_units)
+        await conn.executemany(
+            f"INSERT INTO requests ({cols}) VALUES ({marks})", [r.values()[:width] for r in rows]
+        )
         in_flight = LedgerRow(
             "fl", "acme", "k", "m", "chat", "serverless", None, None, False, START, "2026-03"
         )
-        await conn.execute(f"INSERT INTO requests ({cols}) VALUES ({marks})", *in_flight.values())
+        await conn.execute(f"INSERT INTO requests ({cols}) VALUES ({marks})", *in_flight.values()[:width])
         await conn.execute(
             "INSERT INTO aggregates VALUES ('2026-02', '2026-02-03', 'acme', 'm', 'chat', 'serverless', "
             "'', '', 'ok', 'upstream', 5, 5, 50, 5, 4, 400)"
         )
-        assert [m.label for m in await migrate(conn, timezone=BERLIN.timezone)] == ["0003_rollups"]
+        applied = [m.label for m in await migrate(conn, timezone=BERLIN.timezone)]
+        assert applied[:2] == ["0003_rollups", "0004_units"]
         meta = dict(await conn.fetch("SELECT key, value FROM meta"))
         assert meta == {"rollup_timezone": "Europe/Berlin", "pruned:2026-02": "1"}
         assert await conn.fetchval("SELECT to_regclass('aggregates')") is None

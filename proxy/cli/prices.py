@@ -23,7 +23,7 @@ import aiohttp
 import yaml
 
 from proxy.config import Config
-from proxy.config.prices import dump_price_table
+from proxy.config.prices import dump_price_table, unit_price_text
 from proxy.core.pricing import (
     BATCH_UNKNOWN,
     PriceTable,
@@ -48,6 +48,9 @@ def price_rows(table: PriceTable) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for model in sorted(table.models, key=lambda m: (m.lower(), m)):
         r = table.models[model]
+        if not r.by_token:
+            rows.append(_unit_row(model, r))
+            continue
         rows.append(
             {
                 "model": model,
@@ -62,9 +65,28 @@ def price_rows(table: PriceTable) -> list[dict[str, Any]]:
                 "context_length": r.context_length,
                 "read": r.read,
                 "note": r.note,
+                "unit": "token",
+                "per_unit": None,
             }
         )
     return rows
+
+
+def _unit_row(model: str, r: Rates) -> dict[str, Any]:
+    """A model priced per megapixel, image or second: no token rates, its price per unit."""
+    return {
+        "model": model,
+        **dict.fromkeys(("input", "output", "cached_input", "batch_input", "batch_output")),
+        "batch": r.batch,
+        "batch_discount": None,
+        "batch_terms": "no batch API for this model",
+        "context_length": None,
+        "read": r.read,
+        "note": r.note,
+        "unit": r.unit,
+        "per_unit": unit_price_text(r.per_unit or 0),
+        "default_steps": r.default_steps,
+    }
 
 
 def list_prices(config: Config, fmt: str) -> int:
@@ -79,6 +101,8 @@ def list_prices(config: Config, fmt: str) -> int:
 
     t = Table(title=f"{table.source} (USD per 1M tokens)")
     heads = ("model", "input", "output", "cached in", "batch in", "batch out", "batch", "context", "read")
+    per_unit = [row for row in rows if row["unit"] != "token"]
+    rows = [row for row in rows if row["unit"] == "token"]
     for col in heads:
         t.add_column(col, justify="left" if col in ("model", "batch") else "right")
     for row in rows:
@@ -89,7 +113,10 @@ def list_prices(config: Config, fmt: str) -> int:
             str(row["context_length"] or ""),
             str(row["read"] or ""),
         )
-    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(t)
+    if per_unit:
+        console.print(_unit_table(table.source, per_unit))
     return 0
 
 
@@ -98,6 +125,25 @@ def models_url(base_url: str) -> str:
     origin (`https://api.together.ai`), as the proxy itself sends `/v1` paths there."""
     base = base_url.rstrip("/")
     return base + ("/models" if urlsplit(base).path else "/v1/models")
+
+
+def _unit_table(source: str, rows: list[dict[str, Any]]) -> Any:
+    """Models together bills per megapixel, image or second of audio or video."""
+    from rich.table import Table
+
+    t = Table(title=f"{source} (USD per unit)")
+    for col in ("model", "unit", "per unit", "default steps", "read"):
+        t.add_column(col, justify="right" if col in ("per unit", "default steps") else "left")
+    for row in rows:
+        steps = row.get("default_steps")
+        t.add_row(
+            row["model"],
+            row["unit"],
+            row["per_unit"],
+            "" if steps is None else str(steps),
+            str(row["read"] or ""),
+        )
+    return t
 
 
 async def fetch_upstream_prices(base_url: str, api_key: str) -> dict[str, dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 
 import yaml
@@ -67,6 +68,8 @@ def dump_price_table(table: PriceTable) -> str:
 def model_lines(r: Rates) -> list[str]:
     """One model's keys as YAML lines: what it says about batches, and only what was set."""
     lines = [f"type: {r.type}"] if r.type else []
+    if not r.by_token:
+        return lines + _unit_lines(r)
     lines += [f"input: {_rate(r.input)}", f"output: {_rate(r.output)}"]
     if r.cached_input is not None:
         lines.append(f"cached_input: {_rate(r.cached_input)}")
@@ -87,6 +90,23 @@ def model_lines(r: Rates) -> list[str]:
     if r.note is not None:
         lines.append(f"note: {_yaml_scalar(r.note)}")
     return lines
+
+
+def _unit_lines(r: Rates) -> list[str]:
+    """A model priced per megapixel, image or second: its unit, price and what else was set."""
+    lines = [f"unit: {r.unit}", f"per_unit: {unit_price_text(r.per_unit or 0)}"]
+    if r.default_steps is not None:
+        lines.append(f"default_steps: {r.default_steps}")
+    if r.read:
+        lines.append(f"read: '{r.read}'")
+    if r.note is not None:
+        lines.append(f"note: {_yaml_scalar(r.note)}")
+    return lines
+
+
+def unit_price_text(pusd: int) -> str:
+    """Pico-USD per unit as an exact decimal number of USD ('0.0027')."""
+    return f"{Decimal(pusd).scaleb(-12).normalize():f}"
 
 
 def _rate(rate: int) -> str:

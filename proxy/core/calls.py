@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -23,6 +23,8 @@ LABEL_RULE = (
     "must be 1-64 characters of letters, digits, '.', '_', ':', '/', '-', starting with a letter or digit."
 )
 ATTRIBUTION = (("X-Meter-Feature", "feature"), ("X-Meter-Environment", "environment"))
+NO_STREAM = frozenset({"embeddings", "rerank"})  # routes with no streamed answer
+INPUT_ONLY = NO_STREAM  # routes billed for input tokens only (no completion)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +79,8 @@ def _stream_flag(endpoint: str, body: dict[str, Any]) -> bool:
         return False
     if not isinstance(stream, bool):
         raise InvalidField("'stream' must be a boolean.")
-    if endpoint == "embeddings" and stream:
-        raise InvalidField("'stream' is not supported for embeddings.")
+    if endpoint in NO_STREAM and stream:
+        raise InvalidField(f"'stream' is not supported for {endpoint}.")
     return stream
 
 
@@ -107,6 +109,12 @@ def _check_input(endpoint: str, body: dict[str, Any]) -> None:
     elif endpoint == "completions":
         if not isinstance(body.get("prompt"), str | list):
             raise InvalidField("'prompt' must be a string or an array.")
+    elif endpoint == "rerank":
+        if not isinstance(body.get("query"), str):
+            raise InvalidField("'query' must be a string.")
+        docs = body.get("documents")
+        if not isinstance(docs, list) or not docs or not all(isinstance(d, str | dict) for d in docs):
+            raise InvalidField("'documents' must be a non-empty array of strings or objects.")
     elif not isinstance(body.get("input"), str | list):
         raise InvalidField("'input' must be a string or an array.")
 
@@ -130,7 +138,12 @@ def with_stream_usage(body: dict[str, Any], raw: bytes) -> bytes:
             raise InvalidJSON("The request body is nested too deeply.") from None
 
 
-def attribution(headers: Mapping[str, str], call: Call) -> tuple[str | None, str | None]:
+class HasBody(Protocol):
+    @property
+    def body(self) -> dict[str, Any]: ...
+
+
+def attribution(headers: Mapping[str, str], call: HasBody) -> tuple[str | None, str | None]:
     """Feature and environment from X-Meter-* headers, else the body's `metadata`."""
     meta = call.body.get("metadata")
     meta = meta if isinstance(meta, dict) else {}

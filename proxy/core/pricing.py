@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
+from proxy.core.records import TOKEN
 from proxy.core.usage import Usage
 from proxy.errors import ConfigError
 
@@ -58,6 +59,13 @@ class Rates:
     batch: str = BATCH_RATES  # BATCH_DISCOUNT | BATCH_RATES | BATCH_NONE | BATCH_UNKNOWN
     batch_discount: Decimal | None = None  # the fraction taken off, with BATCH_DISCOUNT
     note: str | None = None
+    unit: str = TOKEN  # what together bills the model by; not TOKEN: `per_unit` prices it
+    per_unit: int | None = None  # pico-USD per unit (megapixel, image, second of audio or video)
+    default_steps: int | None = None  # megapixel models: the steps a megapixel's price includes
+
+    @property
+    def by_token(self) -> bool:
+        return self.unit == TOKEN
 
     def for_mode(self, mode: str) -> tuple[int, int]:
         """(input, output) rates of a mode: the batch rates in batch mode, else the serverless ones."""
@@ -97,6 +105,15 @@ def cost_pusd(usage: Usage, rates: Rates, mode: str = SERVERLESS) -> int:
         + cached * rates.cached_rate(mode)
         + usage.completion_tokens * rate_out
     )
+
+
+def unit_cost_pusd(quantity_micros: int, rates: Rates) -> int | None:
+    """Exact cost of a quantity (millionths of the model's unit) at its per-unit price, rounded
+    half-up to the pico-dollar; None when the model has no per-unit price."""
+    if rates.per_unit is None:
+        return None
+    whole, rest = divmod(quantity_micros * rates.per_unit, 1_000_000)
+    return whole + (1 if rest * 2 >= 1_000_000 else 0)
 
 
 def cache_savings_pusd(cached_tokens: int, rates: Rates | None, mode: str) -> int:
@@ -142,6 +159,18 @@ def rate_to_pusd(value: Any, *, file: str = "<prices>", key: str = "") -> int:
     if not exact:
         raise ConfigError(file, key, f"at most {RATE_PLACES} decimals are supported, got {value!r}")
     return int(dec.scaleb(RATE_PLACES))
+
+
+def unit_price_to_pusd(value: Any, *, file: str = "<prices>", key: str = "") -> int:
+    """USD per unit (number or string, up to 12 decimals) -> pico-USD per unit, exactly."""
+    dec = _decimal(value, file, key, "a number of USD per unit")
+    try:
+        exact = dec == dec.quantize(Decimal(1).scaleb(-12))
+    except InvalidOperation:
+        raise ConfigError(file, key, f"is too large, got {value!r}") from None
+    if not exact:
+        raise ConfigError(file, key, f"at most 12 decimals (pico-USD) are supported, got {value!r}")
+    return int(dec.scaleb(12))
 
 
 def pusd_rate_to_decimal(rate: int) -> Decimal:
@@ -209,8 +238,12 @@ _MODEL_KEYS = frozenset(
         "read",
         "type",
         "note",
+        "unit",
+        "per_unit",
+        "default_steps",
     }
 )
+UNITS = ("megapixel", "image", "audio_second", "video_second")  # besides TOKEN
 
 
 def parse_model(model_id: Any, spec: Any, file: str) -> Rates:
@@ -223,6 +256,13 @@ def parse_model(model_id: Any, spec: Any, file: str) -> Rates:
     bad = set(spec) - _MODEL_KEYS
     if bad:
         raise ConfigError(file, f"{key}.{sorted(map(str, bad))[0]}", "unknown key")
+    if spec.get("unit", TOKEN) != TOKEN:
+        return _parse_unit_model(spec, file, key)
+    for unit_key in ("per_unit", "default_steps"):
+        if unit_key in spec:
+            raise ConfigError(
+                file, f"{key}.{unit_key}", "only for a model priced per unit (`unit: megapixel`, ...)"
+            )
     for required in ("input", "output"):
         if required not in spec:
             raise ConfigError(file, f"{key}.{required}", "missing (USD per 1M tokens)")
@@ -232,6 +272,34 @@ def parse_model(model_id: Any, spec: Any, file: str) -> Rates:
     basis, discount, bin_, bout = _batch(spec, rin, rout, file, key)
     ctx, read, note = _informational(spec, file, key)
     return Rates(rin, rout, bin_, bout, cached, ctx, read, spec.get("type"), basis, discount, note)
+
+
+def _parse_unit_model(spec: dict[str, Any], file: str, key: str) -> Rates:
+    """A model together bills per megapixel, image or second of audio or video."""
+    unit = spec["unit"]
+    if unit not in UNITS:
+        raise ConfigError(file, f"{key}.unit", f"must be {TOKEN} or one of {', '.join(UNITS)}, got {unit!r}")
+    for token_key in ("input", "output", "cached_input", "batch_input", "batch_output"):
+        if token_key in spec:
+            raise ConfigError(
+                file, f"{key}.{token_key}", f"a model priced per {unit} has `per_unit`, not token rates"
+            )
+    if "per_unit" not in spec:
+        raise ConfigError(file, f"{key}.per_unit", f"missing (USD per {unit})")
+    per_unit = unit_price_to_pusd(spec["per_unit"], file=file, key=f"{key}.per_unit")
+    steps = spec.get("default_steps")
+    if steps is not None and (
+        unit != "megapixel" or isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+    ):
+        raise ConfigError(
+            file, f"{key}.default_steps", "a positive integer, for a model priced per megapixel"
+        )
+    if spec.get("batch", BATCH_NONE) != BATCH_NONE:
+        raise ConfigError(file, f"{key}.batch", "together's batch API runs chat completions only: `none`")
+    _, read, note = _informational(spec, file, key)
+    return Rates(
+        0, 0, 0, 0, None, None, read, spec.get("type"), BATCH_NONE, None, note, unit, per_unit, steps
+    )
 
 
 def _cached_rate(spec: dict[str, Any], rin: int, file: str, key: str) -> int | None:

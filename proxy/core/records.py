@@ -48,7 +48,29 @@ COLUMNS = (
     "stream_complete",
     "error_code",
     "upstream_id",
+    "unit",
+    "quantity_micros",
 )
+# what a terminal row's `finish` sets (a begun row's other columns never change again)
+FINISH_COLUMNS = (
+    "status",
+    "finished_us",
+    "upstream_status",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "usage_source",
+    "cost_pusd",
+    "stream_complete",
+    "error_code",
+    "upstream_id",
+    "unit",
+    "quantity_micros",
+)
+# the unit of a row priced by tokens (chat, completions, embeddings, rerank): its quantities are
+# the token columns; every other unit's quantity is `quantity_micros` (millionths of the unit)
+TOKEN = "token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +101,8 @@ class LedgerRow:
     stream_complete: bool = False
     error_code: str | None = None
     upstream_id: str | None = None
+    unit: str = TOKEN
+    quantity_micros: int | None = None  # the quantity in millionths of `unit` (NULL for tokens)
 
     def values(self) -> tuple[Any, ...]:
         """The row in COLUMNS order."""
@@ -108,6 +132,8 @@ class LedgerRow:
             self.stream_complete,
             self.error_code,
             self.upstream_id,
+            self.unit,
+            self.quantity_micros,
         )
 
     def terminal(
@@ -124,6 +150,8 @@ class LedgerRow:
         stream_complete: bool = False,
         error_code: str | None = None,
         upstream_id: str | None = None,
+        unit: str | None = None,
+        quantity_micros: int | None = None,
     ) -> LedgerRow:
         """This in-flight row made terminal now (a direct constructor call: the hot path)."""
         return LedgerRow(
@@ -151,6 +179,8 @@ class LedgerRow:
             stream_complete,
             error_code,
             upstream_id,
+            self.unit if unit is None else unit,
+            quantity_micros,
         )
 
     @classmethod
@@ -208,8 +238,10 @@ def _period_of_second(second: int) -> str:
 
 __all__ = [
     "COLUMNS",
+    "FINISH_COLUMNS",
     "IN_FLIGHT",
     "TERMINAL_STATUSES",
+    "TOKEN",
     "BatchJob",
     "LedgerRow",
     "OwnedFile",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.core.pricing import Rates, cache_savings_pusd, format_usd
-from proxy.core.records import COLUMNS, IN_FLIGHT, TERMINAL_STATUSES, LedgerRow
+from proxy.core.records import COLUMNS, IN_FLIGHT, TERMINAL_STATUSES, TOKEN, LedgerRow
 from proxy.core.rollups import ROLLUP_KEY, ROLLUP_SUMS, Rollup
 
 _PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
@@ -83,9 +83,13 @@ EXPORT_FIELDS = (
     "stream_complete",
     "error_code",
     "upstream_id",
+    "unit",
+    "quantity_micros",
     "cache_savings_pusd",  # derived from the price table when exported: not read back by `db import`
 )
 DERIVED_FIELDS = frozenset({"cache_savings_pusd"})
+# added after the first export format: a line without them is a row priced by tokens
+LATER_FIELDS = {"unit": TOKEN, "quantity_micros": None}
 
 
 def _iso_us(ts_us: int | None) -> str | None:
@@ -134,6 +138,8 @@ def export_record(row: LedgerRow, rates: Rates | None = None) -> dict[str, Any]:
         "stream_complete": row.stream_complete,
         "error_code": row.error_code,
         "upstream_id": row.upstream_id,
+        "unit": row.unit,
+        "quantity_micros": row.quantity_micros,
         "cache_savings_pusd": None
         if rates is None or row.cost_pusd is None
         else cache_savings_pusd(row.cached_tokens or 0, rates, row.mode),
@@ -149,8 +155,15 @@ def export_rollup(r: Rollup) -> dict[str, Any]:
 
 # -- import ----------------------------------------------------------------------------------
 
-_TEXT = ("request_id", "tenant", "key_id", "model", "endpoint", "mode", "period", "usage_source")
-_NON_EMPTY = ("request_id", "tenant", "endpoint", "mode", "period")  # a rejected row's model may be ''
+_TEXT = ("request_id", "tenant", "key_id", "model", "endpoint", "mode", "period", "usage_source", "unit")
+_NON_EMPTY = (
+    "request_id",
+    "tenant",
+    "endpoint",
+    "mode",
+    "period",
+    "unit",
+)  # a rejected row's model may be ''
 _TEXT_OR_NULL = ("feature", "environment", "error_code", "upstream_id")
 _INT_OR_NULL = (
     "finished_us",
@@ -161,8 +174,9 @@ _INT_OR_NULL = (
     "reasoning_tokens",
     "cost_pusd",
     "reserved_pusd",
+    "quantity_micros",
 )
-_USAGE_SOURCES = ("upstream", "estimated", "none")
+_USAGE_SOURCES = ("upstream", "derived", "estimated", "none")
 _INT64 = 2**63 - 1
 _YEAR_10000_US = 253_402_300_800_000_000
 
@@ -171,6 +185,7 @@ def import_record(data: Any) -> LedgerRow:
     """A `db export` line (already parsed JSON) as a terminal row; ValueError says what is wrong."""
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
+    data = {**LATER_FIELDS, **data}
     missing = [f for f in EXPORT_FIELDS if f not in data and f not in DERIVED_FIELDS]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")

@@ -1,9 +1,10 @@
 """Rollups: exact daily sums of the ledger's terminal rows, what reports, budgets and estimates read.
 
 One rollup line per (period, day, tenant, model, feature, environment, mode, endpoint, status,
-usage source) holds the number of requests, the rows with token counts, input, output and cached
-tokens, the rows with a known cost and that cost in pico-USD, and the rows with an estimated
-usage and with an unknown cost. The ledger backends keep them in the same transaction as the rows
+usage source, unit) holds the number of requests, the rows with token counts, input, output
+and cached tokens, the rows with a known cost and that cost in pico-USD, the rows with an
+estimated usage and with an unknown cost, and the quantity of a unit other than tokens
+(millionths). The ledger backends keep them in the same transaction as the rows
 (docs/ledger.md#rollups); `rollup_rows` here is the same GROUP BY in Python (tests, imports).
 `day` is cut in the budgets' time zone, as `period` is, so a day never straddles two periods.
 Pure: no I/O.
@@ -30,6 +31,7 @@ ROLLUP_KEY = (
     "endpoint",
     "status",
     "usage_source",
+    "unit",
 )
 ROLLUP_SUMS = (
     "requests",
@@ -41,6 +43,7 @@ ROLLUP_SUMS = (
     "cost_pusd",
     "estimated",
     "cost_unknown",
+    "quantity_micros",
 )
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -59,6 +62,7 @@ class Rollup:
     endpoint: str
     status: str
     usage_source: str
+    unit: str = "token"
     requests: int = 0
     with_usage: int = 0  # rows with token counts
     input_tokens: int = 0
@@ -68,6 +72,7 @@ class Rollup:
     cost_pusd: int = 0  # sum over the priced rows
     estimated: int = 0  # rows whose usage_source is `estimated`
     cost_unknown: int = 0  # rows whose cost is NULL
+    quantity_micros: int = 0  # rows priced per unit (images, audio, video): millionths of `unit`
 
     def key(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f) for f in ROLLUP_KEY)
@@ -128,12 +133,13 @@ def row_sums(row: LedgerRow) -> tuple[int, ...]:
         row.cost_pusd or 0,
         int(row.usage_source == "estimated"),
         int(row.cost_pusd is None),
+        row.quantity_micros or 0,
     )
 
 
 def row_key(row: LedgerRow, day: str) -> tuple[Any, ...]:
     return (row.period, day, row.tenant, row.model, row.feature or None, row.environment or None,
-            row.mode, row.endpoint, row.status, row.usage_source)  # fmt: skip
+            row.mode, row.endpoint, row.status, row.usage_source, row.unit)  # fmt: skip
 
 
 def rollup_rows(rows: Iterable[LedgerRow], periods: Periods) -> list[Rollup]:

@@ -6,7 +6,9 @@ What goes upstream is rebuilt from the route's pattern and validated parameters 
 client byte reaches the upstream's request line unchecked (docs/security.md).
 
 Kinds:
-  inference  metered: priced from the answer's usage (chat, completions, embeddings)
+  inference  metered: priced from the answer's usage (chat, completions, embeddings, rerank)
+  unit       metered in together's other units: megapixels or images (images), seconds of audio
+             (speech, transcriptions, translations) or video (videos); proxy/core/units.py
   object     tenant-owned files and batches: ownership checked, one ledger row (cost 0);
              their lists are filtered to the caller's own objects (no row). One of them,
              the PUT of an upload's bytes, is authorised by the signed token in its path
@@ -25,7 +27,7 @@ from typing import Literal
 
 from proxy.errors import InvalidTarget, MethodNotAllowed
 
-Kind = Literal["inference", "object", "catalogue", "operator"]
+Kind = Literal["inference", "unit", "object", "catalogue", "operator"]
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 # after percent-decoding, a path segment may hold only these (no '/', '?', '#', '%', '\\')
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]+\Z")
@@ -200,6 +202,15 @@ ROUTES = RouteTable(
             ("POST", "/v1/chat/completions", "chat"),
             ("POST", "/v1/completions", "completions"),
             ("POST", "/v1/embeddings", "embeddings"),
+            ("POST", "/v1/rerank", "rerank"),
+        ),
+        *_routes(
+            "unit",
+            ("POST", "/v1/images/generations", "images"),
+            ("POST", "/v1/audio/speech", "audio.speech"),
+            ("POST", "/v1/audio/transcriptions", "audio.transcriptions"),
+            ("POST", "/v1/audio/translations", "audio.translations"),
+            ("POST", "/v2/videos", "videos"),
         ),
         *_routes(
             "catalogue",
@@ -219,6 +230,7 @@ ROUTES = RouteTable(
             ("POST", "/v1/batches", "batches.create"),
             ("GET", "/v1/batches/{id}", "batches.retrieve"),
             ("POST", "/v1/batches/{id}/cancel", "batches.cancel"),
+            ("GET", "/v2/videos/{id}", "videos.retrieve"),
         ),
         # the PUT of an upload's bytes, relayed to together's object store (core/uploads.py)
         Route("PUT", "/v1/files/uploads/{token}", "object", "files.put", token=True),

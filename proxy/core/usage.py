@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-UsageSource = Literal["upstream", "estimated", "none"]
+UsageSource = Literal["upstream", "derived", "estimated", "none"]
 MAX_TOKENS_PER_REQUEST = 50_000_000  # above this a reported count is treated as malformed
 PER_MESSAGE_OVERHEAD = 3  # chat formats add a few tokens per message (role, separators)
 log = logging.getLogger(__name__)
@@ -151,8 +151,22 @@ def estimate_prompt_tokens(endpoint: str, body: dict[str, Any], tokenizer: Token
                     total += tokenizer.count(str(fn.get("name", "")))
                     total += tokenizer.count(str(fn.get("arguments", "")))
         return max(total, 1)
+    if endpoint == "rerank":
+        return max(_count_input(body.get("query"), tokenizer) + _count_input(_documents(body), tokenizer), 1)
     value = body.get("prompt") if endpoint == "completions" else body.get("input")
     return max(_count_input(value, tokenizer), 1)
+
+
+def _documents(body: dict[str, Any]) -> list[str]:
+    """A rerank request's documents as text (strings, or objects whose values are read)."""
+    docs = body.get("documents")
+    out: list[str] = []
+    for d in docs if isinstance(docs, list) else []:
+        if isinstance(d, str):
+            out.append(d)
+        elif isinstance(d, dict):
+            out.extend(str(v) for v in d.values())
+    return out
 
 
 def _count_input(value: Any, tokenizer: Tokenizer) -> int:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 from proxy.core.records import (
     COLUMNS,
+    FINISH_COLUMNS,
     IN_FLIGHT,
     TERMINAL_STATUSES,
     BatchJob,
@@ -118,6 +119,7 @@ class Ledger(Protocol):
 
 __all__ = [
     "COLUMNS",
+    "FINISH_COLUMNS",
     "IN_FLIGHT",
     "TERMINAL_STATUSES",
     "BatchJob",

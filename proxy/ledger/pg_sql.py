@@ -13,7 +13,9 @@ from proxy.core.records import COLUMNS, LedgerRow
 TYPES = (
     "text", "text", "text", "text", "text", "text", "text", "text", "bool", "int8", "int8", "text",
     "int4", "int8", "int8", "int8", "int8", "text", "int8", "int8", "text", "bool", "text", "text",
+    "text", "int8",
 )  # fmt: skip
+assert len(TYPES) == len(COLUMNS)
 N_ROW = len(TYPES) + 1  # a row's arrays (+ owner)
 
 
@@ -24,7 +26,8 @@ def arrays(first: int, types: Iterable[str]) -> str:
 # what a statement returns of each row it made terminal: its account moves and its rollup line
 TERMINAL = (
     "request_id, tenant, feature, period, reserved_pusd, cost_pusd, started_us, model, environment, "
-    "mode, endpoint, status, usage_source, prompt_tokens, completion_tokens, cached_tokens"
+    "mode, endpoint, status, usage_source, prompt_tokens, completion_tokens, cached_tokens, unit, "
+    "quantity_micros"
 )
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import asyncpg
 
 from proxy.core.budgets import BudgetExceeded, budget_exceeded
-from proxy.ledger import COLUMNS, IN_FLIGHT, LedgerRow, LedgerUnavailable, now_us
+from proxy.ledger import COLUMNS, FINISH_COLUMNS, IN_FLIGHT, LedgerRow, LedgerUnavailable, now_us
 from proxy.ledger.pg_sql import MOVE_ACCOUNTS_CTE as _MOVE_ACCOUNTS_CTE
 from proxy.ledger.pg_sql import N_ROW as _N_ROW
 from proxy.ledger.pg_sql import TERMINAL as _TERMINAL
@@ -51,20 +51,7 @@ from proxy.ledger.rollup_sql import rollup_cte
 log = logging.getLogger(__name__)
 
 HardLimits = Callable[[], Mapping[tuple[str, str | None], int]]
-_FINISH = (
-    "status",
-    "finished_us",
-    "upstream_status",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "usage_source",
-    "cost_pusd",
-    "stream_complete",
-    "error_code",
-    "upstream_id",
-)  # what `finish` sets; a terminal row is never changed again (that makes `finish` idempotent)
+_FINISH = FINISH_COLUMNS  # what `finish` sets; a terminal row is never changed again (idempotent)
 _FINISH_IDX = [0] + [COLUMNS.index(c) for c in _FINISH]
 
 

@@ -72,14 +72,15 @@ def rollup_cte(source: str, timezone: str, table: str = "rollups") -> str:
     return f"""roll AS (
     INSERT INTO {table} AS l ({KEY_SQL}, {", ".join(ROLLUP_SUMS)})
     SELECT t.period, {day}, t.tenant, t.model, COALESCE(t.feature, ''), COALESCE(t.environment, ''),
-        t.mode, t.endpoint, t.status, t.usage_source, COUNT(*),
+        t.mode, t.endpoint, t.status, t.usage_source, t.unit, COUNT(*),
         COUNT(*) FILTER (WHERE t.prompt_tokens IS NOT NULL OR t.completion_tokens IS NOT NULL),
         COALESCE(SUM(t.prompt_tokens), 0), COALESCE(SUM(t.completion_tokens), 0),
         COALESCE(SUM(t.cached_tokens), 0), COUNT(t.cost_pusd), COALESCE(SUM(t.cost_pusd), 0),
-        COUNT(*) FILTER (WHERE t.usage_source = 'estimated'), COUNT(*) - COUNT(t.cost_pusd)
+        COUNT(*) FILTER (WHERE t.usage_source = 'estimated'), COUNT(*) - COUNT(t.cost_pusd),
+        COALESCE(SUM(t.quantity_micros), 0)
     FROM ({source}) AS t
-    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
-    ORDER BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+    ORDER BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
     ON CONFLICT ({KEY_SQL}) DO UPDATE SET {_PG_ADD}
 )"""
 

@@ -25,6 +25,7 @@ from proxy.core.retention import ImportResult, PruneResult
 from proxy.core.rollups import Rollup, RollupFilter
 from proxy.ledger import (
     COLUMNS,
+    FINISH_COLUMNS,
     IN_FLIGHT,
     BatchJob,
     LedgerRow,
@@ -45,44 +46,19 @@ RESTART_WAIT_MS = 10
 _PLACEHOLDERS = ", ".join("?" for _ in COLUMNS)
 _INSERT_BEGIN = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({_PLACEHOLDERS})"
 _INSERT_TERMINAL = f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) VALUES ({_PLACEHOLDERS})"
-# What `finish` sets. A terminal row is never changed again: that makes `finish` idempotent.
-_FINISH_COLUMNS = (
-    "status",
-    "finished_us",
-    "upstream_status",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "usage_source",
-    "cost_pusd",
-    "stream_complete",
-    "error_code",
-    "upstream_id",
-)
+# What `finish` sets (records.FINISH_COLUMNS). A terminal row is never changed again: that makes
+# `finish` idempotent.
 _UPDATE_FINISH = (
     "UPDATE requests SET "
-    + ", ".join(f"{c} = ?" for c in _FINISH_COLUMNS)
+    + ", ".join(f"{c} = ?" for c in FINISH_COLUMNS)
     + f" WHERE request_id = ? AND status = '{IN_FLIGHT}'"
 )
+_FINISH_IDX = tuple(COLUMNS.index(c) for c in FINISH_COLUMNS)
 
 
 def _finish_values(row: LedgerRow) -> tuple[Any, ...]:
-    return (
-        row.status,
-        row.finished_us,
-        row.upstream_status,
-        row.prompt_tokens,
-        row.completion_tokens,
-        row.cached_tokens,
-        row.reasoning_tokens,
-        row.usage_source,
-        row.cost_pusd,
-        row.stream_complete,
-        row.error_code,
-        row.upstream_id,
-        row.request_id,
-    )
+    values = row.values()
+    return (*(values[i] for i in _FINISH_IDX), row.request_id)
 
 
 _Op = tuple[str, LedgerRow, asyncio.Future[bool]]

@@ -19,8 +19,11 @@ from proxy.core.rollups import ROLLUP_KEY, ROLLUP_SUMS, DayCutter
 from proxy.ledger.rollup_sql import KEY_SQL
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
-ROLLUPS_VERSION = "1"  # meta 'rollups': the table exists and holds every terminal row
+SCHEMA_VERSION = 2  # 2: requests.unit and requests.quantity_micros (priced per unit)
+ROLLUPS_VERSION = "2"  # meta 'rollups': the table exists and holds every terminal row; 2: by unit
+_ROLLUPS_V1 = "1"  # before units: no `unit` key, no `quantity_micros` sum
+_KEY_V1 = ", ".join(k for k in ROLLUP_KEY if k != "unit")
+_SUMS_V1 = ", ".join(s for s in ROLLUP_SUMS if s != "quantity_micros")
 _EMPTY = "rollups made from the rows: 0 line(s)"
 
 SCHEMA = f"""
@@ -48,7 +51,9 @@ CREATE TABLE IF NOT EXISTS requests (
     status TEXT NOT NULL,
     stream_complete INTEGER NOT NULL DEFAULT 0,
     error_code TEXT,
-    upstream_id TEXT
+    upstream_id TEXT,
+    unit TEXT NOT NULL DEFAULT 'token',
+    quantity_micros INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_period_tenant ON requests (period, tenant);
 CREATE INDEX IF NOT EXISTS requests_in_flight ON requests (status) WHERE status = '{IN_FLIGHT}';
@@ -96,19 +101,20 @@ _ROLLUPS_TABLE = f"""CREATE TABLE IF NOT EXISTS rollups (
 ) WITHOUT ROWID"""
 _ADD = ", ".join(f"{s} = {s} + excluded.{s}" for s in ROLLUP_SUMS)
 _ROW_LINE = """NEW.period, {day}, NEW.tenant, NEW.model, COALESCE(NEW.feature, ''),
-    COALESCE(NEW.environment, ''), NEW.mode, NEW.endpoint, NEW.status, NEW.usage_source,
+    COALESCE(NEW.environment, ''), NEW.mode, NEW.endpoint, NEW.status, NEW.usage_source, NEW.unit,
     1, NEW.prompt_tokens IS NOT NULL OR NEW.completion_tokens IS NOT NULL,
     COALESCE(NEW.prompt_tokens, 0), COALESCE(NEW.completion_tokens, 0), COALESCE(NEW.cached_tokens, 0),
     NEW.cost_pusd IS NOT NULL, COALESCE(NEW.cost_pusd, 0), NEW.usage_source = 'estimated',
-    NEW.cost_pusd IS NULL"""
+    NEW.cost_pusd IS NULL, COALESCE(NEW.quantity_micros, 0)"""
 _ON_CONFLICT_ADD = f"ON CONFLICT ({KEY_SQL}) DO UPDATE SET {_ADD}"
 _BACKFILL_ROWS = f"""INSERT INTO rollups ({KEY_SQL}, {_SUMS_SQL})
 SELECT period, {{day}}, tenant, model, COALESCE(feature, ''), COALESCE(environment, ''),
-    mode, endpoint, status, usage_source, COUNT(*),
+    mode, endpoint, status, usage_source, unit, COUNT(*),
     SUM(prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL), SUM(COALESCE(prompt_tokens, 0)),
     SUM(COALESCE(completion_tokens, 0)), SUM(COALESCE(cached_tokens, 0)), SUM(cost_pusd IS NOT NULL),
-    SUM(COALESCE(cost_pusd, 0)), SUM(usage_source = 'estimated'), SUM(cost_pusd IS NULL)
-FROM requests WHERE status <> '{IN_FLIGHT}' GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10"""
+    SUM(COALESCE(cost_pusd, 0)), SUM(usage_source = 'estimated'), SUM(cost_pusd IS NULL),
+    SUM(COALESCE(quantity_micros, 0))
+FROM requests WHERE status <> '{IN_FLIGHT}' GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"""
 
 
 def day_sql(column: str, periods: Periods) -> str:
@@ -135,8 +141,8 @@ def rollup_triggers(periods: Periods) -> tuple[str, str]:
 
 # what `db prune` kept before rollups existed: its lines are the rows it deleted (no cached tokens)
 _BACKFILL_AGGREGATES = f"""INSERT INTO rollups ({KEY_SQL}, {_SUMS_SQL})
-SELECT {KEY_SQL}, requests, with_usage, input_tokens, output_tokens, 0, priced, cost_pusd,
-    CASE WHEN usage_source = 'estimated' THEN requests ELSE 0 END, requests - priced
+SELECT {_KEY_V1}, 'token', requests, with_usage, input_tokens, output_tokens, 0, priced, cost_pusd,
+    CASE WHEN usage_source = 'estimated' THEN requests ELSE 0 END, requests - priced, 0
 FROM aggregates WHERE true ON CONFLICT ({KEY_SQL}) DO UPDATE SET {_ADD}"""
 
 
@@ -150,8 +156,11 @@ def connect_writer(path: str, periods: Periods, *, check_same_thread: bool = Tru
 
 def prepare(conn: sqlite3.Connection, periods: Periods) -> list[str]:
     """Create the schema; create and fill the rollups if this file has none yet. What it did."""
+    _add_unit_columns(conn)  # a ledger made before units (schema 1): before the indexes
     conn.executescript(SCHEMA)
-    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    if _meta(conn, "rollups") == _ROLLUPS_V1:
+        _rollups_by_unit(conn, periods)
     if _meta(conn, "rollups") == ROLLUPS_VERSION:
         _note_timezone(conn, periods)
         return []
@@ -165,6 +174,46 @@ def prepare(conn: sqlite3.Connection, periods: Periods) -> list[str]:
     if done != [_EMPTY]:  # a new file is not news
         log.info("ledger: %s", "; ".join(done))
     return done
+
+
+def _add_unit_columns(conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: the unit columns, added in place (every existing row is priced by tokens)."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+    if not columns or "unit" in columns:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("ALTER TABLE requests ADD COLUMN unit TEXT NOT NULL DEFAULT 'token'")
+        conn.execute("ALTER TABLE requests ADD COLUMN quantity_micros INTEGER")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    log.info("ledger: requests gained the unit columns (schema 2)")
+
+
+def _rollups_by_unit(conn: sqlite3.Connection, periods: Periods) -> None:
+    """Rollups 1 -> 2: the same lines, keyed by unit too ('token': every line so far), kept as
+    they are (a pruned month's lines have no rows to be made again from)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("DROP TRIGGER IF EXISTS rollup_inserted")
+        conn.execute("DROP TRIGGER IF EXISTS rollup_finished")
+        conn.execute("ALTER TABLE rollups RENAME TO rollups_v1")
+        conn.execute(_ROLLUPS_TABLE)
+        conn.execute(
+            f"INSERT INTO rollups ({KEY_SQL}, {_SUMS_SQL}) "
+            f"SELECT {_KEY_V1}, 'token', {_SUMS_V1}, 0 FROM rollups_v1"
+        )
+        conn.execute("DROP TABLE rollups_v1")
+        for statement in rollup_triggers(periods):
+            conn.execute(statement)
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('rollups', ?)", (ROLLUPS_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    log.info("ledger: rollups are kept by unit too (rollups 2)")
 
 
 def _create_rollups(conn: sqlite3.Connection, periods: Periods) -> list[str]:

@@ -29,6 +29,7 @@ from proxy.ledger.postgres import PostgresLedger
 from proxy.server.admin import build_admin_app
 from proxy.server.batches import BatchTracker
 from proxy.server.dispatch import Dispatcher
+from proxy.server.media import UnitRelay
 from proxy.server.metrics import Metrics
 from proxy.server.notify import Notifier
 from proxy.server.objects import ObjectGateway
@@ -116,7 +117,7 @@ class Proxy:
         key = token_key(self.secrets.together_key)  # upload tokens: every worker and replica has it
         uploads = UploadRelay(self.relay, passthrough, self.ledger, ObjectStore(self.upstream.api), key)
         objects = ObjectGateway(self.relay, passthrough, self.ledger, self.batch_tracker, uploads)
-        dispatcher = Dispatcher(self.relay, objects, passthrough)
+        dispatcher = Dispatcher(self.relay, objects, passthrough, UnitRelay(self.relay, self.ledger))
         for path, endpoint in ENDPOINTS.items():  # the hot path: aiohttp's router finds these
             app.router.add_post(path, _inference(self.relay, dispatcher, path, endpoint))
             # ... also as a together SDK 3.x client given `http://proxy/v1` sends them

@@ -12,6 +12,7 @@ from aiohttp import web
 from proxy.core.auth import Principal
 from proxy.core.routes import ROUTES, Match, Route, RouteTable, Target, check_header_values, parse_target
 from proxy.errors import MeterError, NotFound, NotReady, RouteNotAllowed
+from proxy.server.media import UnitRelay
 from proxy.server.objects import ObjectGateway
 from proxy.server.passthrough import Outbound, Passthrough, respond
 from proxy.server.relay import ENDPOINTS, Relay
@@ -41,9 +42,14 @@ class Dispatcher:
     target is not the plain path (a query string, escapes), and are validated first."""
 
     def __init__(
-        self, relay: Relay, objects: ObjectGateway, passthrough: Passthrough, table: RouteTable = ROUTES
+        self,
+        relay: Relay,
+        objects: ObjectGateway,
+        passthrough: Passthrough,
+        media: UnitRelay,
+        table: RouteTable = ROUTES,
     ) -> None:
-        self.relay, self.objects, self.pt, self.table = relay, objects, passthrough, table
+        self.relay, self.objects, self.pt, self.media, self.table = relay, objects, passthrough, media, table
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -54,6 +60,8 @@ class Dispatcher:
                 return await self.relay.handle(request, match.route.name)
             if match is not None and match.route.token:  # an upload's PUT: the token says whose
                 return await self.objects.put_upload(request, match)
+            if match is not None and match.route.kind == "unit":
+                return await self.media.handle(request, match)
             principal = self._caller(request, target, match)
             if match is None:
                 return await self._granted(request, principal, target, None)

@@ -126,6 +126,7 @@ class Metrics:
         self.cache_savings_pusd: dict[tuple[str, str, str, str], int] = {}
         self.cost_pusd: dict[tuple[str, str, str, str], int] = {}
         self.usage_unknown: dict[tuple[str, str], int] = {}
+        self.unit_micros: dict[tuple[str, str, str], int] = {}  # (tenant, model, unit): millionths
         self.ledger_errors = 0
         self.ledger_rows = 0
         self.ledger_commits = 0
@@ -194,6 +195,9 @@ class Metrics:
             self.cost_pusd[k3] = self.cost_pusd.get(k3, 0) + row.cost_pusd
         if row.cached_tokens:
             self._count_cache(row, (row.tenant, model, feature, env))
+        if row.quantity_micros is not None:
+            k4 = (row.tenant, model, row.unit)
+            self.unit_micros[k4] = self.unit_micros.get(k4, 0) + row.quantity_micros
         if row.usage_source == "estimated" or (
             row.usage_source == "none"
             and row.status not in ("rejected", "upstream_error")
@@ -268,6 +272,15 @@ class Metrics:
             fam.add_metric(list(k3), p / 1e12)
         yield fam
         yield from self._cache_families()
+        fam = CounterMetricFamily(
+            PREFIX + "units",
+            "Quantities metered in together's units other than tokens: megapixel, image, audio_second, "
+            "video_second (tokens are in tokens_total).",
+            labels=("tenant", "model", "unit"),
+        )
+        for k4, q in sorted(self.unit_micros.items()):
+            fam.add_metric(list(k4), q / 1e6)
+        yield fam
         fam = CounterMetricFamily(
             PREFIX + "usage_unknown",
             "Requests whose usage the upstream did not report (estimated).",

@@ -96,6 +96,7 @@ class ObjectGateway:
             "files.delete": self._owned,
             "batches.retrieve": self._owned,
             "batches.cancel": self._owned,
+            "videos.retrieve": self._owned,
         }
 
     async def handle(self, request: web.Request, principal: Principal, match: Match) -> web.StreamResponse:
@@ -123,11 +124,11 @@ class ObjectGateway:
 
     async def _owned(self, request: web.Request, principal: Principal, match: Match) -> web.StreamResponse:
         """Retrieve, content, delete, cancel, preprocess: only of the caller's own object."""
-        kind = "file" if match.route.name.startswith("files.") else "batch"
+        kind = match.route.name.partition(".")[0].removesuffix("s").replace("batche", "batch")
         object_id = match.params["id"]
         owner = None
-        if ID_RE.match(object_id):
-            lookup = self.store.file_owner if kind == "file" else self.store.batch_owner
+        if ID_RE.match(object_id):  # video jobs are kept with the files (`source` video)
+            lookup = self.store.batch_owner if kind == "batch" else self.store.file_owner
             owner = await lookup(object_id)
         if owner != principal.tenant:
             raise not_found(kind, object_id)

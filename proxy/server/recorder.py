@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 
 from proxy.core.budgets import BudgetBook
-from proxy.core.pricing import Rates, cost_pusd, format_usd
+from proxy.core.pricing import Rates, cost_pusd, format_usd, unit_cost_pusd
+from proxy.core.units import Quantity
 from proxy.core.usage import Usage
 from proxy.errors import MeterError, UpstreamTimeout
 from proxy.ledger import Ledger, LedgerRow, LedgerUnavailable
@@ -106,6 +107,32 @@ class Recorder:
                 stream_complete=complete,
                 upstream_id=upstream_id,
             )
+        await self._commit(row)
+
+    async def finish_units(
+        self, quantity: Quantity, upstream_status: int, upstream_id: str | None, *, client_gone: bool
+    ) -> None:
+        """A route billed per megapixel, image or second: the quantity priced at the model's
+        per-unit price (unknown, NULL, when the model has none for this unit)."""
+        if self.finished:
+            return
+        rates = self.rates
+        cost = None
+        if rates is not None and rates.unit == quantity.unit:
+            cost = unit_cost_pusd(quantity.micros, rates)
+        if cost is not None:
+            self.cost_text = format_usd(cost)
+        self.usage_source = quantity.source
+        row = self.row.terminal(
+            "client_aborted" if client_gone else "ok",
+            upstream_status=upstream_status,
+            usage_source=quantity.source,
+            cost_pusd=cost,
+            stream_complete=True,
+            upstream_id=upstream_id,
+            unit=quantity.unit,
+            quantity_micros=quantity.micros,
+        )
         await self._commit(row)
 
     def quote(self, usage: Usage) -> str | None:

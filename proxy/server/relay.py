@@ -20,7 +20,7 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.core.auth import FailureLimiter, KeyStore, Principal
 from proxy.core.budgets import BudgetBook, BudgetExceeded
-from proxy.core.calls import Call, attribution, new_request_id, parse_call
+from proxy.core.calls import INPUT_ONLY, Call, attribution, new_request_id, parse_call
 from proxy.core.cost_body import body_with_cost
 from proxy.core.pricing import SERVERLESS, Rates
 from proxy.core.ratelimits import passed
@@ -149,13 +149,13 @@ class Relay:
         try:
             call = parse_call(endpoint, await self.read_body(request))
             seen["model"] = call.model
-            rates = self._rates(principal, call.model)
+            rates = self.rates_for(principal, call.model)
             seen["feature"], seen["environment"] = attribution(request.headers, call)
             reserved = self._reserve(call, rates)
             # admit: the budget check and the reservation are one synchronous step
             self.budgets.admit(principal.tenant, seen["feature"], self.period(started), reserved or 0)
         except MeterError as exc:
-            await self._record_rejected(principal, request_id, endpoint, started, exc, **seen)
+            await self.record_rejected(principal, request_id, endpoint, started, exc, **seen)
             return error_response(exc, request_id)
         row = LedgerRow(
             request_id,
@@ -171,16 +171,26 @@ class Relay:
             self.period(started),
             reserved_pusd=reserved,
         )
+        refused = await self.begin_row(row, principal, endpoint, started, seen)
+        return refused if refused is not None else (call, rates, row)
+
+    async def begin_row(
+        self, row: LedgerRow, principal: Principal, endpoint: str, started: int, seen: dict[str, Any]
+    ) -> web.Response | None:
+        """Commit an admitted request's in-flight row; the refusal to answer if it cannot be."""
+        reserved = row.reserved_pusd or 0
         try:
             await self.ledger.begin(row)
         except BudgetExceeded as exc:  # a shared ledger's accounts refused it (other replicas spent)
-            self.budgets.release(principal.tenant, row.feature, reserved or 0)
-            await self._record_rejected(principal, request_id, endpoint, started, exc, **seen)
-            return error_response(exc, request_id)
+            self.budgets.release(principal.tenant, row.feature, reserved)
+            await self.record_rejected(principal, row.request_id, endpoint, started, exc, **seen)
+            return error_response(exc, row.request_id)
         except LedgerUnavailable:
-            self.budgets.release(principal.tenant, row.feature, reserved or 0)
-            return error_response(NotReady("The ledger is not writable; nothing was forwarded."), request_id)
-        return call, rates, row
+            self.budgets.release(principal.tenant, row.feature, reserved)
+            return error_response(
+                NotReady("The ledger is not writable; nothing was forwarded."), row.request_id
+            )
+        return None
 
     async def _run(self, request: web.Request, call: Call, meter: Recorder) -> web.StreamResponse:
         """Forward, relay and meter an admitted call; its row is terminal whatever happens."""
@@ -229,7 +239,7 @@ class Relay:
                 f"The request body did not arrive within {self.config.limits.body_timeout:g} s."
             ) from None
 
-    def _rates(self, principal: Principal, model: str) -> Rates | None:
+    def rates_for(self, principal: Principal, model: str) -> Rates | None:
         tenant = self.config.tenants[principal.tenant]
         if tenant.models is not None and model not in tenant.models:
             raise ModelNotAllowed(f"Model '{model}' is not enabled for this API key.")
@@ -250,7 +260,7 @@ class Relay:
         if rates is None:
             return None
         prompt_bound = len(call.raw)  # a BPE token is at least one byte of the text
-        if call.endpoint == "embeddings":
+        if call.endpoint in INPUT_ONLY:
             return prompt_bound * rates.input
         out = call.max_tokens
         if out is None:
@@ -259,7 +269,7 @@ class Relay:
             out *= call.body.get("n") or 1
         return prompt_bound * rates.input + out * rates.output
 
-    async def _record_rejected(
+    async def record_rejected(
         self,
         principal: Principal,
         request_id: str,
@@ -315,8 +325,8 @@ class Relay:
             return error_response(exc, meter.row.request_id)
         if up.status != 200:
             await meter.upstream_error(up.status)
-            return self._passthrough(up, data, meter.row.request_id, self._limits(meter, up))
-        if self.tokenizer.needs_loading and (call.endpoint == "embeddings" or b'"usage"' not in data):
+            return self._passthrough(up, data, meter.row.request_id, self.limits_of(meter, up))
+        if self.tokenizer.needs_loading and (call.endpoint in INPUT_ONLY or b'"usage"' not in data):
             await loaded(self.tokenizer)  # an estimate is coming: load it off the loop, once
         usage, upstream_id = self._usage_of_body(call, data)
         await meter.finish(
@@ -326,7 +336,7 @@ class Relay:
             "x-request-id": meter.row.request_id,
             "x-meter-cost-usd": meter.cost_text,
             "x-meter-usage-source": meter.usage_source,
-            **self._limits(meter, up),
+            **self.limits_of(meter, up),
         }
         if meter.cost_in_body and meter.cost_text != "unknown":
             data = body_with_cost(data, meter.cost_text)
@@ -356,26 +366,25 @@ class Relay:
 
     def _usage_of_body(self, call: Call, data: bytes) -> tuple[Usage, str | None]:
         obj: Any = None
-        if b'"usage"' in data or call.endpoint != "embeddings":
+        input_only = call.endpoint in INPUT_ONLY
+        if b'"usage"' in data or not input_only:
             with contextlib.suppress(orjson.JSONDecodeError):
                 obj = orjson.loads(data)
         upstream_id = obj.get("id") if isinstance(obj, dict) else None
         usage = (
-            usage_from_json(obj.get("usage"), has_output=call.endpoint != "embeddings")
-            if isinstance(obj, dict)
-            else None
+            usage_from_json(obj.get("usage"), has_output=not input_only) if isinstance(obj, dict) else None
         )
         if usage is not None:
             return usage, upstream_id if isinstance(upstream_id, str) else None
         prompt = estimate_prompt_tokens(call.endpoint, call.body, self.tokenizer)
         completion = 0
-        if call.endpoint != "embeddings":
+        if not input_only:
             completion = (
                 self.tokenizer.count(completion_text(obj)) if obj is not None else (len(data) + 3) // 4
             )
         return Usage(prompt, completion, "estimated"), None
 
-    def _limits(self, meter: Recorder, up: UpstreamResponse) -> dict[str, str]:
+    def limits_of(self, meter: Recorder, up: UpstreamResponse) -> dict[str, str]:
         """together's rate-limit headers of this answer (passed on; remembered per model)."""
         limits = passed(up.headers)
         if limits:
@@ -402,7 +411,7 @@ class Relay:
         if up.status != 200 or up.content_type != "text/event-stream":
             return await self._respond_whole(request, call, meter, up)
         async with up:
-            return await self.streams.relay(request, call, meter, up, self._limits(meter, up))
+            return await self.streams.relay(request, call, meter, up, self.limits_of(meter, up))
 
     # -- pass-through of model listings (not metered) --------------------------------------
 

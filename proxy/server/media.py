@@ -1,0 +1,250 @@
+"""The routes together bills in units other than tokens: images, audio and video.
+
+Same contract as the token routes (relay.py): authenticate -> validate -> admit (budget check
+and reservation) -> in-flight row -> forward -> meter -> terminal row before the client sees the
+answer. The quantity comes from proxy/core/units.py (together's answer where it states it, else
+the request or the returned bytes, flagged `estimated` when not exact), the cost from the model's
+per-unit price; a model without one is recorded with an unknown cost (NULL), never 0.
+
+A video job is created here (and billed at creation for the seconds it asks for); the job then
+belongs to the tenant that created it (GET /v2/videos/{id} is an owned object, objects.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+
+from proxy.core.auth import Principal
+from proxy.core.calls import attribution, new_request_id
+from proxy.core.multipart import parse_form
+from proxy.core.pricing import SERVERLESS, Rates, unit_cost_pusd
+from proxy.core.routes import ID_RE, Match, check_header_values
+from proxy.core.units import (
+    Quantity,
+    audio_seconds,
+    image_bound,
+    image_quantity,
+    images_returned,
+    speech_bound,
+    transcription_quantity,
+    upload_bound,
+    video_bound,
+    video_quantity,
+)
+from proxy.errors import InvalidField, InvalidJSON, MeterError, NotReady
+from proxy.ledger import LedgerRow, OwnedFile, now_us
+from proxy.server.recorder import Recorder
+from proxy.server.relay import Relay
+from proxy.server.responses import JSON_CT, client_gone, error_response
+from proxy.upstream.client import FORWARDED_HEADERS, UpstreamResponse
+
+log = logging.getLogger(__name__)
+UNIT_OF_ROUTE = {
+    "images": "megapixel",
+    "audio.speech": "audio_second",
+    "audio.transcriptions": "audio_second",
+    "audio.translations": "audio_second",
+    "videos": "video_second",
+}
+
+
+class VideoOwners(Protocol):
+    async def add_file(self, f: OwnedFile) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class UnitCall:
+    """A validated request to a unit route: what to forward and what meters it."""
+
+    route: str
+    model: str
+    body: dict[str, Any]  # the JSON body, or the multipart form's text fields
+    raw: bytes
+    content_type: str
+    upload: bytes = b""  # transcriptions: the audio file
+    upload_type: str = ""
+
+
+def parse_unit_call(route: str, raw: bytes, content_type: str) -> UnitCall:
+    """The body of a unit route: JSON (images, speech, videos) or multipart (transcriptions)."""
+    if route in ("audio.transcriptions", "audio.translations"):
+        form = parse_form(raw, content_type)
+        upload = form.files.get("file")
+        if upload is None:
+            raise InvalidField("'file' (the audio to transcribe) is required.")
+        model = form.fields.get("model", "")
+        if not model:
+            raise InvalidField("'model' is required and must be a non-empty string.")
+        return UnitCall(route, model, dict(form.fields), raw, content_type, upload.data, upload.content_type)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"The request body is not valid JSON: {exc.args[0]}") from None
+    if not isinstance(body, dict):
+        raise InvalidJSON("The request body must be a JSON object.")
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise InvalidField("'model' is required and must be a non-empty string.")
+    _check_fields(route, body)
+    return UnitCall(route, name, body, raw, JSON_CT)
+
+
+def _check_fields(route: str, body: dict[str, Any]) -> None:
+    for key in ("n", "width", "height", "steps"):
+        value = body.get(key)
+        if value is not None and (type(value) is not int or not 0 < value <= 100_000):
+            raise InvalidField(f"'{key}' must be a positive integer.")
+    if route == "audio.speech" and not isinstance(body.get("input"), str):
+        raise InvalidField("'input' (the text to speak) must be a string.")
+    if route in ("images", "videos") and "prompt" in body and not isinstance(body["prompt"], str):
+        raise InvalidField("'prompt' must be a string.")
+
+
+def bound_micros(call: UnitCall, rates: Rates | None) -> int:
+    """The most units the call can be billed for (its budget reservation), in millionths."""
+    if call.route == "images":
+        return image_bound(call.body, rates)
+    if call.route == "audio.speech":
+        return speech_bound(call.body)
+    if call.route == "videos":
+        return video_bound(call.body)
+    return upload_bound(call.upload, call.upload_type)
+
+
+def measure(call: UnitCall, rates: Rates | None, data: bytes, content_type: str) -> Quantity:
+    """The billed quantity of a 200 answer."""
+    if call.route == "audio.speech":
+        return audio_seconds(data, content_type, call.body)
+    answer = _json(data)
+    if call.route == "images":
+        return image_quantity(call.body, rates, images_returned(answer))
+    if call.route == "videos":
+        return video_quantity(answer, call.body)
+    return transcription_quantity(answer, call.upload, call.upload_type)
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+class UnitRelay:
+    """Serves the unit routes with the token relay's parts (auth, budgets, ledger, recorder)."""
+
+    def __init__(self, relay: Relay, owners: VideoOwners) -> None:
+        self.relay, self.owners = relay, owners
+
+    async def handle(self, request: web.Request, match: Match) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        request_id = new_request_id()
+        relay = self.relay
+        try:
+            principal = relay.authenticate(request)
+            if not relay.accepting:
+                raise NotReady("The proxy is shutting down; retry on another instance.")
+            check_header_values(request.headers, FORWARDED_HEADERS)
+        except MeterError as exc:
+            return error_response(exc, request_id)
+        admitted = await self._admit(request, principal, match.route.name, request_id)
+        if isinstance(admitted, web.Response):
+            return admitted
+        call, rates, row = admitted
+        meter = Recorder(relay.sinks, row, rates, t0)
+        try:
+            return await self._run(request, call, meter, match)
+        finally:
+            await meter.ensure_finished()
+
+    async def _admit(
+        self, request: web.Request, principal: Principal, route: str, request_id: str
+    ) -> tuple[UnitCall, Rates | None, LedgerRow] | web.Response:
+        relay = self.relay
+        started = relay.clock()
+        seen: dict[str, Any] = {"model": "", "feature": None, "environment": None}
+        try:
+            ctype = request.headers.get("Content-Type", JSON_CT)
+            call = parse_unit_call(route, await relay.read_body(request), ctype)
+            seen["model"] = call.model
+            rates = relay.rates_for(principal, call.model)
+            seen["feature"], seen["environment"] = attribution(request.headers, call)
+            reserved = self._reserve(call, rates)
+            relay.budgets.admit(principal.tenant, seen["feature"], relay.period(started), reserved or 0)
+        except MeterError as exc:
+            await relay.record_rejected(principal, request_id, route, started, exc, **seen)
+            return error_response(exc, request_id)
+        row = LedgerRow(
+            request_id, principal.tenant, principal.key_id, call.model, route, SERVERLESS,
+            seen["feature"], seen["environment"], False, started, relay.period(started),
+            reserved_pusd=reserved, unit=UNIT_OF_ROUTE[route] if rates is None else rates.unit,
+        )  # fmt: skip
+        refused = await relay.begin_row(row, principal, route, started, seen)
+        return refused if refused is not None else (call, rates, row)
+
+    @staticmethod
+    def _reserve(call: UnitCall, rates: Rates | None) -> int | None:
+        """The call's upper bound in pico-USD; None when the model has no price for its unit."""
+        if rates is None or rates.by_token:
+            return None
+        return unit_cost_pusd(bound_micros(call, rates), rates)
+
+    async def _run(
+        self, request: web.Request, call: UnitCall, meter: Recorder, match: Match
+    ) -> web.StreamResponse:
+        relay = self.relay
+        relay.metrics.in_flight += 1
+        try:
+            try:
+                up = await relay.upstream.request(
+                    "POST", match.upstream_path, body=call.raw, incoming=request.headers,
+                    query=match.upstream_query, content_type=call.content_type,
+                )  # fmt: skip
+                async with up:
+                    data = await relay.read_upstream(up)
+            except MeterError as exc:
+                await meter.fail(exc)
+                return error_response(exc, meter.row.request_id)
+            return await self._answer(request, call, meter, up, data)
+        finally:
+            relay.metrics.in_flight -= 1
+
+    async def _answer(
+        self, request: web.Request, call: UnitCall, meter: Recorder, up: UpstreamResponse, data: bytes
+    ) -> web.Response:
+        limits = self.relay.limits_of(meter, up)
+        headers = {"x-request-id": meter.row.request_id, **limits}
+        ctype = up.content_type or JSON_CT
+        if up.status != 200:
+            await meter.upstream_error(up.status)
+            return web.Response(body=data, status=up.status, headers=headers, content_type=ctype)
+        quantity = measure(call, meter.rates, data, ctype)
+        answer_id = _answer_id(data) if call.route == "videos" else None
+        await meter.finish_units(quantity, up.status, answer_id, client_gone=client_gone(request))
+        if answer_id is not None:
+            await self._own_video(answer_id, meter.row)
+        headers["x-meter-cost-usd"] = meter.cost_text
+        headers["x-meter-usage-source"] = meter.usage_source
+        return web.Response(body=data, status=200, headers=headers, content_type=ctype)
+
+    async def _own_video(self, video_id: str, row: LedgerRow) -> None:
+        """The new video job is the caller's (its status and result are read through the proxy)."""
+        try:
+            await self.owners.add_file(OwnedFile(video_id, row.tenant, row.key_id, now_us(), "video"))
+        except Exception:
+            log.exception("videos: could not record the owner of %s (%s)", video_id, row.tenant)
+
+
+def _answer_id(data: bytes) -> str | None:
+    obj = _json(data)
+    found = obj.get("id") if isinstance(obj, dict) else None
+    return found if isinstance(found, str) and ID_RE.match(found) else None
+
+
+__all__ = ["UNIT_OF_ROUTE", "UnitCall", "UnitRelay", "bound_micros", "measure", "parse_unit_call"]
