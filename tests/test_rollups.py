@@ -87,6 +87,9 @@ def _templates(i: int) -> st.SearchStrategy[LedgerRow]:
 
 def _terminal(row: LedgerRow, outcome: tuple[Any, ...]) -> LedgerRow:
     status, tokens, source, cost = outcome
+    if tokens is None and cost is not None and cost % 3:  # a row priced per unit (images, audio)
+        unit = ("megapixel", "audio_second")[cost % 3 - 1]
+        return row.terminal(status, usage_source=source, cost_pusd=cost, unit=unit, quantity_micros=cost // 7)
     return row.terminal(
         status,
         prompt_tokens=None if tokens is None else tokens[0],
@@ -237,6 +240,52 @@ async def test_rollups_are_made_from_the_rows_of_an_older_sqlite_file(tmp_path: 
     )
     (old,) = await reader.rollups(ROLLUP_KEY, RollupFilter(periods=("2026-02",)))
     assert (old.requests, old.priced, old.cost_pusd, old.cost_unknown, old.feature) == (5, 4, 400, 1, None)
+
+
+async def test_an_sqlite_file_from_before_units_gains_them_in_place(tmp_path: Path) -> None:
+    """Schema 1 (no unit columns, rollups without a unit key): the columns are added, every old
+    row and rollup line is a token one, a pruned month's lines (no rows) are kept, and unit rows
+    written after that roll up by unit."""
+    path = tmp_path / "v1.db"
+    ledger = SQLiteLedger(path)
+    await ledger.open()
+    old = [
+        LedgerRow(f"r{i}", "acme", "k", "m", "chat", "serverless", None, None, False,
+                  START + i * 3_600_000_000, "2026-03", "ok", START, 200, 10, i, usage_source="upstream",
+                  cost_pusd=i)
+        for i in range(12)
+    ]  # fmt: skip
+    for r in old:
+        await ledger.record(r)
+    await ledger.close()
+    key_v1 = ", ".join(k for k in ROLLUP_KEY if k != "unit")
+    with contextlib.closing(sqlite3.connect(path)) as db:  # as version 1 left it
+        db.executescript(
+            "DROP TRIGGER rollup_inserted; DROP TRIGGER rollup_finished;"
+            "ALTER TABLE requests DROP COLUMN unit; ALTER TABLE requests DROP COLUMN quantity_micros;"
+            f"CREATE TABLE r1 AS SELECT {key_v1}, requests, with_usage, input_tokens, output_tokens, "
+            "cached_tokens, priced, cost_pusd, estimated, cost_unknown FROM rollups;"
+            "DROP TABLE rollups; ALTER TABLE r1 RENAME TO rollups;"
+            "INSERT INTO rollups VALUES ('2026-02', '2026-02-03', 'acme', 'm', '', '', 'serverless', "
+            "'chat', 'ok', 'upstream', 5, 5, 50, 5, 0, 5, 400, 0, 0);"
+            "UPDATE meta SET value = '1' WHERE key IN ('rollups', 'schema_version');"
+        )
+    ledger = SQLiteLedger(path)
+    await ledger.open()
+    image = LedgerRow("img", "acme", "k", "flux", "images", "serverless", None, None, False, START, "2026-03",
+                      "ok", START, 200, usage_source="derived", cost_pusd=2_831_155_200, unit="megapixel",
+                      quantity_micros=1_048_576)  # fmt: skip
+    await ledger.record(image)
+    rows = await ledger.rows()
+    assert rows == sorted([*old, image], key=lambda r: (r.started_us, r.request_id))
+    assert await ledger.rollups(ROLLUP_KEY, RollupFilter(periods=("2026-03",))) == rollup_rows(
+        rows, Periods()
+    )
+    (pruned,) = await ledger.rollups(ROLLUP_KEY, RollupFilter(periods=("2026-02",)))
+    assert (pruned.unit, pruned.requests, pruned.cost_pusd, pruned.quantity_micros) == ("token", 5, 400, 0)
+    (by_unit,) = [r for r in await ledger.rollups(("unit",), RollupFilter()) if r.unit == "megapixel"]
+    assert (by_unit.requests, by_unit.quantity_micros) == (1, 1_048_576)
+    await ledger.close()
 
 
 async def test_postgres_migration_fills_rollups_from_rows_and_aggregates(pg_dsn: str, tmp_path: Path) -> None:

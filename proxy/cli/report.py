@@ -98,9 +98,18 @@ def print_report(report: Report, fc: Any) -> None:
     title = f"{report.period} by {report.by}" + (f", tenant {report.tenant}" if report.tenant else "")
     heads = (report.by, "requests", "in tok", "out tok", "cost USD", "avg in/out", "avg cost", "share")
     lines = [*view["groups"], view["total"]]
-    cells = [_report_cells(line) for line in lines]
+    with_units = any(line["units"] for line in lines)  # images, audio, video: their own units
+    cells = [_report_cells(line) + ([_units_cell(line)] if with_units else []) for line in lines]
     t = Table(title=title)
-    add_columns(t, (*heads, "estimated", "unknown", "rejected", "cached tok", "cache saved"), cells)
+    tail = (
+        "estimated",
+        "unknown",
+        "rejected",
+        "cached tok",
+        "cache saved",
+        *(("units",) if with_units else ()),
+    )
+    add_columns(t, (*heads, *tail), cells)
     for i, line in enumerate(cells):
         t.add_row(*line, end_section=i == len(cells) - 2)  # a rule above the total
     out = console()
@@ -116,6 +125,10 @@ def print_report(report: Report, fc: Any) -> None:
         for line in cells:
             f.add_row(*line)
         print_table(out, f)
+
+
+def _units_cell(line: dict[str, Any]) -> str:
+    return " ".join(f"{q} {u}" for u, q in line["units"].items()) or "-"
 
 
 def _report_cells(line: dict[str, Any]) -> list[str]:

@@ -13,7 +13,7 @@ import datetime as dt
 import io
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from typing import Any
@@ -50,6 +50,7 @@ class Group:
     rejected: int = 0  # refused by the proxy, never forwarded (cost 0, or NULL in old rows)
     cached_tokens: int = 0  # a part of input_tokens
     cache_savings_pusd: int = 0  # cached tokens x (input - cached_input), at the table's rates
+    units: dict[str, int] = field(default_factory=dict)  # unit -> millionths (images, audio, video)
 
     def add(self, r: Rollup, prices: PriceTable | None = None) -> None:
         """The rows summed in the rollup line `r`, each counted as one request."""
@@ -61,6 +62,8 @@ class Group:
         self.input_tokens += r.input_tokens
         self.output_tokens += r.output_tokens
         self.estimated += r.estimated
+        if r.quantity_micros:
+            self.units[r.unit] = self.units.get(r.unit, 0) + r.quantity_micros
         self.priced += r.priced
         self.cost_pusd += r.cost_pusd
         if r.status == "rejected":  # whatever their cost: rejected rows are written with cost 0
@@ -82,7 +85,7 @@ def report_keep(by: str) -> tuple[str, ...]:
     """The rollup dimensions a report grouped by `by` reads (the ledger sums over the others, the
     tenant included: a tenant report asks the ledger for that tenant's lines); model and mode
     price what caching saved."""
-    return tuple(dict.fromkeys(("period", by, "model", "mode", "status")))
+    return tuple(dict.fromkeys(("period", by, "model", "mode", "status", "unit")))
 
 
 def group_key(r: Rollup, by: str) -> str:
@@ -185,7 +188,13 @@ def group_view(g: Group, total_cost: int) -> dict[str, Any]:
         "rejected": g.rejected,
         "cached_tokens": g.cached_tokens,
         "cache_savings_usd": format_usd(g.cache_savings_pusd),
+        "units": {u: units_text(q) for u, q in sorted(g.units.items())},
     }
+
+
+def units_text(micros: int) -> str:
+    """Millionths of a unit as an exact decimal string ('1.048576')."""
+    return format(Decimal(micros).scaleb(-6).normalize(), "f")
 
 
 def _str(value: Decimal | None) -> str | None:
@@ -206,6 +215,8 @@ def report_view(report: Report, forecast: Forecast | None = None) -> dict[str, A
             "averages": "tokens over rows with usage; cost over rows with a known cost",
             "cached_tokens": "a part of input_tokens; cache_savings_usd: cached tokens x (input - "
             "cached_input) at the price table's current rates",
+            "units": "quantities billed in units other than tokens: megapixel, image, audio_second, "
+            "video_second",
         },
     }
     if forecast is not None:
@@ -228,6 +239,7 @@ CSV_COLUMNS = (
     "rejected",
     "cached_tokens",
     "cache_savings_usd",
+    "units",
 )
 
 
@@ -238,6 +250,7 @@ def report_csv(report: Report) -> str:
     w.writerow((report.by, *CSV_COLUMNS[1:]))
     view = report_view(report)
     for line in [*view["groups"], view["total"]]:
+        line = {**line, "units": " ".join(f"{u}={q}" for u, q in line["units"].items())}
         w.writerow(["" if line[c] is None else line[c] for c in CSV_COLUMNS])
     return buf.getvalue()
 
