@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +136,13 @@ async def test_prices_list_json_matches_the_price_table(config_dir: Path) -> Non
     table = load_price_table(config_dir / "prices.yaml")
     assert set(listed) == set(table.models)
     for model, rates in table.models.items():
+        if not rates.by_token:  # priced per megapixel, image or second: no token rates
+            assert (listed[model]["unit"], listed[model]["input"]) == (rates.unit, None)
+            assert Decimal(listed[model]["per_unit"]).scaleb(12) == rates.per_unit
+            continue
         assert listed[model]["input"] == str(pusd_rate_to_decimal(rates.input))
         assert listed[model]["output"] == str(pusd_rate_to_decimal(rates.output))
+    assert {m["unit"] for m in listed.values()} >= {"token", "megapixel", "image", "audio_second"}
 
 
 async def test_prices_sync_check_detects_drift_then_sync_fixes_it(config_dir: Path) -> None:

@@ -27,6 +27,7 @@ from proxy.core.pricing import (
     format_usd,
     parse_price_table,
     rate_to_pusd,
+    unit_price_to_pusd,
     usd,
 )
 from proxy.core.usage import Usage, usage_from_json
@@ -493,6 +494,9 @@ def test_project_price_table_loads() -> None:
     for model_id, spec in raw.items():
         rates = table.get(model_id)
         assert rates is not None
+        if "unit" in spec:  # priced per megapixel, image or second
+            assert rates.per_unit == unit_price_to_pusd(spec["per_unit"]) and rates.unit == spec["unit"]
+            continue
         assert rates.input == rate_to_pusd(spec["input"])
         assert rates.output == rate_to_pusd(spec["output"])
 

@@ -285,13 +285,15 @@ def test_plan_estimates_from_the_ledger_one_per_model() -> None:
 
 def test_units_other_than_tokens_are_summed_per_unit_in_every_form() -> None:
     """Images and audio rows: their quantities per unit, exact, in JSON and CSV; tokens unaffected."""
-    base = LedgerRow("x", "acme", "k", "flux", "images", "serverless", None, None, False, 1_767_225_600_000_000,
-                     "2026-01", "ok", 1_767_225_600_000_001, 200, usage_source="derived")  # fmt: skip
+    t = 1_767_225_600_000_000
+    base = LedgerRow("x", "acme", "k", "flux", "images", "serverless", None, None, False, t,
+                     "2026-01", "ok", t + 1, 200, usage_source="derived")  # fmt: skip
     rows = [
-        replace(base, request_id="a", cost_pusd=2_831_155_200, unit="megapixel", quantity_micros=1_048_576),
+        replace(base, request_id="a", cost_pusd=2_831_155_200, unit="megapixel",
+                quantity_micros=1_048_576),
         replace(base, request_id="b", cost_pusd=1, unit="megapixel", quantity_micros=3_000_001),
-        replace(base, request_id="c", model="sonic", endpoint="audio.speech", cost_pusd=7, unit="audio_second",
-                quantity_micros=2_500_000),
+        replace(base, request_id="c", model="sonic", endpoint="audio.speech", cost_pusd=7,
+                unit="audio_second", quantity_micros=2_500_000),
         replace(base, request_id="d", model="llama", endpoint="chat", cost_pusd=5, prompt_tokens=3,
                 completion_tokens=4, usage_source="upstream"),
     ]  # fmt: skip

@@ -25,6 +25,7 @@ import yaml
 from proxy.config import Config
 from proxy.config.prices import dump_price_table, unit_price_text
 from proxy.core.pricing import (
+    BATCH_NONE,
     BATCH_UNKNOWN,
     PriceTable,
     Rates,
@@ -32,10 +33,19 @@ from proxy.core.pricing import (
     parse_price_table,
     pusd_rate_to_decimal,
     rate_to_pusd,
+    unit_price_to_pusd,
 )
 from proxy.errors import ConfigError
 
 PRICED_TYPES = {"chat", "language", "code", "embedding", "moderation", "rerank"}
+# together's media model types and the unit each is billed in; their price per unit is read from
+# `pricing.base` (docs/configuration.md#price-table-pricesyaml says why)
+UNIT_TYPES = {
+    "image": "megapixel",
+    "audio": "audio_second",
+    "transcribe": "audio_second",
+    "video": "video_second",
+}
 
 
 def _usd(rate: int | None) -> str:
@@ -177,7 +187,9 @@ async def fetch_upstream_prices(base_url: str, api_key: str) -> dict[str, dict[s
 def upstream_entry(item: dict[str, Any], pricing: dict[str, Any]) -> dict[str, Any]:
     """What `sync` takes from one model object. A `cached_input` of 0 or none means: no cached rate."""
     cached = pricing.get("cached_input")
+    base = pricing.get("base")
     return {
+        "per_unit": Decimal(str(base)) if item.get("type") in UNIT_TYPES and base not in (None, 0) else None,
         "input": Decimal(str(pricing.get("input", 0))),
         "output": Decimal(str(pricing.get("output", 0))),
         "cached_input": Decimal(str(cached)) if cached not in (None, 0) else None,
@@ -221,11 +233,36 @@ def diff_prices(
 
 def _worth_adding(up: dict[str, Any]) -> bool:
     """`--all`: a model the table lacks is added when it is a priced type with a non-zero rate."""
+    if up.get("type") in UNIT_TYPES:
+        return up.get("per_unit") is not None
     return up.get("type") in PRICED_TYPES and not (up["input"] == 0 and up["output"] == 0)
+
+
+def sync_unit_model(
+    model: str, cur: Rates | None, up: dict[str, Any], today: str
+) -> tuple[Change | None, Rates]:
+    """A model billed per megapixel, image or second: its `per_unit` from the upstream's `base`
+    (a unit set by hand, e.g. `image` for a model priced per image, is kept)."""
+    per_unit = unit_price_to_pusd(up["per_unit"], file="upstream", key=f"{model}.per_unit")
+    if cur is None:
+        unit = UNIT_TYPES[up["type"]]
+        added = Rates(
+            0, 0, 0, 0, read=today, type=up.get("type"), batch=BATCH_NONE, unit=unit, per_unit=per_unit
+        )
+        return Change(f"+ {model}: per_unit {unit_price_text(per_unit)} per {unit}", True), added
+    new = replace(cur, per_unit=per_unit, read=today)
+    if cur.per_unit == per_unit:
+        return None, new
+    old = "-" if cur.per_unit is None else unit_price_text(cur.per_unit)
+    return Change(f"~ {model}: per_unit {old} -> {unit_price_text(per_unit)} (per {cur.unit})", True), new
 
 
 def sync_model(model: str, cur: Rates | None, up: dict[str, Any], today: str) -> tuple[Change | None, Rates]:
     """One model brought up to the upstream's rates; ConfigError when they are not valid rates."""
+    if cur is not None and not cur.by_token:
+        return (None, cur) if up.get("per_unit") is None else sync_unit_model(model, cur, up, today)
+    if cur is None and up.get("per_unit") is not None:
+        return sync_unit_model(model, None, up, today)
     new_in = rate_to_pusd(up["input"], file="upstream", key=f"{model}.input")
     new_out = rate_to_pusd(up["output"], file="upstream", key=f"{model}.output")
     cached = up.get("cached_input")

@@ -94,7 +94,7 @@ def model_lines(r: Rates) -> list[str]:
 
 def _unit_lines(r: Rates) -> list[str]:
     """A model priced per megapixel, image or second: its unit, price and what else was set."""
-    lines = [f"unit: {r.unit}", f"per_unit: {unit_price_text(r.per_unit or 0)}"]
+    lines = [f"unit: {r.unit}", f"per_unit: {unit_price_text(r.per_unit or 0)}", "batch: none"]
     if r.default_steps is not None:
         lines.append(f"default_steps: {r.default_steps}")
     if r.read:
