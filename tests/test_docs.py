@@ -156,3 +156,24 @@ def test_every_metric_is_documented() -> None:
             if f"`{label}`" not in rows[0]
         ]
     assert not problems, f"{METRICS_DOC.name}: {problems}"
+
+
+def test_the_readme_route_table_lists_every_route_a_tenant_calls() -> None:
+    """README's "Routes and how each is metered" names every route of the table (operator routes
+    by family), with its ledger endpoint, so the table cannot silently fall behind the code."""
+    from proxy.core.routes import ROUTES
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Routes and how each is metered", 1)[1].split("\n## ", 1)[0]
+    table = re.sub(r"\{[a-z_]+\}", "{}", section)
+    missing = [
+        f"{r.method} {r.pattern} ({r.name})"
+        for r in ROUTES.routes
+        if r.kind != "operator"
+        and (
+            re.sub(r"\{[a-z_]+\}", "{}", r.pattern) not in table
+            or (f"`{r.name}`" not in table
+            and "list" not in r.name)
+        )
+    ]
+    assert not missing, f"README route table lacks: {missing}"
