@@ -118,6 +118,7 @@ class Route:
     name: str
     query: frozenset[str] = frozenset()  # parameters passed upstream; others are dropped
     token: bool = False  # authorised by a signed token in the path, not a tenant key (uploads)
+    upstream: str | None = None  # the upstream's pattern, where it differs from `pattern`
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -125,7 +126,8 @@ class Route:
 
     def upstream_path(self, params: dict[str, str]) -> str:
         """The path sent upstream: the pattern filled with validated parameters only."""
-        return "/" + "/".join(params[p[1:-1]] if p.startswith("{") else p for p in self.parts)
+        parts = self.parts if self.upstream is None else tuple(self.upstream[1:].split("/"))
+        return "/" + "/".join(params[p[1:-1]] if p.startswith("{") else p for p in parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +236,9 @@ ROUTES = RouteTable(
         ),
         # the PUT of an upload's bytes, relayed to together's object store (core/uploads.py)
         Route("PUT", "/v1/files/uploads/{token}", "object", "files.put", token=True),
+        # the npm together-ai SDK with a custom baseURL sends videos under /v1: together serves /v2
+        Route("POST", "/v1/videos", "unit", "videos", upstream="/v2/videos"),
+        Route("GET", "/v1/videos/{id}", "object", "videos.retrieve", upstream="/v2/videos/{id}"),
         *_routes(
             "operator",
             ("GET", "/v1/fine-tunes", "fine-tunes.list"),

@@ -19,6 +19,9 @@ or "estimated" (approximated, flagged as such in the ledger).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import struct
 from dataclasses import dataclass
 from fractions import Fraction
@@ -169,18 +172,37 @@ def audio_seconds(data: bytes, content_type: str, body: dict[str, Any]) -> Quant
         return Quantity("audio_second", micros(seconds), "derived")
     fmt = body.get("response_format")
     if fmt == "raw" or content_type.startswith(("audio/pcm", "audio/raw", "audio/l16")):
-        return _pcm_quantity(len(data), body)
+        return pcm_quantity(len(data), body)
     kbps = mp3_kbps(data) or _ASSUMED_KBPS
     return Quantity("audio_second", micros(Fraction(len(data) * 8, kbps * 1000)), "estimated")
 
 
-def _pcm_quantity(length: int, body: dict[str, Any]) -> Quantity:
+def pcm_quantity(length: int, body: dict[str, Any]) -> Quantity:
     rate = _positive_int(body, "sample_rate")
     encoding = body.get("response_encoding")
     width = {"pcm_f32le": 4, "pcm_s16le": 2, "pcm_mulaw": 1, "pcm_alaw": 1}.get(str(encoding))
     exact = rate is not None and width is not None
     seconds = pcm_seconds(length, rate or 44100, width or 4)
     return Quantity("audio_second", micros(seconds), "derived" if exact else "estimated")
+
+
+def speech_event_audio(data: bytes | None) -> bytes:
+    """The audio bytes one streamed-speech event carries: together's `{"object": "audio.tts.chunk",
+    "b64": ...}` (the spec, every SDK) or `{"type": "...audio_output.delta", "delta": ...}` (its
+    streaming docs); nothing for anything else ([DONE], errors, other objects)."""
+    if not data or data == b"[DONE]":
+        return b""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return b""
+    value = obj.get("b64", obj.get("delta")) if isinstance(obj, dict) else None
+    if not isinstance(value, str):
+        return b""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        return b""
 
 
 def speech_bound(body: dict[str, Any]) -> int:
@@ -239,7 +261,9 @@ __all__ = [
     "image_quantity",
     "images_returned",
     "micros",
+    "pcm_quantity",
     "speech_bound",
+    "speech_event_audio",
     "transcription_quantity",
     "upload_bound",
     "video_bound",

@@ -12,6 +12,8 @@ belongs to the tenant that created it (GET /v2/videos/{id} is an owned object, o
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -25,13 +27,16 @@ from proxy.core.calls import attribution, new_request_id
 from proxy.core.multipart import parse_form
 from proxy.core.pricing import SERVERLESS, Rates, unit_cost_pusd
 from proxy.core.routes import ID_RE, Match, check_header_values
+from proxy.core.sse import SSEFramer
 from proxy.core.units import (
     Quantity,
     audio_seconds,
     image_bound,
     image_quantity,
     images_returned,
+    pcm_quantity,
     speech_bound,
+    speech_event_audio,
     transcription_quantity,
     upload_bound,
     video_bound,
@@ -42,7 +47,7 @@ from proxy.ledger import LedgerRow, OwnedFile, now_us
 from proxy.server.recorder import Recorder
 from proxy.server.relay import Relay
 from proxy.server.responses import JSON_CT, client_gone, error_response
-from proxy.upstream.client import FORWARDED_HEADERS, UpstreamResponse
+from proxy.upstream.client import FORWARDED_HEADERS, UpstreamResponse, UpstreamStreamError
 
 log = logging.getLogger(__name__)
 UNIT_OF_ROUTE = {
@@ -206,6 +211,9 @@ class UnitRelay:
                     "POST", match.upstream_path, body=call.raw, incoming=request.headers,
                     query=match.upstream_query, content_type=call.content_type,
                 )  # fmt: skip
+                if up.status == 200 and up.content_type == "text/event-stream":
+                    async with up:  # streamed speech: relayed event by event
+                        return await SpeechStream(relay, meter, call).run(request, up)
                 async with up:
                     data = await relay.read_upstream(up)
             except MeterError as exc:
@@ -239,6 +247,62 @@ class UnitRelay:
             await self.owners.add_file(OwnedFile(video_id, row.tenant, row.key_id, now_us(), "video"))
         except Exception:
             log.exception("videos: could not record the owner of %s (%s)", video_id, row.tenant)
+
+
+class SpeechStream:
+    """Streamed speech (`stream: true`): together's SSE events relayed as they come, the audio
+    they carry counted; the row is made terminal before `data: [DONE]` reaches the client."""
+
+    def __init__(self, relay: Relay, meter: Recorder, call: UnitCall) -> None:
+        self.relay, self.meter, self.call = relay, meter, call
+        self.audio = 0  # bytes of audio relayed
+        self.done = False  # the upstream's [DONE] was seen
+        self.client_gone = False
+
+    async def run(self, request: web.Request, up: UpstreamResponse) -> web.StreamResponse:
+        headers = {"x-request-id": self.meter.row.request_id, **self.relay.limits_of(self.meter, up)}
+        resp = web.StreamResponse(status=200, headers=headers)
+        resp.content_type = "text/event-stream"
+        await resp.prepare(request)
+        status = "ok"
+        try:
+            await self._pump(resp, up)
+        except (TimeoutError, UpstreamStreamError):
+            status = "upstream_aborted"
+        if not self.done and status == "ok":
+            status = "upstream_aborted"  # ended without [DONE]: what came is what is counted
+        quantity = pcm_quantity(self.audio, self.call.body)
+        await self.meter.finish_units(
+            quantity, 200, None, client_gone=self.client_gone or client_gone(request), status=status
+        )
+        if self.done and not self.client_gone:
+            with contextlib.suppress(ConnectionError):
+                await resp.write(b"data: [DONE]\n\n")
+                await resp.write_eof()
+        return resp
+
+    async def _pump(self, resp: web.StreamResponse, up: UpstreamResponse) -> None:
+        framer = SSEFramer()
+        idle = self.relay.config.upstream.idle_timeout
+        while not self.done:
+            async with asyncio.timeout(idle):
+                chunk = await up.readany()
+            if not chunk:
+                return
+            for event in framer.feed(chunk):
+                if event.is_done:
+                    self.done = True
+                    break
+                self.audio += len(speech_event_audio(event.data))
+                await self._write(resp, event.raw)
+
+    async def _write(self, resp: web.StreamResponse, data: bytes) -> None:
+        if self.client_gone:
+            return  # keep reading: the upstream bills what it sends
+        try:
+            await resp.write(data)
+        except ConnectionError:
+            self.client_gone = True
 
 
 def _answer_id(data: bytes) -> str | None:

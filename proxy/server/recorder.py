@@ -110,7 +110,13 @@ class Recorder:
         await self._commit(row)
 
     async def finish_units(
-        self, quantity: Quantity, upstream_status: int, upstream_id: str | None, *, client_gone: bool
+        self,
+        quantity: Quantity,
+        upstream_status: int,
+        upstream_id: str | None,
+        *,
+        client_gone: bool,
+        status: str = "ok",
     ) -> None:
         """A route billed per megapixel, image or second: the quantity priced at the model's
         per-unit price (unknown, NULL, when the model has none for this unit)."""
@@ -124,11 +130,11 @@ class Recorder:
             self.cost_text = format_usd(cost)
         self.usage_source = quantity.source
         row = self.row.terminal(
-            "client_aborted" if client_gone else "ok",
+            "client_aborted" if client_gone else status,
             upstream_status=upstream_status,
             usage_source=quantity.source,
             cost_pusd=cost,
-            stream_complete=True,
+            stream_complete=status == "ok",
             upstream_id=upstream_id,
             unit=quantity.unit,
             quantity_micros=quantity.micros,
