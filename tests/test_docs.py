@@ -172,8 +172,7 @@ def test_the_readme_route_table_lists_every_route_a_tenant_calls() -> None:
         if r.kind != "operator"
         and (
             re.sub(r"\{[a-z_]+\}", "{}", r.pattern) not in table
-            or (f"`{r.name}`" not in table
-            and "list" not in r.name)
+            or (f"`{r.name}`" not in table and "list" not in r.name)
         )
     ]
     assert not missing, f"README route table lacks: {missing}"

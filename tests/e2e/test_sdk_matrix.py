@@ -46,7 +46,7 @@ DATA = {
     "embedding_model": EMBEDDING_MODEL,
     "rerank_model": "Salesforce/Llama-Rank-V1",
     "image_model": "black-forest-labs/FLUX.1-schnell",
-    "speech_model": "cartesia/sonic-2",
+    "speech_model": "cartesia/sonic",
     "voice": "laidback woman",
     "transcription_model": "openai/whisper-large-v3",
     "video_model": "google/veo-3.0",
@@ -76,14 +76,8 @@ OBJECT_ROWS = {
 NO_ROWS = ("batches_list", "models_list")  # list reads: no ledger row (docs/security.md)
 _UNITS = "units and sim-media work, other branches"
 IN_FLIGHT_ELSEWHERE = {
-    "rerank": f"POST /v1/rerank is not served yet ({_UNITS})",
-    "images": f"POST /v1/images/generations is not served yet (priced per megapixel or image: {_UNITS})",
-    "audio_speech": f"POST /v1/audio/speech is not served yet ({_UNITS})",
-    "audio_transcription": f"POST /v1/audio/transcriptions is not served yet ({_UNITS})",
-    "files_upload": "the SDKs' upload (POST /v1/files: together's presigned-URL 302 flow, openai's "
-    "multipart) is not served yet: the uploads branch builds it",
-    "videos": "videos are not served yet (3.x and 1.x POST /v2/videos; 2.x and together-ai with a base "
-    f"URL POST /v1/videos; {_UNITS})",
+    "files_upload": "not yet for this SDK form: openai's multipart POST /v1/files, together 2.x's "
+    "file object after the presigned upload, the npm SDK's upload on Node 20 (fetch duplex)",
 }
 
 # where an IN_FLIGHT_ELSEWHERE line already works (no xfail for these SDK forms)
