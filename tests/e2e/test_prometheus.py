@@ -60,8 +60,14 @@ TRAFFIC: list[Traffic] = [
     ("globex", "search", "prod", "chat", SMALL_CHAT_MODEL, True, {}),
     ("globex", "chat", "prod", "chat", ACME_ONLY_MODEL, False, {}),  # not allowed: rejected
     ("globex", "search", "dev", "chat", CHAT_MODEL, False, {"status": 500}),  # upstream_error
+    ("acme", "search", "prod", "images", "black-forest-labs/FLUX.1-schnell", False, {}),  # megapixels
 ]
-PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+PATHS = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+    "images": "/images/generations",
+}
 
 
 def _prometheus_binary() -> str:
@@ -157,6 +163,8 @@ async def _send(meter: Meter, rounds: int) -> None:
                 body |= {"messages": MESSAGES, "max_tokens": 5 + i + n}
             elif endpoint == "completions":
                 body |= {"prompt": "Metering in one line:", "max_tokens": 5 + i + n}
+            elif endpoint == "images":
+                body = {"model": model, "prompt": "a meter", "width": 512, "height": 512}
             else:
                 body["input"] = ["first text to embed", "second"]
             if simulate:
