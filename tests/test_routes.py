@@ -242,9 +242,14 @@ def test_undoubling_drops_at_most_one_leading_v1(segments: list[str]) -> None:
 
 
 def test_inference_host_paths_are_the_inference_routes_and_no_other() -> None:
-    """chat, completions and embeddings go to the inference host; files, batches, models and
-    operator routes never do (they must reach the account's API host)."""
-    inference = {r.pattern for r in ROUTES.routes if r.kind == "inference"}
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"} <= inference <= INFERENCE_HOST_PATHS
+    """chat, completions, embeddings, rerank, images and audio go to the inference host; files,
+    batches, models, videos and operator routes never do (they must reach the account's API host)."""
+    inference = {
+        r.pattern
+        for r in ROUTES.routes
+        if r.kind == "inference" or r.pattern.startswith(("/v1/images", "/v1/audio"))
+    }
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"} <= inference
+    assert inference == INFERENCE_HOST_PATHS
     others = {r.upstream_path({p[1:-1]: "x" for p in r.parts if p.startswith("{")}) for r in ROUTES.routes}
     assert not {o for o in others if o not in inference} & INFERENCE_HOST_PATHS
