@@ -16,6 +16,7 @@ import sqlite3
 from proxy.core.budgets import Periods
 from proxy.core.records import IN_FLIGHT
 from proxy.core.rollups import ROLLUP_KEY, ROLLUP_SUMS, DayCutter
+from proxy.ledger.endpoint_minutes import SQLITE_SCHEMA as ENDPOINT_MINUTES_SCHEMA
 from proxy.ledger.rollup_sql import KEY_SQL
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ def connect_writer(path: str, periods: Periods, *, check_same_thread: bool = Tru
 def prepare(conn: sqlite3.Connection, periods: Periods) -> list[str]:
     """Create the schema; create and fill the rollups if this file has none yet. What it did."""
     conn.executescript(SCHEMA)
+    conn.executescript(ENDPOINT_MINUTES_SCHEMA)  # dedicated endpoints by the minute (if not there yet)
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     if _meta(conn, "rollups") == ROLLUPS_VERSION:
         _note_timezone(conn, periods)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from .endpoints import DEDICATED, DedicatedFleet, ScriptedEndpoint
 from .server import (
     BILLED,
     FLAT_CACHED,
@@ -21,11 +22,14 @@ from .server import (
 
 __all__ = [
     "BILLED",
+    "DEDICATED",
     "FLAT_CACHED",
     "SEEN",
     "SEEN_MAX",
     "BilledLog",
+    "DedicatedFleet",
     "RunningSimulator",
+    "ScriptedEndpoint",
     "SimulatorOptions",
     "billed_pusd",
     "create_app",

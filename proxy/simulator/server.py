@@ -65,6 +65,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from .endpoints import add_routes as add_endpoint_routes
+
 try:
     import orjson as _orjson
 except ImportError:  # pragma: no cover - orjson is a dependency; json keeps the module usable
@@ -1178,7 +1180,7 @@ def create_app(options: SimulatorOptions | None = None) -> web.Application:
     r.add_post("/v1/fine-tunes", _fine_tune_create)
     r.add_get("/v1/fine-tunes/{ft_id}", _fine_tune_get)
     r.add_get("/v1/hardware", _hardware)
-    r.add_get("/v1/endpoints", _endpoints)
+    add_endpoint_routes(app, _HARDWARE, _endpoints)  # + dedicated endpoints (endpoints.py)
     r.add_get("/health", _health)
     r.add_get("/_sim/billed", _billed)
     r.add_get("/_sim/seen", _seen)
