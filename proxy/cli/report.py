@@ -321,6 +321,7 @@ def print_measured_estimate(rows: list[dict[str, Any]], month: str) -> None:
         out.print(f"no dedicated endpoint (configured or measured) for {month}")
         return
     heads = ("endpoint", "source", "tokens", "dedicated", "ded. $/1M", "serverless", "batch", "cheapest")
+    heads += ("break-even tok",)
     cells = []
     for r in rows:
         c = r["compare"]
@@ -334,6 +335,7 @@ def print_measured_estimate(rows: list[dict[str, Any]], month: str) -> None:
                 _usd(c["serverless_usd"]),
                 _usd(c["batch_usd"]),
                 c["cheapest"] or "-",
+                "-" if c["break_even_tokens"] is None else f"{c['break_even_tokens']:,}",
             ]
         )
     t = Table(title=f"Dedicated vs Serverless vs Batch for the tokens served, {month}")

@@ -305,7 +305,7 @@ class MeasuredEndpoint:
     @property
     def basis(self) -> str:
         hw = ", ".join(self.hardware) or "unknown hardware"
-        cents = ", ".join(f"{cents_text(c)}c" for c in self.prices) or "unknown price"
+        cents = ", ".join(f"{cents_text(c)} cents" for c in self.prices) or "an unknown price"
         text = f"measured: {self.replica_minutes:,} replica-minutes of {hw} at {cents}/min"
         text += f" over {self.minutes:,} observed minute(s)"
         if self.unknown_minutes:
