@@ -320,8 +320,17 @@ def print_measured_estimate(rows: list[dict[str, Any]], month: str) -> None:
     if not rows:
         out.print(f"no dedicated endpoint (configured or measured) for {month}")
         return
-    heads = ("endpoint", "source", "tokens", "dedicated", "ded. $/1M", "serverless", "batch", "cheapest")
-    heads += ("break-even tok",)
+    heads = (
+        "endpoint",
+        "source",
+        "tokens",
+        "dedicated",
+        "ded. $/1M",
+        "serverless",
+        "batch",
+        "cheapest",
+        "break-even tok",
+    )
     cells = []
     for r in rows:
         c = r["compare"]
