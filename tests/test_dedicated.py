@@ -361,6 +361,21 @@ def test_measured_cost_replaces_the_configured_figure() -> None:
     assert compare["dedicated_usd_per_mtok"] == str(round(Decimal(cost) / USD / 6_000 * 10**6, 6).normalize())
 
 
+def test_an_entry_naming_the_endpoint_by_its_name_is_linked() -> None:
+    """An entry whose model is a followed endpoint's name charges those rows with the measured cost,
+    once: the endpoint is not charged a second time under its id."""
+    rows = [usage_row(1, "acme", "acme/ep-a", 700, 300)]
+    configured = [DedicatedEndpoint("mine", "acme/ep-a", 10 * USD, "monthly_usd 10")]
+    found = measured([line("ep-a", 0, 1, 2)])
+    (charge,) = dedicated_charges(list(rollup_rows(rows, UTC)), "2026-11", configured, found, parse_prices())
+    assert (charge.chargeback.endpoint, charge.source, charge.chargeback.monthly_pusd) == (
+        "mine",
+        "measured",
+        2 * 54_200_000_000,
+    )
+    assert [x.charge_pusd for x in charge.chargeback.lines] == [2 * 54_200_000_000]
+
+
 def test_an_endpoint_id_alone_is_measured_or_nothing() -> None:
     """An entry with only endpoint_id and no minutes is charged nothing, and says so (source none)."""
     configured = [DedicatedEndpoint("x", MODEL, 0, "measured only", "ep-a", configured=False)]

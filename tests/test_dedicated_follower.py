@@ -202,3 +202,23 @@ async def test_the_follower_task_stops_when_cancelled(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
         assert len(r.sim.seen) == seen  # nothing looks any more
         assert r.follower.enabled
+
+
+async def test_a_hardware_without_a_price_leaves_the_cost_unknown(tmp_path: Path) -> None:
+    """An endpoint on a hardware GET /v1/hardware does not list: its count is recorded, its cost is
+    unknown (NULL, never 0), and the prices are asked again at most once a minute meanwhile."""
+    async with rig(tmp_path) as r:
+        r.fleet.hardware["8x_nvidia_b200_192gb_sxm"] = Decimal("30")  # billed, but not listed
+        m0 = r.fleet.minute_now() + 1
+        ep = r.fleet.add(MODEL, "8x_nvidia_b200_192gb_sxm", [(0, 2)], start_minute=m0)
+        r.follower.config = lambda: replace(r.config, dedicated=replace(r.config.dedicated, follow=(ep.id,)))
+        for second in (1, 15, 30, 45):
+            (seen,) = await r.at_minute(m0, second)
+            assert (seen.replicas, seen.cents_per_minute, seen.cost_pusd) == (2, None, None)
+        assert r.hardware_gets() == 1  # read once: not again within the minute
+        await r.at_minute(m0 + 1, 2)
+        assert r.hardware_gets() == 2  # a minute later: asked again (it may be listed by now)
+        (m,) = await r.measured()
+        assert (m.minutes, m.known_minutes, m.cost_pusd, m.unknown_high_pusd) == (2, 0, 0, None)
+        assert r.follower.metrics.replicas == {(ep.id, "8x_nvidia_b200_192gb_sxm"): 2}
+        assert ep.id not in r.follower.metrics.cost_pusd

@@ -417,16 +417,22 @@ def dedicated_charges(
 ) -> list[DedicatedCharge]:
     """Every dedicated endpoint's chargeback for `period`.
 
-    A configured endpoint linked to a followed one (`endpoint_id`) with minutes in the period is
-    charged its measured cost (the known minutes), else its configured figure (labelled so). A
-    followed endpoint no configured one links to is charged by the rows whose model is its name
-    (what inference requests send to reach it). Tokens are spread as in chargeback.chargeback.
+    A configured endpoint linked to a followed one (its `endpoint_id`, or a `model` that is the
+    followed endpoint's name) with minutes in the period is charged its measured cost (the known
+    minutes), else its configured figure (labelled so). A followed endpoint nothing links to is
+    charged by the rows whose model is its name (what inference requests send to reach it), under
+    its id. Tokens are spread as in chargeback.chargeback.
     """
     by_id = {e.endpoint_id: e for e in endpoints}
+    by_name = {e.name: e for e in endpoints if e.name}
     out: list[DedicatedCharge] = []
     linked: set[str] = set()
     for cfg in configured:
-        m = by_id.get(cfg.endpoint_id) if cfg.endpoint_id else None
+        # linked by endpoint_id; or named by the endpoint's name (the rows it charges are the same
+        # ones, so the endpoint must not be charged a second time under its id)
+        m = by_id.get(cfg.endpoint_id) if cfg.endpoint_id else by_name.get(cfg.model)
+        if m is not None:
+            linked.add(m.endpoint_id)
         if cfg.endpoint_id:
             linked.add(cfg.endpoint_id)
         if m is not None:

@@ -147,7 +147,8 @@ class DedicatedFollower:
         self.metrics = FollowerMetrics()
         self._task: asyncio.Task[None] | None = None
         self._prices: dict[str, Decimal] = {}
-        self._prices_at: int | None = None
+        self._prices_at: int | None = None  # when the prices were last read
+        self._asked_at: int | None = None  # when they were last asked for (read or not)
         self._discovered: tuple[str, ...] = ()
         self._written: dict[str, tuple[int, tuple[bool, int, int, int, int]]] = {}  # endpoint -> minute, rank
         self._last_minute: dict[str, int] = {}
@@ -191,9 +192,14 @@ class DedicatedFollower:
         for i in range(0, len(ids), CONCURRENT_LOOKS):
             looks = await asyncio.gather(*(self._look(e, prices) for e in ids[i : i + CONCURRENT_LOOKS]))
             found += [m for m in looks if m is not None]
-        if any(m.cents_per_minute is None and m.hardware for m in found):
+        if any(m.cents_per_minute is None and m.hardware for m in found) and self._may_refresh():
             await self._hardware_prices(refresh=True)  # a new hardware: its price for the next look
         return found
+
+    def _may_refresh(self) -> bool:
+        """Ask the prices again for a hardware without one at most once a minute."""
+        asked, minute = self._asked_at, self.config().dedicated.minute_us
+        return asked is None or self.clock() - asked >= minute
 
     async def _endpoint_ids(self) -> list[str]:
         config = self.config()
@@ -234,6 +240,7 @@ class DedicatedFollower:
         max_age = self.config().dedicated.prices_refresh_seconds * 1_000_000
         if not refresh and self._prices_at is not None and now - self._prices_at < max_age:
             return self._prices
+        self._asked_at = now
         try:
             status, data = await self._get("/v1/hardware")
             if status != 200:
@@ -286,6 +293,10 @@ class DedicatedFollower:
             obj = _json(data)
             if not isinstance(obj, dict) or obj.get("id") != endpoint_id:
                 raise DedicatedError("the answer is not this endpoint's object")
+            if obj.get("type", "dedicated") != "dedicated":
+                raise DedicatedError(
+                    f"a {obj.get('type')!r} endpoint, not a dedicated one: not billed by the minute"
+                )
             m = observe(obj, prices, minute, observed_us, self.periods)
         except DedicatedError as exc:
             self.metrics.failed("malformed")
