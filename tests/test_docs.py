@@ -133,10 +133,25 @@ def _exercised_metrics() -> Metrics:
     metrics.upstream_error("timeout")
     metrics.on_commit(2, 0.001, True)
     metrics.prices_last_sync = 1_795_000_000.0
+    metrics.dedicated = _exercised_follower_metrics()
     for h in vars(metrics).values():
         if isinstance(h, Histogram):
             h.observe(tuple("x" for _ in h.labelnames), 0.01)
     return metrics
+
+
+def _exercised_follower_metrics() -> Any:
+    """The dedicated endpoint follower's series, one of each (proxy/server/dedicated.py)."""
+    from proxy.server.dedicated import FollowerMetrics
+
+    follower = FollowerMetrics()
+    follower.cost_pusd["endpoint-1"] = 54_200_000_000
+    follower.minutes["endpoint-1"] = 1
+    follower.unobserved["endpoint-1"] = 2
+    follower.replicas[("endpoint-1", "2x_nvidia_a100_80gb_sxm")] = 1
+    follower.last_observed["endpoint-1"] = 1_795_000_000.0
+    follower.failed("straddled")
+    return follower
 
 
 def test_every_metric_is_documented() -> None:

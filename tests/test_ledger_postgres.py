@@ -268,8 +268,9 @@ async def test_migrations_apply_once(pg_dsn: str) -> None:
     assert labels and labels[0] == "0001_initial"
     ledger = PostgresLedger(pg_dsn)
     try:
-        assert await ledger.migrate() == (labels, len(labels))
-        assert await ledger.migrate() == ([], len(labels))
+        top = available()[-1].version  # numbers may skip one another branch ships
+        assert await ledger.migrate() == (labels, top)
+        assert await ledger.migrate() == ([], top)
     finally:
         await ledger.close()
 

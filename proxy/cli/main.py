@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--chargeback",
         action="store_true",
-        help="spread each configured dedicated endpoint's monthly cost over tenants by token share",
+        help="spread each dedicated endpoint's cost (measured by the minute, else configured) over "
+        "tenants by token share",
     )
     r.set_defaults(func=cmd_report)
 
@@ -318,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpus", type=int)
     e.add_argument("--hours-per-month")
     e.add_argument("--compare", help="comma-separated models priced at the same traffic")
+    e.add_argument(
+        "--measured-month",
+        metavar="YYYY-MM",
+        help="compare each dedicated endpoint's cost in that month with its tokens on Serverless, Batch",
+    )
     e.add_argument("--format", choices=("table", "json"), default="table")
     e.set_defaults(func=cmd_estimate)
 

@@ -17,8 +17,16 @@ from proxy.core.chargeback import (
     CHARGEBACK_KEEP,
     CHARGEBACK_NOTES,
     chargeback_csv,
-    chargeback_view,
-    chargebacks,
+)
+from proxy.core.dedicated import (
+    DedicatedCharge,
+    MeasuredEndpoint,
+    charge_view,
+    check_month,
+    dedicated_charges,
+    estimate_rows,
+    measured,
+    measured_view,
 )
 from proxy.core.estimate import (
     ESTIMATE_KEEP,
@@ -31,6 +39,7 @@ from proxy.core.estimate import (
     plan_estimates,
     summary,
 )
+from proxy.core.pricing import format_usd
 from proxy.core.report import (
     FORECAST_KEEP,
     Report,
@@ -61,6 +70,28 @@ def read_rollups(config: Config, path: str | None, keep: Sequence[str], where: R
     return asyncio.run(read())
 
 
+def read_measured(config: Config, path: str | None, month: str) -> list[MeasuredEndpoint]:
+    """The month's dedicated endpoint-minutes (table endpoint_minutes), merged per endpoint."""
+    ledger = reading_ledger(config, path)
+
+    async def read() -> list[MeasuredEndpoint]:
+        try:
+            return measured(await ledger.endpoint_minutes(month), config.dedicated.minute_us)
+        finally:
+            await ledger.close()
+
+    return asyncio.run(read())
+
+
+def read_charges(config: Config, path: str | None, month: str) -> tuple[list[Rollup], list[DedicatedCharge]]:
+    """Every dedicated endpoint's chargeback of `month`: measured where minutes were, else configured."""
+    check_month(month)
+    summed = read_rollups(config, path, CHARGEBACK_KEEP, RollupFilter(periods=(month,)))
+    found = read_measured(config, path, month)
+    charges = dedicated_charges(summed, month, config.dedicated_endpoints, found, config.prices)
+    return summed, charges
+
+
 def _check_tenant(
     config: Config, tenant: str | None, month: str, rows: Sequence[Rollup], pruned: Sequence[Rollup]
 ) -> None:
@@ -82,13 +113,51 @@ def run_report(config: Config, ledger: str | None, month: str, tenant: str | Non
     periods = config.budgets.periods
     report = build_report((), month, by, tenant, periods, summed, prices=config.prices)
     fc = forecast((), month, time.time(), periods, tenant, spent)
+    check_month(month)
+    dedicated = read_measured(config, ledger, month)
     if fmt == "json":
-        print(json.dumps(report_view(report, fc), indent=2))
+        view = report_view(report, fc)
+        view["dedicated"] = [measured_view(m, config.dedicated.minute_us) for m in dedicated]
+        print(json.dumps(view, indent=2))
     elif fmt == "csv":
         sys.stdout.write(report_csv(report))
     else:
         print_report(report, fc)
+        print_measured(dedicated, month)
     return 0
+
+
+def print_measured(found: list[MeasuredEndpoint], month: str) -> None:
+    """Dedicated endpoints measured by the minute in the month (nothing when none was followed)."""
+    if not found:
+        return
+    from rich.table import Table
+
+    heads = ("endpoint", "model", "hardware", "minutes", "replica-min", "cost", "unknown min", "not observed")
+    cells = [
+        [
+            m.endpoint_id,
+            m.model,
+            ", ".join(m.hardware) or "-",
+            f"{m.minutes:,}",
+            f"{m.replica_minutes:,}",
+            _usd(format_usd(m.cost_pusd)),
+            f"{m.unknown_minutes:,}",
+            f"{m.unobserved_minutes:,}",
+        ]
+        for m in found
+    ]
+    t = Table(title=f"Dedicated endpoints measured by the minute, {month}")
+    add_columns(t, heads, cells, labels=3)
+    for line in cells:
+        t.add_row(*line)
+    out = console()
+    print_table(out, t)
+    out.print(
+        "cost: replicas x the hardware's cents per minute over the observed minutes; minutes with an "
+        "unknown replica count and minutes not observed are not in it (report --chargeback, estimate "
+        "--measured-month compare it with Serverless and Batch)"
+    )
 
 
 def print_report(report: Report, fc: Any) -> None:
@@ -152,13 +221,15 @@ def _report_cells(line: dict[str, Any]) -> list[str]:
 
 
 def run_chargeback(config: Config, ledger: str | None, month: str, tenant: str | None, fmt: str) -> int:
-    """Each dedicated endpoint's month charged back to tenants (`report --chargeback`)."""
-    if not config.dedicated_endpoints:
-        raise ReportError(f"no dedicated_endpoints in {config.file}: nothing to charge back")
-    summed = read_rollups(config, ledger, CHARGEBACK_KEEP, RollupFilter(periods=(month,)))
+    """Each dedicated endpoint's month charged back to tenants (`report --chargeback`): its measured
+    endpoint-minutes when it was followed, else its configured cost."""
+    if not config.dedicated_endpoints and not config.followed_endpoints() and not config.dedicated.discover:
+        raise ReportError(
+            f"no dedicated_endpoints (nor dedicated.follow) in {config.file}: nothing to charge back"
+        )
+    summed, found = read_charges(config, ledger, month)
     _check_tenant(config, tenant, month, summed, ())
-    found = chargebacks((), month, config.dedicated_endpoints, summed)
-    views = [chargeback_view(cb, tenant) for cb in found]
+    views = [charge_view(dc, tenant, config.dedicated.minute_us) for dc in found]
     if fmt == "json":
         print(json.dumps({"period": month, "endpoints": views, "notes": CHARGEBACK_NOTES}, indent=2))
     elif fmt == "csv":
@@ -194,7 +265,20 @@ def print_chargeback(views: list[dict[str, Any]]) -> None:
         for i, line in enumerate(cells):
             t.add_row(*line, end_section=i == len(lines) - 1)
         print_table(out, t)
+        if v.get("source") == "measured":
+            out.print(_same_tokens_line(v["compare"]), soft_wrap=True)
     out.print("share: tokens (in + out) / all the model's tokens in the month; charges sum to the cost")
+
+
+def _same_tokens_line(c: dict[str, Any]) -> str:
+    """'the same 1,234 tokens: dedicated $x ($y/1M), Serverless $z, Batch $w -> cheapest: ...'."""
+    return (
+        f"  the same {c['tokens']:,} tokens: dedicated {_usd(c['dedicated_usd'])} "
+        f"({_usd(c['dedicated_usd_per_mtok'], 4)}/1M), Serverless {_usd(c['serverless_usd'])} "
+        f"({_usd(c['serverless_usd_per_mtok'], 4)}/1M), Batch {_usd(c['batch_usd'])} "
+        f"({_usd(c['batch_usd_per_mtok'], 4)}/1M) at {c['rates_of']}'s rates "
+        f"-> cheapest: {c['cheapest'] or '-'}"
+    )
 
 
 def _chargeback_cells(line: dict[str, Any]) -> list[str]:
@@ -223,12 +307,66 @@ def run_estimate(config: Config, ledger: str | None, params: EstimateParams, fmt
     periods = config.budgets.periods
     if params.from_ledger:
         summed = read_rollups(config, ledger, ESTIMATE_KEEP, estimate_filter(params, now_us, periods))
-    found = plan_estimates(config.prices, params, (), now_us, periods, summed)
+    found = plan_estimates(config.prices, params, (), now_us, periods, summed) if params.wants_traffic else []
+    rows: list[dict[str, Any]] = []
+    if params.measured_month:
+        _, charges = read_charges(config, ledger, params.measured_month)
+        rows = estimate_rows(charges, config.dedicated.minute_us)
     if fmt == "json":
-        print(json.dumps({"estimates": [estimate_view(e) for e in found]}, indent=2))
+        data: dict[str, Any] = {"estimates": [estimate_view(e) for e in found]}
+        if params.measured_month:
+            data["dedicated_measured"] = rows
+        print(json.dumps(data, indent=2))
     else:
-        print_estimates(found)
+        if found:
+            print_estimates(found)
+        if params.measured_month:
+            print_measured_estimate(rows, params.measured_month)
     return 0
+
+
+def print_measured_estimate(rows: list[dict[str, Any]], month: str) -> None:
+    """Each dedicated endpoint's cost in `month` against the same tokens on Serverless and Batch."""
+    from rich.table import Table
+
+    out = console()
+    if not rows:
+        out.print(f"no dedicated endpoint (configured or measured) for {month}")
+        return
+    heads = (
+        "endpoint",
+        "source",
+        "tokens",
+        "dedicated",
+        "ded. $/1M",
+        "serverless",
+        "batch",
+        "cheapest",
+        "break-even tok",
+    )
+    cells = []
+    for r in rows:
+        c = r["compare"]
+        cells.append(
+            [
+                r["endpoint"],
+                r["source"],
+                f"{c['tokens']:,}",
+                _usd(c["dedicated_usd"]),
+                _usd(c["dedicated_usd_per_mtok"], 4),
+                _usd(c["serverless_usd"]),
+                _usd(c["batch_usd"]),
+                c["cheapest"] or "-",
+                "-" if c["break_even_tokens"] is None else f"{c['break_even_tokens']:,}",
+            ]
+        )
+    t = Table(title=f"Dedicated vs Serverless vs Batch for the tokens served, {month}")
+    add_columns(t, heads, cells, labels=2)
+    for line in cells:
+        t.add_row(*line)
+    print_table(out, t)
+    for r in rows:
+        out.print(f"{r['endpoint']}: {r['basis']}", soft_wrap=True)
 
 
 def print_estimates(found: list[Estimate]) -> None:
@@ -291,4 +429,5 @@ def params_from_args(args: Any) -> EstimateParams:
         gpus=args.gpus,
         hours_per_month=dec("hours_per_month"),
         compare=tuple(m for m in (args.compare or "").split(",") if m),
+        measured_month=args.measured_month,
     )

@@ -22,7 +22,7 @@ from proxy.core.budgets import Budget, Periods
 from proxy.core.calls import LABEL_VALUE_RE
 from proxy.core.chargeback import DedicatedEndpoint
 from proxy.core.pricing import PUSD_PER_USD, PriceTable
-from proxy.core.routes import Grant
+from proxy.core.routes import ID_RE, Grant
 from proxy.errors import ConfigError
 
 DEFAULT_UPSTREAM = "https://api.together.ai/v1"  # the host together's current SDKs use
@@ -135,6 +135,22 @@ class FileSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DedicatedSettings:
+    """Which dedicated endpoints the proxy follows by the minute, and how often (docs/configuration.md)."""
+
+    follow: tuple[str, ...] = ()  # together endpoint ids (dedicated_endpoints' endpoint_id are added)
+    discover: bool = False  # also every endpoint GET /v1/endpoints?type=dedicated lists
+    poll_seconds: float = 15.0  # between two looks at every endpoint (several per minute)
+    prices_refresh_seconds: float = 3600.0  # GET /v1/hardware again after this long
+    max_endpoints: int = 100  # followed at most (the rest is logged, not followed)
+    minute_seconds: float = 60.0  # TEST ONLY: the length of a billed minute (simulator tests)
+
+    @property
+    def minute_us(self) -> int:
+        return round(self.minute_seconds * 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     file: str
     listen: Listen
@@ -154,6 +170,12 @@ class Config:
     batches: BatchSettings = field(default_factory=BatchSettings)
     files: FileSettings = field(default_factory=FileSettings)
     dedicated_endpoints: tuple[DedicatedEndpoint, ...] = ()
+    dedicated: DedicatedSettings = field(default_factory=DedicatedSettings)
+
+    def followed_endpoints(self) -> tuple[str, ...]:
+        """The endpoint ids to follow: `dedicated.follow` and every `dedicated_endpoints` endpoint_id."""
+        linked = (e.endpoint_id for e in self.dedicated_endpoints if e.endpoint_id)
+        return tuple(dict.fromkeys((*self.dedicated.follow, *linked)))
 
     def budget_map(self) -> dict[tuple[str, str | None], Budget]:
         """(tenant, None) for tenant budgets, (tenant, feature) for feature budgets."""
@@ -376,6 +398,7 @@ TOP_KEYS = {
     "batches",
     "files",
     "dedicated_endpoints",
+    "dedicated",
 }
 
 
@@ -425,17 +448,32 @@ def _dedicated(r: _Reader, prices: PriceTable, forward_unpriced: bool) -> tuple[
         if not isinstance(name, str) or not TENANT_RE.match(name):
             raise r.err(str(name), "endpoint names use letters, digits, '.', '_', '-' (<= 64)")
         e = r.section(name)
-        e.check_keys({"model", "monthly_usd", "hourly_usd", "hours_per_month"})
+        e.check_keys({"model", "monthly_usd", "hourly_usd", "hours_per_month", "endpoint_id"})
         model = e.text("model", None)
         if not model:
             raise e.err("model", "missing (the together.ai model id the endpoint serves)")
         if model not in prices and not forward_unpriced:
             raise e.err("model", f"model {model!r} has no price (its Serverless equivalent is needed)")
+        endpoint_id = e.text("endpoint_id", None)
+        if endpoint_id is not None and not ID_RE.match(endpoint_id):
+            raise e.err(
+                "endpoint_id", f"must be a together endpoint id like endpoint-1234abcd, got {endpoint_id!r}"
+            )
+        if endpoint_id is not None and any(d.endpoint_id == endpoint_id for d in out):
+            raise e.err("endpoint_id", f"endpoint {endpoint_id!r} is already linked to another entry")
         monthly, hourly = _usd_amount(e, "monthly_usd"), _usd_amount(e, "hourly_usd")
         hours = _usd_amount(e, "hours_per_month")
-        if (monthly is None) == (hourly is None):
+        if monthly is not None and hourly is not None:
             raise e.err("monthly_usd", "give exactly one of monthly_usd or hourly_usd")
-        if monthly is not None:
+        if monthly is None and hourly is None:
+            if endpoint_id is None:
+                raise e.err(
+                    "monthly_usd", "give exactly one of monthly_usd or hourly_usd (or an endpoint_id)"
+                )
+            if hours is not None:
+                raise e.err("hours_per_month", "only with hourly_usd")
+            value, basis, key = Decimal(0), "measured only", "endpoint_id"
+        elif monthly is not None:
             if hours is not None:
                 raise e.err("hours_per_month", "only with hourly_usd")
             value, basis, key = monthly, f"monthly_usd {monthly}", "monthly_usd"
@@ -450,8 +488,38 @@ def _dedicated(r: _Reader, prices: PriceTable, forward_unpriced: bool) -> tuple[
             raise e.err(key, "must come to a whole number of pico-USD per month")
         if any(d.model == model for d in out):
             raise e.err("model", f"model {model!r} already has a dedicated endpoint (tokens cannot be split)")
-        out.append(DedicatedEndpoint(name, model, int(pusd), basis))
+        configured = monthly is not None or hourly is not None
+        out.append(DedicatedEndpoint(name, model, int(pusd), basis, endpoint_id, configured))
     return tuple(out)
+
+
+def _dedicated_settings(r: _Reader) -> DedicatedSettings:
+    r.check_keys(
+        {"follow", "discover", "poll_seconds", "prices_refresh_seconds", "max_endpoints", "minute_seconds"}
+    )
+    follow = r.str_list("follow") or ()
+    for endpoint_id in follow:
+        if not ID_RE.match(endpoint_id):
+            raise r.err("follow", f"{endpoint_id!r} is not a together endpoint id (like endpoint-1234abcd)")
+    discover = r.data.get("discover", False)
+    if not isinstance(discover, bool):
+        raise r.err("discover", f"must be true or false, got {discover!r}")
+    minute = r.num("minute_seconds", 60.0)
+    if minute > 60:
+        raise r.err("minute_seconds", f"must be at most 60 (together bills by the minute), got {minute!r}")
+    poll = r.num("poll_seconds", min(15.0, minute / 4))
+    if poll > minute / 2:
+        raise r.err(
+            "poll_seconds", f"must be at most half a minute ({minute / 2:g} s) so no minute is missed"
+        )
+    return DedicatedSettings(
+        follow=tuple(dict.fromkeys(follow)),
+        discover=discover,
+        poll_seconds=poll,
+        prices_refresh_seconds=r.num("prices_refresh_seconds", 3600.0),
+        max_endpoints=r.int("max_endpoints", 100, 1, 10_000),
+        minute_seconds=minute,
+    )
 
 
 def _batch_settings(r: _Reader) -> BatchSettings:
@@ -578,6 +646,7 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
         dedicated_endpoints=_dedicated(
             r.section("dedicated_endpoints"), prices, r.data.get("unpriced_models") == "forward"
         ),
+        dedicated=_dedicated_settings(r.section("dedicated")),
     )
 
 

@@ -35,6 +35,8 @@ class DedicatedEndpoint:
     model: str
     monthly_pusd: int
     basis: str  # how the monthly cost was given, e.g. "monthly_usd 2000" or "hourly_usd 3.2 x 730 h"
+    endpoint_id: str | None = None  # the together endpoint whose measured minutes replace the figure
+    configured: bool = True  # False: no monthly figure was given (endpoint_id only)
 
 
 @dataclass(frozen=True, slots=True)

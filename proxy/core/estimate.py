@@ -346,15 +346,23 @@ class EstimateParams:
     gpus: int | None = None
     hours_per_month: Decimal | None = None
     compare: tuple[str, ...] = ()
+    measured_month: str | None = None  # compare the dedicated endpoints' measured month (dedicated.py)
 
     @property
     def wants_dedicated(self) -> bool:
         return self.dedicated_monthly_usd is not None or self.gpu_hourly_usd is not None
 
+    @property
+    def wants_traffic(self) -> bool:
+        """False for a measured-month comparison alone (no model, traffic or ledger window asked)."""
+        return self.measured_month is None or bool(
+            self.model or self.compare or self.from_ledger or self.requests_per_month is not None
+        )
+
 
 _INT_PARAMS = ("requests_per_month", "input_tokens", "output_tokens", "gpus")
 _DEC_PARAMS = ("dedicated_monthly_usd", "gpu_hourly_usd", "hours_per_month")
-_STR_PARAMS = ("model", "window", "feature", "tenant")
+_STR_PARAMS = ("model", "window", "feature", "tenant", "measured_month")
 
 
 def params_from_mapping(data: Any) -> EstimateParams:

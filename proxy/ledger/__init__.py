@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
+    from proxy.core.dedicated import EndpointMinute, MinutesLine
     from proxy.core.retention import ImportResult, PruneResult
     from proxy.core.rollups import Rollup, RollupFilter
+    from proxy.ledger.endpoint_minutes import MinuteWrite
 
 from proxy.core.records import (
     COLUMNS,
@@ -115,6 +117,12 @@ class Ledger(Protocol):
 
     async def files_of(self, tenant: str) -> set[str]:
         """Ids of the files the tenant owns."""
+
+    async def record_endpoint_minute(self, m: EndpointMinute) -> MinuteWrite:
+        """Record one observed dedicated endpoint-minute; a minute is kept once (the larger)."""
+
+    async def endpoint_minutes(self, period: str) -> list[MinutesLine]:
+        """The period's endpoint-minutes summed per endpoint (and name, model, hardware, price)."""
 
 
 __all__ = [

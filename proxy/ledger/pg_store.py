@@ -17,10 +17,20 @@ from typing import Any
 import asyncpg
 
 from proxy.core.budgets import Periods
+from proxy.core.dedicated import EndpointMinute, MinutesLine
 from proxy.core.report import USAGE_KEEP, usage_lines
 from proxy.core.retention import ImportResult, PruneResult
 from proxy.core.rollups import Rollup, RollupFilter
-from proxy.ledger import COLUMNS, BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us, pg_bulk
+from proxy.ledger import (
+    COLUMNS,
+    BatchJob,
+    LedgerRow,
+    LedgerUnavailable,
+    OwnedFile,
+    endpoint_minutes,
+    now_us,
+    pg_bulk,
+)
 from proxy.ledger.migrate import current_version, migrate
 from proxy.ledger.rollup_sql import select_rollups, to_rollup
 
@@ -307,6 +317,29 @@ class PostgresStore:
         """Ids of the files the tenant owns."""
         found = await self._fetch("SELECT file_id FROM files WHERE tenant = $1", tenant)
         return {str(r[0]) for r in found}
+
+    # -- dedicated endpoints by the minute (proxy/server/dedicated.py) -------------------------------
+
+    async def record_endpoint_minute(self, m: EndpointMinute) -> endpoint_minutes.MinuteWrite:
+        """Record one observed endpoint-minute (once per minute across replicas; the larger stays)."""
+        try:
+            pool = await self._get_pool()
+            async with pool.acquire() as conn:
+                return await endpoint_minutes.pg_record(conn, m)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise LedgerUnavailable(f"ledger {self.where}: {self._scrub(exc)}") from None
+
+    async def endpoint_minutes(self, period: str) -> list[MinutesLine]:
+        """The period's endpoint-minutes summed per endpoint, name, model, hardware and price."""
+        try:
+            pool = await self._get_pool()
+            async with pool.acquire() as conn:
+                found = await conn.fetch(endpoint_minutes.PG_LINES, period)
+        except asyncpg.UndefinedTableError:
+            return []  # a database not migrated to 0005 yet: nothing measured
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise LedgerUnavailable(f"ledger {self.where}: {self._scrub(exc)}") from None
+        return [endpoint_minutes.to_line(r) for r in found]
 
     # -- retention and imports (pg_bulk.py) ----------------------------------------------------
 

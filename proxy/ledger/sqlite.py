@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.core.budgets import Periods
+from proxy.core.dedicated import EndpointMinute, MinutesLine
 from proxy.core.report import USAGE_KEEP, usage_lines
 from proxy.core.retention import ImportResult, PruneResult
 from proxy.core.rollups import Rollup, RollupFilter
@@ -31,6 +32,7 @@ from proxy.ledger import (
     LedgerRow,
     LedgerUnavailable,
     OwnedFile,
+    endpoint_minutes,
     now_us,
     sqlite_bulk,
 )
@@ -436,6 +438,39 @@ class SQLiteLedger:
 
     async def _ids(self, sql: str, tenant: str) -> set[str]:
         return {str(r[0]) for r in await asyncio.to_thread(self._read, sql, (tenant,))}
+
+    # -- dedicated endpoints by the minute (proxy/server/dedicated.py) -------------------------------
+
+    async def record_endpoint_minute(self, m: EndpointMinute) -> endpoint_minutes.MinuteWrite:
+        """Record one observed endpoint-minute (once per minute; the larger observation stays)."""
+
+        def write() -> endpoint_minutes.MinuteWrite:
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                conn.execute("PRAGMA busy_timeout=5000")
+                return endpoint_minutes.sqlite_record(conn, m)
+            finally:
+                conn.close()
+
+        try:
+            return await asyncio.to_thread(write)
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"ledger {self.path}: {exc}") from None
+
+    async def endpoint_minutes(self, period: str) -> list[MinutesLine]:
+        """The period's endpoint-minutes summed per endpoint, name, model, hardware and price."""
+
+        def read() -> list[MinutesLine]:
+            try:
+                return [
+                    endpoint_minutes.to_line(r) for r in self._read(endpoint_minutes.SQLITE_LINES, (period,))
+                ]
+            except sqlite3.OperationalError as exc:
+                if "no such table: endpoint_minutes" in str(exc):
+                    return []  # a ledger no proxy of this version has opened yet: nothing measured
+                raise
+
+        return await asyncio.to_thread(read)
 
     def _write_one(self, sql: str, params: tuple[Any, ...]) -> bool:
         conn = sqlite3.connect(self.path, isolation_level=None)

@@ -24,12 +24,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.core.budgets import Budget, projected_month_end
-from proxy.core.chargeback import (
-    CHARGEBACK_KEEP,
-    CHARGEBACK_NOTES,
-    chargeback_csv,
-    chargeback_view,
-    chargebacks,
+from proxy.core.chargeback import CHARGEBACK_KEEP, CHARGEBACK_NOTES, chargeback_csv
+from proxy.core.dedicated import (
+    DedicatedCharge,
+    charge_view,
+    dedicated_charges,
+    estimate_rows,
+    measured,
+    measured_view,
 )
 from proxy.core.estimate import (
     ESTIMATE_KEEP,
@@ -311,9 +313,13 @@ def build_admin_app(proxy: Operated) -> web.Application:
         if fmt == "csv":
             return web.Response(text=await asyncio.to_thread(report_csv, built), content_type="text/csv")
         spent = await proxy.ledger.rollups(FORECAST_KEEP, where)
+        minute_us = proxy.config.dedicated.minute_us
+        found = measured(await proxy.ledger.endpoint_minutes(month), minute_us)
 
         def view() -> bytes:
-            return orjson.dumps(report_view(built, forecast((), month, now, periods, tenant, spent)))
+            data = report_view(built, forecast((), month, now, periods, tenant, spent))
+            data["dedicated"] = [measured_view(m, minute_us) for m in found]
+            return orjson.dumps(data)
 
         return web.Response(body=await asyncio.to_thread(view), content_type="application/json")
 
@@ -330,10 +336,29 @@ def build_admin_app(proxy: Operated) -> web.Application:
             if params.from_ledger:
                 where = estimate_filter(params, now, periods)
                 summed = await proxy.ledger.rollups(ESTIMATE_KEEP, where)
-            found = plan_estimates(proxy.config.prices, params, (), now, periods, summed)
+            found = (
+                plan_estimates(proxy.config.prices, params, (), now, periods, summed)
+                if params.wants_traffic
+                else []
+            )
+            data: dict[str, Any] = {"estimates": [estimate_view(e) for e in found]}
+            if params.measured_month:
+                if not PERIOD_RE.match(params.measured_month):
+                    raise ReportError(f"measured_month must look like 2026-11, got {params.measured_month!r}")
+                charges = await dedicated_month(params.measured_month)
+                data["dedicated_measured"] = estimate_rows(charges, proxy.config.dedicated.minute_us)
         except ReportError as exc:
             raise BadRequest(str(exc)) from None
-        return _json({"estimates": [estimate_view(e) for e in found]})
+        return _json(data)
+
+    async def dedicated_month(month: str) -> list[DedicatedCharge]:
+        """Every dedicated endpoint's month: measured by the minute where followed, else configured."""
+        summed = await proxy.ledger.rollups(CHARGEBACK_KEEP, RollupFilter(periods=(month,)))
+        found = measured(await proxy.ledger.endpoint_minutes(month), proxy.config.dedicated.minute_us)
+        config = proxy.config
+        return await asyncio.to_thread(
+            dedicated_charges, summed, month, config.dedicated_endpoints, found, config.prices
+        )
 
     async def chargeback(request: web.Request) -> web.Response:
         """Each dedicated endpoint's month spread over tenants by token share (JSON or CSV)."""
@@ -344,10 +369,9 @@ def build_admin_app(proxy: Operated) -> web.Application:
             raise BadRequest(f"format must be json or csv, got {fmt!r}")
         if not PERIOD_RE.match(month):
             raise BadRequest(f"month must look like 2026-11, got {month!r}")
-        summed = await proxy.ledger.rollups(CHARGEBACK_KEEP, RollupFilter(periods=(month,)))
-        endpoints = proxy.config.dedicated_endpoints
-        found = await asyncio.to_thread(chargebacks, (), month, endpoints, summed)
-        views = [chargeback_view(cb, q.get("tenant") or None) for cb in found]
+        found = await dedicated_month(month)
+        minute_us = proxy.config.dedicated.minute_us
+        views = [charge_view(dc, q.get("tenant") or None, minute_us) for dc in found]
         if fmt == "csv":
             return web.Response(text=chargeback_csv(views), content_type="text/csv")
         return _json({"period": month, "endpoints": views, "notes": CHARGEBACK_NOTES})

@@ -28,6 +28,7 @@ from proxy.ledger.factory import open_ledger
 from proxy.ledger.postgres import PostgresLedger
 from proxy.server.admin import build_admin_app
 from proxy.server.batches import BatchTracker
+from proxy.server.dedicated import DedicatedFollower
 from proxy.server.dispatch import Dispatcher
 from proxy.server.media import UnitRelay
 from proxy.server.metrics import Metrics
@@ -102,6 +103,11 @@ class Proxy:
             self.periods,
             self.relay.tokenizer,
         )
+        # dedicated endpoints by the minute: one follower per process group (not in each worker)
+        self.dedicated = DedicatedFollower(
+            self.ledger, self.upstream.api, lambda: self.config, self.periods, clock
+        )
+        self.metrics.dedicated = self.dedicated.metrics
         self.public_app = self._build_public_app()
         self.admin_app = build_admin_app(self)
         self._runners: list[web.AppRunner] = []
@@ -222,6 +228,8 @@ class Proxy:
             self._budget_sync = asyncio.get_running_loop().create_task(self._sync_budgets(self.ledger))
         if self.role != "supervisor":  # a supervisor forwards nothing: its workers do
             await self.batch_tracker.start()  # picks up batches a previous run left unrecorded
+        if self.role != "worker":
+            await self.dedicated.start()
         synced = self.config.prices.extra.get("synced_at")
         if synced is not None:
             self.metrics.prices_last_sync = _timestamp(synced)
@@ -275,6 +283,7 @@ class Proxy:
             abort.cancel()
         self._runners.clear()
         await self.batch_tracker.stop()
+        await self.dedicated.stop()
         await self.upstream.close()
         if self._budget_sync is not None:
             self._budget_sync.cancel()

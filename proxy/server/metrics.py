@@ -139,6 +139,7 @@ class Metrics:
         self.budgets: BudgetBook | None = None  # month-to-date spend and budget gauges
         # `serve --workers N`: the supervisor's /metrics renders its workers' merged totals
         self.fleet: MetricSource | None = None
+        self.dedicated: MetricSource | None = None  # the dedicated endpoint follower's series
         self.request_duration = Histogram(
             PREFIX + "request_duration_seconds",
             "Time from request received to its ledger row committed (the end of the response "
@@ -324,6 +325,8 @@ class Metrics:
         )
         if self.budgets is not None:
             yield from budget_gauges(self.budgets)
+        if self.dedicated is not None:
+            yield from self.dedicated.collect()
         if self.prices_last_sync is not None:
             yield GaugeMetricFamily(
                 PREFIX + "prices_last_sync_timestamp_seconds",

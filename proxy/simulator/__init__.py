@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from .endpoints import DEDICATED, DedicatedFleet, ScriptedEndpoint
 from .server import (
     BILLED,
     FLAT_CACHED,
@@ -23,13 +24,16 @@ from .server import (
 
 __all__ = [
     "BILLED",
+    "DEDICATED",
     "FLAT_CACHED",
     "MEDIA_MODELS",
     "SEEN",
     "SEEN_MAX",
     "TOKEN_MODELS",
     "BilledLog",
+    "DedicatedFleet",
     "RunningSimulator",
+    "ScriptedEndpoint",
     "SimulatorOptions",
     "billed_pusd",
     "create_app",

@@ -86,6 +86,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from . import media
+from .endpoints import add_routes as add_endpoint_routes
 from .wire import authorized as _authorized
 from .wire import dumps as _dumps
 from .wire import error as _error
@@ -1275,7 +1276,7 @@ def create_app(options: SimulatorOptions | None = None) -> web.Application:
     r.add_post("/v1/fine-tunes", _fine_tune_create)
     r.add_get("/v1/fine-tunes/{ft_id}", _fine_tune_get)
     r.add_get("/v1/hardware", _hardware)
-    r.add_get("/v1/endpoints", _endpoints)
+    add_endpoint_routes(app, _HARDWARE, _endpoints)  # + dedicated endpoints (endpoints.py)
     media.add_routes(r)  # rerank, images, audio, videos (proxy/simulator/media.py)
     r.add_get("/health", _health)
     r.add_get("/_sim/billed", _billed)

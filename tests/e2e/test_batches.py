@@ -136,7 +136,12 @@ async def test_batch_is_followed_and_recorded_at_batch_rates(meter: Meter) -> No
     # the rows went through the normal path: budgets and metrics saw them
     total = sum(r.cost_pusd or 0 for r in rows)
     assert meter.proxy.budgets.spent_all["acme"] == total
-    (job,) = await meter.proxy.ledger.batches()
+    deadline = time.monotonic() + 10  # the job is marked recorded just after its rows commit
+    for _ in range(500):
+        (job,) = await meter.proxy.ledger.batches()
+        if job.recorded_us is not None or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
     assert (job.batch_id, job.tenant, job.feature, job.status) == (batch_id, "acme", "search", "COMPLETED")
     assert job.recorded_us is not None and job.output_file_id
     # only the proxy polled the batch; the tenant key never went upstream
