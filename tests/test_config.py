@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -425,3 +426,19 @@ def test_files_settings(tmp_path: Path) -> None:
 def test_files_settings_refused(tmp_path: Path, key: str, value: Any, words: tuple[str, ...]) -> None:
     err = config_error(tmp_path, with_value(key, value))
     assert_names(err, tmp_path / "meter.yaml", key, *words)
+
+
+def test_a_config_of_tenants_only_takes_every_default_from_the_dataclasses(tmp_path: Path) -> None:
+    """Defaults are written once, in the section dataclasses: a file that sets nothing but its
+    tenants gets exactly those (a literal default in the parser that drifted would differ)."""
+    from proxy import config as c
+
+    cfg = load_config(write_config(tmp_path, {"tenants": {"acme": {"keys_sha256": [DIGEST]}}}))
+    assert cfg.listen == c.Listen() and cfg.admin == c.Listen(port=c.ADMIN_PORT)
+    assert cfg.upstream == c.Upstream() and cfg.ledger == c.LedgerSettings()
+    assert cfg.limits == c.Limits() and cfg.attribution == c.Attribution()
+    assert cfg.budgets == c.BudgetSettings() and cfg.notify == c.Notify()
+    assert cfg.batches == c.BatchSettings() and cfg.files == c.FileSettings()
+    assert cfg.dedicated == c.DedicatedSettings()
+    defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
+    assert {k: getattr(cfg, k) for k in defaults} == defaults

@@ -26,6 +26,9 @@ from proxy.core.routes import ID_RE, Grant
 from proxy.errors import ConfigError
 
 DEFAULT_UPSTREAM = "https://api.together.ai/v1"  # the host together's current SDKs use
+UNPRICED_DEFAULT = "reject"
+LISTEN_PORT, ADMIN_PORT = 8787, 9787  # the public API and the admin listener
+ADMIN_TOKEN_ENV = "TOGETHER_METER_ADMIN_TOKEN"
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
@@ -33,7 +36,7 @@ TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 @dataclass(frozen=True, slots=True)
 class Listen:
     host: str = "127.0.0.1"
-    port: int = 8787
+    port: int = LISTEN_PORT
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +166,8 @@ class Config:
     prices: PriceTable
     prices_file: str
     keys_file: str | None
-    unpriced_models: str = "reject"  # reject (400 model_not_priced) | forward (cost unknown)
-    admin_token_env: str = "TOGETHER_METER_ADMIN_TOKEN"
+    unpriced_models: str = UNPRICED_DEFAULT  # reject (400 model_not_priced) | forward (cost unknown)
+    admin_token_env: str = ADMIN_TOKEN_ENV
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
     notify: Notify = field(default_factory=Notify)
     batches: BatchSettings = field(default_factory=BatchSettings)
@@ -190,6 +193,13 @@ class Config:
     def key_index(self) -> dict[str, str]:
         """SHA-256 hex digest -> tenant name, for every configured key."""
         return {d: t.name for t in self.tenants.values() for d in t.key_digests}
+
+
+# The defaults of every section, written once (in the dataclasses above): the parser below
+# takes each missing key's value from these, never from a literal of its own.
+_LISTEN, _UPSTREAM, _LEDGER, _LIMITS = Listen(), Upstream(), LedgerSettings(), Limits()
+_ATTRIBUTION, _BUDGETS, _NOTIFY = Attribution(), BudgetSettings(), Notify()
+_BATCHES, _FILES, _DEDICATED = BatchSettings(), FileSettings(), DedicatedSettings()
 
 
 class _Reader:
@@ -263,7 +273,7 @@ class _Reader:
 
 def _listen(r: _Reader, default_port: int) -> Listen:
     r.check_keys({"host", "port"})
-    return Listen(r.text("host", "127.0.0.1") or "127.0.0.1", r.int("port", default_port, 0, 65535))
+    return Listen(r.text("host", _LISTEN.host) or _LISTEN.host, r.int("port", default_port, 0, 65535))
 
 
 def _upstream(r: _Reader) -> Upstream:
@@ -275,12 +285,12 @@ def _upstream(r: _Reader) -> Upstream:
     return Upstream(
         url=url,
         inference_url=inference,
-        connect_timeout=t.num("connect", 10.0),
-        first_byte_timeout=t.num("first_byte", 120.0),
-        idle_timeout=t.num("idle", 60.0),
-        total_timeout=t.num("total", 900.0),
-        max_connections=r.int("max_connections", 256, 1, 100_000),
-        client_abort_grace=r.num("client_abort_grace", 5.0, lo=0.0, inclusive=True),
+        connect_timeout=t.num("connect", _UPSTREAM.connect_timeout),
+        first_byte_timeout=t.num("first_byte", _UPSTREAM.first_byte_timeout),
+        idle_timeout=t.num("idle", _UPSTREAM.idle_timeout),
+        total_timeout=t.num("total", _UPSTREAM.total_timeout),
+        max_connections=r.int("max_connections", _UPSTREAM.max_connections, 1, 100_000),
+        client_abort_grace=r.num("client_abort_grace", _UPSTREAM.client_abort_grace, lo=0.0, inclusive=True),
     )
 
 
@@ -404,7 +414,7 @@ TOP_KEYS = {
 
 def _budget_settings(r: _Reader, prices: PriceTable) -> BudgetSettings:
     r.check_keys({"timezone", "default_max_output_tokens", "max_output_tokens"})
-    tz = r.text("timezone", "UTC") or "UTC"
+    tz = r.text("timezone", _BUDGETS.timezone) or _BUDGETS.timezone
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
@@ -415,7 +425,9 @@ def _budget_settings(r: _Reader, prices: PriceTable) -> BudgetSettings:
         if model not in prices:
             raise caps.err(str(model), "model has no price")
         per_model[model] = caps.int(model, 0, 1, 10_000_000)
-    return BudgetSettings(tz, r.int("default_max_output_tokens", 4096, 1, 10_000_000), per_model)
+    return BudgetSettings(
+        tz, r.int("default_max_output_tokens", _BUDGETS.default_max_output_tokens, 1, 10_000_000), per_model
+    )
 
 
 def _notify(r: _Reader) -> Notify:
@@ -423,7 +435,7 @@ def _notify(r: _Reader) -> Notify:
     url = r.text("webhook_url", None)
     if url is not None and not re.match(r"^https?://[^/\s]+", url):
         raise r.err("webhook_url", f"must be an http(s) URL, got {url!r}")
-    return Notify(url, r.num("timeout", 5.0), r.int("max_attempts", 6, 1, 100))
+    return Notify(url, r.num("timeout", _NOTIFY.timeout), r.int("max_attempts", _NOTIFY.max_attempts, 1, 100))
 
 
 def _usd_amount(r: _Reader, name: str) -> Decimal | None:
@@ -501,13 +513,13 @@ def _dedicated_settings(r: _Reader) -> DedicatedSettings:
     for endpoint_id in follow:
         if not ID_RE.match(endpoint_id):
             raise r.err("follow", f"{endpoint_id!r} is not a together endpoint id (like endpoint-1234abcd)")
-    discover = r.data.get("discover", False)
+    discover = r.data.get("discover", _DEDICATED.discover)
     if not isinstance(discover, bool):
         raise r.err("discover", f"must be true or false, got {discover!r}")
-    minute = r.num("minute_seconds", 60.0)
+    minute = r.num("minute_seconds", _DEDICATED.minute_seconds)
     if minute > 60:
         raise r.err("minute_seconds", f"must be at most 60 (together bills by the minute), got {minute!r}")
-    poll = r.num("poll_seconds", min(15.0, minute / 4))
+    poll = r.num("poll_seconds", min(_DEDICATED.poll_seconds, minute / 4))
     if poll > minute / 2:
         raise r.err(
             "poll_seconds", f"must be at most half a minute ({minute / 2:g} s) so no minute is missed"
@@ -516,28 +528,28 @@ def _dedicated_settings(r: _Reader) -> DedicatedSettings:
         follow=tuple(dict.fromkeys(follow)),
         discover=discover,
         poll_seconds=poll,
-        prices_refresh_seconds=r.num("prices_refresh_seconds", 3600.0),
-        max_endpoints=r.int("max_endpoints", 100, 1, 10_000),
+        prices_refresh_seconds=r.num("prices_refresh_seconds", _DEDICATED.prices_refresh_seconds),
+        max_endpoints=r.int("max_endpoints", _DEDICATED.max_endpoints, 1, 10_000),
         minute_seconds=minute,
     )
 
 
 def _batch_settings(r: _Reader) -> BatchSettings:
     r.check_keys({"poll_interval"})
-    return BatchSettings(r.num("poll_interval", 30.0))
+    return BatchSettings(r.num("poll_interval", _BATCHES.poll_interval))
 
 
 def _file_settings(r: _Reader) -> FileSettings:
     r.check_keys({"relay_uploads", "public_url", "upload_token_ttl"})
-    relay = r.data.get("relay_uploads", True)
+    relay = r.data.get("relay_uploads", _FILES.relay_uploads)
     if not isinstance(relay, bool):
         raise r.err("relay_uploads", f"must be true or false, got {relay!r}")
-    url = r.text("public_url", None)
+    url = r.text("public_url", _FILES.public_url)
     if url is not None:
         url = url.rstrip("/")
         if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?\Z", url):
             raise r.err("public_url", f"must be an http(s) URL without query or fragment, got {url!r}")
-    ttl = r.num("upload_token_ttl", 900.0)
+    ttl = r.num("upload_token_ttl", _FILES.upload_token_ttl)
     if ttl > 86400:
         raise r.err("upload_token_ttl", f"must be at most 86400 (a day), got {ttl:g}")
     return FileSettings(relay, url, ttl)
@@ -547,7 +559,7 @@ def _ledger(r: _Reader) -> LedgerSettings:
     r.check_keys(
         {"backend", "path", "synchronous", "dsn", "dsn_env", "pool_size", "lease_seconds", "commit_timeout"}
     )
-    backend = r.choice("backend", "sqlite", ("sqlite", "postgres"))
+    backend = r.choice("backend", _LEDGER.backend, ("sqlite", "postgres"))
     dsn, dsn_env = r.data.get("dsn"), r.text("dsn_env", None)
     if dsn is not None and (not isinstance(dsn, str) or not re.match(r"^postgres(ql)?://", dsn)):
         # never echo the value: it may carry a password
@@ -560,13 +572,13 @@ def _ledger(r: _Reader) -> LedgerSettings:
         raise r.err("dsn_env", f"must be an environment variable name, got {dsn_env!r}")
     return LedgerSettings(
         backend=backend,
-        path=r.text("path", "together-meter.db") or "together-meter.db",
-        synchronous=r.choice("synchronous", "normal", ("normal", "full")),
+        path=r.text("path", _LEDGER.path) or _LEDGER.path,
+        synchronous=r.choice("synchronous", _LEDGER.synchronous, ("normal", "full")),
         dsn=dsn,
         dsn_env=dsn_env,
-        pool_size=r.int("pool_size", 4, 1, 1000),
-        lease_seconds=r.num("lease_seconds", 30.0, lo=1.0, inclusive=True),
-        commit_timeout=r.num("commit_timeout", 5.0),
+        pool_size=r.int("pool_size", _LEDGER.pool_size, 1, 1000),
+        lease_seconds=r.num("lease_seconds", _LEDGER.lease_seconds, lo=1.0, inclusive=True),
+        commit_timeout=r.num("commit_timeout", _LEDGER.commit_timeout),
     )
 
 
@@ -591,20 +603,22 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
         }
     )
     limits = Limits(
-        max_body_bytes=lim.int("max_body_bytes", 4 * 1024 * 1024, 1024, 1 << 30),
-        max_event_bytes=lim.int("max_event_bytes", 8 * 1024 * 1024, 1024, 1 << 30),
-        max_response_bytes=lim.int("max_response_bytes", 64 * 1024 * 1024, 1024, 1 << 31),
-        drain_timeout=lim.num("drain_timeout", 30.0),
-        auth_failures_per_minute=lim.int("auth_failures_per_minute", 30, 0, 1_000_000),
-        body_timeout=lim.num("body_timeout", 10.0),
-        header_timeout=lim.num("header_timeout", 10.0),
+        max_body_bytes=lim.int("max_body_bytes", _LIMITS.max_body_bytes, 1024, 1 << 30),
+        max_event_bytes=lim.int("max_event_bytes", _LIMITS.max_event_bytes, 1024, 1 << 30),
+        max_response_bytes=lim.int("max_response_bytes", _LIMITS.max_response_bytes, 1024, 1 << 31),
+        drain_timeout=lim.num("drain_timeout", _LIMITS.drain_timeout),
+        auth_failures_per_minute=lim.int(
+            "auth_failures_per_minute", _LIMITS.auth_failures_per_minute, 0, 1_000_000
+        ),
+        body_timeout=lim.num("body_timeout", _LIMITS.body_timeout),
+        header_timeout=lim.num("header_timeout", _LIMITS.header_timeout),
     )
     att = r.section("attribution")
     att.check_keys({"features", "environments", "max_label_values"})
     attribution = Attribution(
         att.str_list("features", LABEL_VALUE_RE),
         att.str_list("environments", LABEL_VALUE_RE),
-        att.int("max_label_values", 50, 1, 10_000),
+        att.int("max_label_values", _ATTRIBUTION.max_label_values, 1, 10_000),
     )
     tenants = _tenants(r.section("tenants"))
     if not tenants:
@@ -619,15 +633,15 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
         tenants = _keys_file(keys_path, tenants)
     for t in tenants.values():
         for m in t.models or ():
-            if m not in prices and r.data.get("unpriced_models", "reject") == "reject":
+            if m not in prices and r.data.get("unpriced_models", UNPRICED_DEFAULT) == "reject":
                 raise ConfigError(
                     file, f"tenants.{t.name}.models", f"model {m!r} has no price in {prices_path}"
                 )
     budgets = _budget_settings(r.section("budgets"), prices)
     return Config(
         file=file,
-        listen=_listen(r.section("listen"), 8787),
-        admin=_listen(r.section("admin"), 9787),
+        listen=_listen(r.section("listen"), LISTEN_PORT),
+        admin=_listen(r.section("admin"), ADMIN_PORT),
         upstream=_upstream(r.section("upstream")),
         ledger=replace(ledger, timezone=budgets.timezone),
         limits=limits,
@@ -636,9 +650,8 @@ def parse_config(data: Any, file: str, base_dir: Path | None = None) -> Config:
         prices=prices,
         prices_file=str(prices_path),
         keys_file=str(keys_path) if keys_path else None,
-        unpriced_models=r.choice("unpriced_models", "reject", ("reject", "forward")),
-        admin_token_env=r.text("admin_token_env", "TOGETHER_METER_ADMIN_TOKEN")
-        or "TOGETHER_METER_ADMIN_TOKEN",
+        unpriced_models=r.choice("unpriced_models", UNPRICED_DEFAULT, ("reject", "forward")),
+        admin_token_env=r.text("admin_token_env", ADMIN_TOKEN_ENV) or ADMIN_TOKEN_ENV,
         budgets=budgets,
         notify=_notify(r.section("notify")),
         batches=_batch_settings(r.section("batches")),
