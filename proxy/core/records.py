@@ -23,34 +23,49 @@ TERMINAL_STATUSES = (
     "orphaned",
 )
 
-COLUMNS = (
-    "request_id",
-    "tenant",
-    "key_id",
-    "model",
-    "endpoint",
-    "mode",
-    "feature",
-    "environment",
-    "stream",
-    "started_us",
-    "finished_us",
-    "period",
-    "upstream_status",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "usage_source",
-    "cost_pusd",
-    "reserved_pusd",
-    "status",
-    "stream_complete",
-    "error_code",
-    "upstream_id",
-    "unit",
-    "quantity_micros",
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One column of the ledger's `requests` table, as both backends declare it."""
+
+    name: str
+    kind: str  # text | int (64-bit) | int4 | bool
+    not_null: bool = False
+    default: str | None = None  # an SQL literal
+    key: bool = False
+
+
+# The ledger's columns, in LedgerRow order: the one source the SQLite schema is made from, the
+# PostgreSQL writer's array types follow, and the PostgreSQL migrations are checked against
+# (tests/test_ledger_schema.py). PostgreSQL has one more, `owner` (the writing instance).
+LEDGER_COLUMNS = (
+    Column("request_id", "text", True, key=True),
+    Column("tenant", "text", True),
+    Column("key_id", "text", True),
+    Column("model", "text", True),
+    Column("endpoint", "text", True),
+    Column("mode", "text", True),
+    Column("feature", "text"),
+    Column("environment", "text"),
+    Column("stream", "bool", True),
+    Column("started_us", "int", True),
+    Column("finished_us", "int"),
+    Column("period", "text", True),
+    Column("upstream_status", "int4"),
+    Column("prompt_tokens", "int"),
+    Column("completion_tokens", "int"),
+    Column("cached_tokens", "int"),
+    Column("reasoning_tokens", "int"),
+    Column("usage_source", "text", True),
+    Column("cost_pusd", "int"),
+    Column("reserved_pusd", "int"),
+    Column("status", "text", True),
+    Column("stream_complete", "bool", True, "false"),
+    Column("error_code", "text"),
+    Column("upstream_id", "text"),
+    Column("unit", "text", True, "'token'"),
+    Column("quantity_micros", "int"),
 )
+COLUMNS = tuple(c.name for c in LEDGER_COLUMNS)
 # what a terminal row's `finish` sets (a begun row's other columns never change again)
 FINISH_COLUMNS = (
     "status",
@@ -240,9 +255,11 @@ __all__ = [
     "COLUMNS",
     "FINISH_COLUMNS",
     "IN_FLIGHT",
+    "LEDGER_COLUMNS",
     "TERMINAL_STATUSES",
     "TOKEN",
     "BatchJob",
+    "Column",
     "LedgerRow",
     "OwnedFile",
     "now_us",

@@ -8,14 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from proxy.core.records import COLUMNS, LedgerRow
+from proxy.core.records import COLUMNS, LEDGER_COLUMNS, LedgerRow
 
-TYPES = (
-    "text", "text", "text", "text", "text", "text", "text", "text", "bool", "int8", "int8", "text",
-    "int4", "int8", "int8", "int8", "int8", "text", "int8", "int8", "text", "bool", "text", "text",
-    "text", "int8",
-)  # fmt: skip
-assert len(TYPES) == len(COLUMNS)
+# the array type of each column (records.LEDGER_COLUMNS: the one list of columns)
+TYPES = tuple({"text": "text", "int": "int8", "int4": "int4", "bool": "bool"}[c.kind] for c in LEDGER_COLUMNS)
 N_ROW = len(TYPES) + 1  # a row's arrays (+ owner)
 
 

@@ -14,7 +14,7 @@ import logging
 import sqlite3
 
 from proxy.core.budgets import Periods
-from proxy.core.records import IN_FLIGHT
+from proxy.core.records import IN_FLIGHT, LEDGER_COLUMNS, Column
 from proxy.core.rollups import ROLLUP_KEY, ROLLUP_SUMS, DayCutter
 from proxy.ledger.endpoint_minutes import SQLITE_SCHEMA as ENDPOINT_MINUTES_SCHEMA
 from proxy.ledger.rollup_sql import KEY_SQL
@@ -27,34 +27,23 @@ _KEY_V1 = ", ".join(k for k in ROLLUP_KEY if k != "unit")
 _SUMS_V1 = ", ".join(s for s in ROLLUP_SUMS if s != "quantity_micros")
 _EMPTY = "rollups made from the rows: 0 line(s)"
 
+_SQLITE_TYPES = {"text": "TEXT", "int": "INTEGER", "int4": "INTEGER", "bool": "INTEGER"}
+
+
+def _column_sql(c: Column) -> str:
+    """One column of `requests` in SQLite (booleans are 0/1 integers, a boolean default 0/1)."""
+    default = {"false": "0", "true": "1"}.get(c.default or "", c.default)
+    return (
+        f"{c.name} {_SQLITE_TYPES[c.kind]}"
+        + (" PRIMARY KEY" if c.key else " NOT NULL" if c.not_null else "")
+        + (f" DEFAULT {default}" if default is not None else "")
+    )
+
+
+_REQUEST_COLUMNS = ",\n    ".join(_column_sql(c) for c in LEDGER_COLUMNS)
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS requests (
-    request_id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    model TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    feature TEXT,
-    environment TEXT,
-    stream INTEGER NOT NULL,
-    started_us INTEGER NOT NULL,
-    finished_us INTEGER,
-    period TEXT NOT NULL,
-    upstream_status INTEGER,
-    prompt_tokens INTEGER,
-    completion_tokens INTEGER,
-    cached_tokens INTEGER,
-    reasoning_tokens INTEGER,
-    usage_source TEXT NOT NULL,
-    cost_pusd INTEGER,
-    reserved_pusd INTEGER,
-    status TEXT NOT NULL,
-    stream_complete INTEGER NOT NULL DEFAULT 0,
-    error_code TEXT,
-    upstream_id TEXT,
-    unit TEXT NOT NULL DEFAULT 'token',
-    quantity_micros INTEGER
+    {_REQUEST_COLUMNS}
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_period_tenant ON requests (period, tenant);
 CREATE INDEX IF NOT EXISTS requests_in_flight ON requests (status) WHERE status = '{IN_FLIGHT}';
