@@ -23,6 +23,7 @@ TERMINAL_STATUSES = (
     "orphaned",
 )
 
+
 @dataclass(frozen=True, slots=True)
 class Column:
     """One column of the ledger's `requests` table, as both backends declare it."""
