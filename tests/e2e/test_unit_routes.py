@@ -225,3 +225,22 @@ async def test_units_reach_the_metrics(meter: Meter, tog: AsyncTogether) -> None
     samples = await meter.metric_samples()
     series = samples["together_meter_units_total"]
     assert series[(("model", SCHNELL), ("tenant", "acme"), ("unit", "megapixel"))] == 1.0
+
+
+async def test_a_multipart_body_over_the_limit_is_413_before_anything_is_forwarded(
+    start_meter: StartMeter,
+) -> None:
+    def small(config):  # type: ignore[no-untyped-def]
+        return replace(config, limits=replace(config.limits, max_body_bytes=64 * 1024))
+
+    async with start_meter(change=small) as meter:
+        audio = wav_file(80_000, 16_000)  # 160 KB of audio
+        form = (
+            b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + WHISPER.encode() + b"\r\n"
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            b"Content-Type: audio/wav\r\n\r\n" + audio + b"\r\n--b--\r\n"
+        )
+        headers = {**meter.auth(), "Content-Type": "multipart/form-data; boundary=b"}
+        status, _, body = await post_raw(meter.base_url + "/audio/transcriptions", form, headers)
+        assert status == 413 and error_of(body)["code"] == "request_too_large"
+        assert meter.upstream_seen == [] and meter.sim.billed.entries == []
