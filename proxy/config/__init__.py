@@ -147,6 +147,8 @@ class DedicatedSettings:
     prices_refresh_seconds: float = 3600.0  # GET /v1/hardware again after this long
     max_endpoints: int = 100  # followed at most (the rest is logged, not followed)
     minute_seconds: float = 60.0  # TEST ONLY: the length of a billed minute (simulator tests)
+    api: str = "v1"  # "v1" | "v2": which together API the follower reads ("auto" resolved at load)
+    project_id: str | None = None  # the together project whose endpoints v2 reads
 
     @property
     def minute_us(self) -> int:
@@ -507,7 +509,16 @@ def _dedicated(r: _Reader, prices: PriceTable, forward_unpriced: bool) -> tuple[
 
 def _dedicated_settings(r: _Reader) -> DedicatedSettings:
     r.check_keys(
-        {"follow", "discover", "poll_seconds", "prices_refresh_seconds", "max_endpoints", "minute_seconds"}
+        {
+            "follow",
+            "discover",
+            "poll_seconds",
+            "prices_refresh_seconds",
+            "max_endpoints",
+            "minute_seconds",
+            "api",
+            "project_id",
+        }
     )
     follow = r.str_list("follow") or ()
     for endpoint_id in follow:
@@ -531,7 +542,26 @@ def _dedicated_settings(r: _Reader) -> DedicatedSettings:
         prices_refresh_seconds=r.num("prices_refresh_seconds", _DEDICATED.prices_refresh_seconds),
         max_endpoints=r.int("max_endpoints", _DEDICATED.max_endpoints, 1, 10_000),
         minute_seconds=minute,
+        **_dedicated_api(r),
     )
+
+
+_PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
+
+
+def _dedicated_api(r: _Reader) -> dict[str, Any]:
+    """`api` (v1 | v2 | auto: v2 when `project_id` is set) and `project_id` (needed by v2)."""
+    project = r.data.get("project_id")
+    if project is not None and not (isinstance(project, str) and _PROJECT_RE.match(project)):
+        raise r.err("project_id", f"must be a together project id (letters, digits, -, _), got {project!r}")
+    api = r.data.get("api", "auto")
+    if api not in ("v1", "v2", "auto"):
+        raise r.err("api", f"must be v1, v2 or auto, got {api!r}")
+    if api == "auto":
+        api = "v2" if project is not None else "v1"
+    if api == "v2" and project is None:
+        raise r.err("project_id", "is required with api: v2 (the v2 endpoints live under a project)")
+    return {"api": api, "project_id": project}
 
 
 def _batch_settings(r: _Reader) -> BatchSettings:

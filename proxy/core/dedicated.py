@@ -18,12 +18,24 @@ each endpoint and hands an `EndpointMinute` per observed minute to the ledger (t
   whatever order they arrive in;
 * a measured month is spread over tenants by token share, largest remainder
   (chargeback.split_by_share): the parts add up to the whole exactly.
+
+together's v2 API (`dedicated.api: v2`, `observe_v2`) says more: each deployment of an endpoint
+carries its `readyReplicas` and its instance type (`hardware`), priced per replica-hour
+(`priceCentsPerHour`, GET /v2/public/inference-instance-types). A minute then costs, exactly,
+
+    x = sum over instance types t of ready_t x price_t (cents/hour) x 10**10 / 60   (pico-USD)
+
+a rational number (a cent per hour is 10**10 / 60 = 166,666,666.67 pico-USD per minute), and the
+minute's row stores `round_half_up(x)` = floor(x + 1/2), rounded ONCE per minute row, never per
+replica or per instance type (`v2_minute_cost_pusd`). Each row is off by at most 1/2 pico-USD
+(1/3 for whole-cent prices: x is then a multiple of 1/3), so a month of N minute rows is within
+N/2 pico-USD of the exact rational sum (44,640 minutes: < 0.000000023 USD).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from fractions import Fraction
@@ -47,6 +59,8 @@ MINUTE_US = 60_000_000  # together bills by the minute
 STOPPED = "STOPPED"
 STARTED = "STARTED"
 MAX_REPLICAS = 100_000  # a replica count beyond this is not believed (the object is malformed)
+V2_STOPPED = "DEPLOYMENT_STATE_STOPPED"
+V2_DEDICATED = "ENDPOINT_TYPE_DEDICATED"
 _CENTS_RE = re.compile(r"^\d{1,9}(\.\d{1,30})?\Z")
 _MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])\Z")
 
@@ -107,6 +121,47 @@ def minute_cost_pusd(replicas: int, cents_per_minute: Decimal) -> int:
         raise DedicatedError(f"replicas must be >= 0, got {replicas}")
     exact = Decimal(replicas) * cents_per_minute * PUSD_PER_CENT
     return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP)) if exact else 0
+
+
+def round_half_up(x: Fraction) -> int:
+    """floor(x + 1/2): the nearest integer, halves upwards (x >= 0 here)."""
+    half_up = x + Fraction(1, 2)
+    return half_up.numerator // half_up.denominator
+
+
+def replica_minute_pusd(cents_per_hour: Decimal) -> Fraction:
+    """One replica-minute at `cents_per_hour`, exactly: cents x 10**10 / 60 pico-USD (rational)."""
+    return Fraction(cents_per_hour) * PUSD_PER_CENT / 60
+
+
+def v2_minute_cost_pusd(ready: Mapping[str, int], cents_per_hour: Mapping[str, Decimal]) -> int:
+    """A v2 endpoint-minute: sum of ready replicas x replica_minute_pusd over the instance types,
+    rounded half-up once (at most 1/2 pico-USD off the exact value). KeyError: a type unpriced."""
+    exact = Fraction(0)
+    for instance_type, replicas in ready.items():
+        if replicas < 0:
+            raise DedicatedError(f"replicas must be >= 0, got {replicas}")
+        if replicas:
+            exact += replicas * replica_minute_pusd(cents_per_hour[instance_type])
+    return round_half_up(exact)
+
+
+def instance_type_prices(listing: Any) -> dict[str, Decimal]:
+    """instance type id -> cents per replica-hour, from GET /v2/public/inference-instance-types
+    parsed with Decimal floats (`priceCentsPerHour`; an integer in the SDK's type, a decimal
+    accepted). Entries without an id or a usable price are left out (their cost is then unknown)."""
+    data = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(data, list):
+        raise DedicatedError("GET /v2/public/inference-instance-types answered without a data list")
+    out: dict[str, Decimal] = {}
+    for item in data:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            continue
+        try:
+            out[item["id"]] = parse_cents(item.get("priceCentsPerHour"))
+        except DedicatedError:
+            continue
+    return out
 
 
 def hardware_prices(listing: Any) -> dict[str, Decimal]:
@@ -177,6 +232,7 @@ class EndpointMinute:
     cost_low_pusd: int | None  # bounds of the cost (equal to it when known; None: no bound)
     cost_high_pusd: int | None
     observed_us: int
+    cents_per_hour: Decimal | None = None  # v2: the instance type's price per replica-hour (one type)
 
     @property
     def known(self) -> bool:
@@ -230,6 +286,120 @@ def _text(value: Any) -> str:
     return value[:256] if isinstance(value, str) else ""
 
 
+# -- one observation, v2 -----------------------------------------------------------------------
+
+MAX_DEPLOYMENTS = 1000  # more deployments on one endpoint are not believed (the object is malformed)
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """What the follower reads of one EndpointDeploymentSummary (a v2 endpoint's `deployments`)."""
+
+    hardware: str  # the instance type id
+    ready: int | None  # readyReplicas; 0 when STOPPED; None: not said (never guessed)
+    min_replicas: int | None
+    max_replicas: int | None
+    state: str
+    model: str
+
+
+def deployments_of(endpoint: Mapping[str, Any]) -> list[Deployment]:
+    """The deployments of a v2 Endpoint object (GET /v2/projects/{project}/endpoints/{id})."""
+    items = endpoint.get("deployments")
+    if not isinstance(items, list) or len(items) > MAX_DEPLOYMENTS:
+        raise DedicatedError("the v2 endpoint object has no usable deployments list")
+    out = []
+    for d in items:
+        if not isinstance(d, dict):
+            raise DedicatedError("a deployment of the v2 endpoint object is not an object")
+        auto = d.get("autoscaling")
+        state = _text(d.get("state"))
+        out.append(
+            Deployment(
+                hardware=_text(d.get("hardware")),
+                ready=0 if state == V2_STOPPED else _count(d.get("readyReplicas")),
+                min_replicas=_count(auto.get("minReplicas")) if isinstance(auto, dict) else None,
+                max_replicas=_count(auto.get("maxReplicas")) if isinstance(auto, dict) else None,
+                state=state,
+                model=_text(d.get("modelId")) or _text(d.get("model")),
+            )
+        )
+    return out
+
+
+def _priced(ready: Mapping[str, int], prices: Mapping[str, Decimal]) -> int | None:
+    """v2_minute_cost_pusd, or None when an instance type that runs replicas has no price."""
+    if any(n and t not in prices for t, n in ready.items()):
+        return None
+    return v2_minute_cost_pusd(ready, prices)
+
+
+def _summed(deps: Sequence[Deployment], count: Callable[[Deployment], int | None]) -> dict[str, int] | None:
+    """Replicas per instance type by `count`; None when a deployment's count is None."""
+    out: dict[str, int] = {}
+    for d in deps:
+        n = count(d)
+        if n is None:
+            return None
+        out[d.hardware] = out.get(d.hardware, 0) + n
+    return out
+
+
+def _total(deps: Sequence[Deployment], count: Callable[[Deployment], int | None]) -> int | None:
+    by_type = _summed(deps, count)
+    return None if by_type is None else sum(by_type.values())
+
+
+def observe_v2(
+    endpoint: Mapping[str, Any],
+    prices: Mapping[str, Decimal],
+    minute: int,
+    observed_us: int,
+    periods: Periods,
+) -> EndpointMinute:
+    """The endpoint-minute a v2 Endpoint object describes: ready replicas summed per instance type,
+    priced per replica-hour (`prices`: cents per hour); DedicatedError if malformed.
+
+    A deployment that does not say its readyReplicas (and is not STOPPED) makes the minute
+    unknown (NULL cost, never guessed), bounded by 0 and its autoscaling maxReplicas.
+    """
+    endpoint_id = endpoint.get("id")
+    if not isinstance(endpoint_id, str) or not endpoint_id:
+        raise DedicatedError("the endpoint object has no id")
+    kind = endpoint.get("endpointType", V2_DEDICATED)
+    if kind != V2_DEDICATED:
+        raise DedicatedError(f"a {kind!r} endpoint, not a dedicated one: not billed by the minute")
+    deps = deployments_of(endpoint)
+    ready = _summed(deps, lambda d: d.ready)
+    if ready is not None:
+        cost = low = high = _priced(ready, prices)
+    else:
+        cost = None
+        low_by = _summed(deps, lambda d: 0 if d.ready is None else d.ready)
+        high_by = _summed(deps, lambda d: d.max_replicas if d.ready is None else d.ready)
+        low = None if low_by is None else _priced(low_by, prices)
+        high = None if high_by is None else _priced(high_by, prices)
+    types = sorted({d.hardware for d in deps if d.hardware})
+    return EndpointMinute(
+        endpoint_id=endpoint_id,
+        minute_start=minute,
+        period=periods.of(minute),
+        name=_text(endpoint.get("name")),
+        model=next((d.model for d in deps if d.model), ""),
+        hardware=_text("+".join(types)),
+        state=_text("+".join(sorted({d.state for d in deps}))) or "NO_DEPLOYMENTS",
+        replicas=None if ready is None else sum(ready.values()),
+        min_replicas=_total(deps, lambda d: d.min_replicas),
+        max_replicas=_total(deps, lambda d: d.max_replicas),
+        cents_per_minute=None,
+        cost_pusd=cost,
+        cost_low_pusd=low,
+        cost_high_pusd=high,
+        observed_us=observed_us,
+        cents_per_hour=prices.get(types[0]) if len(types) == 1 else None,
+    )
+
+
 def rank(m: EndpointMinute | Mapping[str, Any]) -> tuple[bool, int, int, int, int]:
     """The order two observations of one minute are kept in (the larger stays): a known replica
     count over an unknown one, then more replicas, then the higher cost, then the wider bounds.
@@ -277,6 +447,7 @@ class MinutesLine:
     unknown_high_pusd: int | None  # ... of their upper bounds (None: some have none)
     first_minute: int
     last_minute: int
+    cents_per_hour: Decimal | None = None  # v2: the price per replica-hour (None: v1, or mixed types)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +468,7 @@ class MeasuredEndpoint:
     first_minute: int
     last_minute: int
     unobserved_minutes: int  # minutes between the first and the last observed that were not
+    prices_per_hour: tuple[Decimal, ...] = ()  # v2: distinct cents per replica-hour seen
 
     @property
     def unknown_minutes(self) -> int:
@@ -305,8 +477,10 @@ class MeasuredEndpoint:
     @property
     def basis(self) -> str:
         hw = ", ".join(self.hardware) or "unknown hardware"
-        cents = ", ".join(f"{cents_text(c)} cents" for c in self.prices) or "an unknown price"
-        text = f"measured: {self.replica_minutes:,} replica-minutes of {hw} at {cents}/min"
+        per = [f"{cents_text(c)} cents/min" for c in self.prices]
+        per += [f"{cents_text(c)} cents/hour" for c in self.prices_per_hour]
+        cents = ", ".join(per) or "an unknown price"
+        text = f"measured: {self.replica_minutes:,} replica-minutes of {hw} at {cents}"
         text += f" over {self.minutes:,} observed minute(s)"
         if self.unknown_minutes:
             hi = "?" if self.unknown_high_pusd is None else format_usd(self.unknown_high_pusd)
@@ -349,6 +523,9 @@ def measured(lines: Iterable[MinutesLine], minute_us: int = MINUTE_US) -> list[M
                 first_minute=first_minute,
                 last_minute=last_minute,
                 unobserved_minutes=max(span - minutes, 0),
+                prices_per_hour=tuple(
+                    sorted({x.cents_per_hour for x in group if x.cents_per_hour is not None})
+                ),
             )
         )
     return out
@@ -476,6 +653,7 @@ def measured_view(m: MeasuredEndpoint, minute_us: int = MINUTE_US) -> dict[str, 
         "model": m.model,
         "hardware": list(m.hardware),
         "cents_per_minute": [cents_text(c) for c in m.prices],
+        "cents_per_hour": [cents_text(c) for c in m.prices_per_hour],
         "minutes_observed": m.minutes,
         "replica_minutes": m.replica_minutes,
         "cost_usd": format_usd(m.cost_pusd),

@@ -34,6 +34,7 @@ COLUMNS = (
     "cost_low_pusd",
     "cost_high_pusd",
     "observed_us",
+    "cents_per_hour",
 )
 _RANKED = ("replicas", "cost_pusd", "cost_low_pusd", "cost_high_pusd")
 
@@ -55,10 +56,22 @@ CREATE TABLE IF NOT EXISTS endpoint_minutes (
     cost_low_pusd INTEGER,
     cost_high_pusd INTEGER,
     observed_us INTEGER NOT NULL,
+    cents_per_hour TEXT,
     PRIMARY KEY (endpoint_id, minute_start)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS endpoint_minutes_period ON endpoint_minutes (period, endpoint_id);
 """
+# a ledger made before v2 (no cents_per_hour column): added by sqlite_add_v2_columns()
+_SQLITE_V2 = "ALTER TABLE endpoint_minutes ADD COLUMN cents_per_hour TEXT"
+
+
+def sqlite_add_v2_columns(conn: sqlite3.Connection) -> bool:
+    """Add `cents_per_hour` to an endpoint_minutes table made before v2 (idempotent); did it?"""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(endpoint_minutes)")}
+    if not have or "cents_per_hour" in have:
+        return False
+    conn.execute(_SQLITE_V2)
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +102,7 @@ def values(m: EndpointMinute) -> tuple[Any, ...]:
         m.cost_low_pusd,
         m.cost_high_pusd,
         m.observed_us,
+        None if m.cents_per_hour is None else cents_text(m.cents_per_hour),
     )
 
 
@@ -128,7 +142,7 @@ def sqlite_record(conn: sqlite3.Connection, m: EndpointMinute) -> MinuteWrite:
     return done
 
 
-_LINES = """SELECT endpoint_id, name, model, hardware, cents_per_minute,
+_LINES = """SELECT endpoint_id, name, model, hardware, cents_per_minute, cents_per_hour,
     COUNT(*) AS minutes, COUNT(cost_pusd) AS known_minutes,
     COALESCE(SUM(CASE WHEN cost_pusd IS NOT NULL THEN replicas END), 0) AS replica_minutes,
     COALESCE(SUM(cost_pusd), 0) AS cost_pusd,
@@ -137,7 +151,7 @@ _LINES = """SELECT endpoint_id, name, model, hardware, cents_per_minute,
     COUNT(CASE WHEN cost_pusd IS NULL AND cost_high_pusd IS NULL THEN 1 END) AS unbounded,
     MIN(minute_start) AS first_minute, MAX(minute_start) AS last_minute
 FROM endpoint_minutes WHERE period = {p}
-GROUP BY endpoint_id, name, model, hardware, cents_per_minute
+GROUP BY endpoint_id, name, model, hardware, cents_per_minute, cents_per_hour
 ORDER BY endpoint_id, first_minute"""
 SQLITE_LINES = _LINES.format(p="?")
 PG_LINES = _LINES.format(p="$1")
@@ -146,6 +160,7 @@ PG_LINES = _LINES.format(p="$1")
 def to_line(r: Any) -> MinutesLine:
     """A MinutesLine from a row of SQLITE_LINES / PG_LINES (sqlite3.Row or asyncpg.Record)."""
     cents = r["cents_per_minute"]
+    per_hour = r["cents_per_hour"]
     return MinutesLine(
         endpoint_id=r["endpoint_id"],
         name=r["name"],
@@ -160,10 +175,11 @@ def to_line(r: Any) -> MinutesLine:
         unknown_high_pusd=None if int(r["unbounded"]) else int(r["unknown_high_pusd"]),
         first_minute=int(r["first_minute"]),
         last_minute=int(r["last_minute"]),
+        cents_per_hour=None if per_hour is None else Decimal(str(per_hour)),
     )
 
 
-# -- PostgreSQL (migration 0005_endpoint_minutes.sql) -------------------------------------------
+# -- PostgreSQL (migrations 0005_endpoint_minutes.sql, 0007_endpoint_minutes_v2.sql) ----------
 
 _PG_KEY = "endpoint_id = $1 AND minute_start = $2"
 _PG_OLD = f"SELECT {', '.join(_RANKED)} FROM endpoint_minutes WHERE {_PG_KEY} FOR UPDATE"
@@ -182,6 +198,7 @@ _PG_REPLACE = (
 def _pg_values(m: EndpointMinute) -> tuple[Any, ...]:
     row = list(values(m))
     row[COLUMNS.index("cents_per_minute")] = m.cents_per_minute  # NUMERIC: exact
+    row[COLUMNS.index("cents_per_hour")] = m.cents_per_hour
     return tuple(row)
 
 

@@ -17,6 +17,7 @@ from proxy.core.budgets import Periods
 from proxy.core.records import IN_FLIGHT, LEDGER_COLUMNS, Column
 from proxy.core.rollups import ROLLUP_KEY, ROLLUP_SUMS, DayCutter
 from proxy.ledger.endpoint_minutes import SQLITE_SCHEMA as ENDPOINT_MINUTES_SCHEMA
+from proxy.ledger.endpoint_minutes import sqlite_add_v2_columns
 from proxy.ledger.rollup_sql import KEY_SQL
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ def prepare(conn: sqlite3.Connection, periods: Periods) -> list[str]:
     """Create the schema; create and fill the rollups if this file has none yet. What it did."""
     _add_unit_columns(conn)  # a ledger made before units (schema 1): before the indexes
     conn.executescript(SCHEMA)
+    sqlite_add_v2_columns(conn)  # an endpoint_minutes table made before v2: + cents_per_hour
     conn.executescript(ENDPOINT_MINUTES_SCHEMA)  # dedicated endpoints by the minute (if not there yet)
     conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     if _meta(conn, "rollups") == _ROLLUPS_V1:

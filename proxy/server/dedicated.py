@@ -6,6 +6,13 @@ Every `dedicated.poll_seconds` it looks at each followed endpoint (`dedicated.fo
 prices it with `GET /v1/hardware` (cached), and hands the ledger one `EndpointMinute` per
 endpoint and minute it saw (proxy/core/dedicated.py has the arithmetic and the rules).
 
+With `dedicated.api: v2` (or a `dedicated.project_id`) it reads together's v2 API instead, as the
+together SDK 3.x does: `GET /v2/projects/{project}/endpoints/{id}` (the Endpoint object, whose
+`deployments` carry `readyReplicas` and the instance type `hardware`), priced by
+`GET /v2/public/inference-instance-types` (`priceCentsPerHour` per replica); discovery lists
+`GET /v2/projects/{project}/endpoints` (cursor pages, `endpointType: ENDPOINT_TYPE_DEDICATED`).
+One request per look, so the look's round trip still names its minute.
+
 * A look counts for a minute only if its whole round trip lies in that minute: the upstream
   answered somewhere in between, so only then is it certain which minute it describes. A look
   that straddles a boundary is repeated at once (once), else dropped.
@@ -37,7 +44,9 @@ from proxy.core.dedicated import (
     DedicatedError,
     EndpointMinute,
     hardware_prices,
+    instance_type_prices,
     observe,
+    observe_v2,
     one_minute,
     parse_decimal_json,
     rank,
@@ -52,6 +61,8 @@ from proxy.upstream.client import UpstreamClient, UpstreamStreamError
 log = logging.getLogger(__name__)
 CONCURRENT_LOOKS = 8  # endpoints looked at at once
 ATTEMPTS_PER_LOOK = 2  # a look that straddles a minute boundary is repeated once
+MAX_LIST_PAGES = 20  # v2 discovery: pages of GET /v2/projects/{project}/endpoints read at most
+V2_PRICES = "/v2/public/inference-instance-types"
 
 
 class MinuteStore(Protocol):
@@ -148,6 +159,7 @@ class DedicatedFollower:
         self._task: asyncio.Task[None] | None = None
         self._prices: dict[str, Decimal] = {}
         self._prices_at: int | None = None  # when the prices were last read
+        self._prices_api = ""  # which API they were read from (v1: per minute, v2: per hour)
         self._asked_at: int | None = None  # when they were last asked for (read or not)
         self._discovered: tuple[str, ...] = ()
         self._written: dict[str, tuple[int, tuple[bool, int, int, int, int]]] = {}  # endpoint -> minute, rank
@@ -192,9 +204,20 @@ class DedicatedFollower:
         for i in range(0, len(ids), CONCURRENT_LOOKS):
             looks = await asyncio.gather(*(self._look(e, prices) for e in ids[i : i + CONCURRENT_LOOKS]))
             found += [m for m in looks if m is not None]
-        if any(m.cents_per_minute is None and m.hardware for m in found) and self._may_refresh():
+        if any(self._unpriced(m) for m in found) and self._may_refresh():
             await self._hardware_prices(refresh=True)  # a new hardware: its price for the next look
         return found
+
+    def _unpriced(self, m: EndpointMinute) -> bool:
+        """Did `m` run on a hardware (instance type) without a known price?"""
+        if self.config().dedicated.api == "v2":
+            return m.cost_pusd is None and m.cost_high_pusd is None and bool(m.hardware)
+        return m.cents_per_minute is None and bool(m.hardware)
+
+    def _endpoint_path(self, endpoint_id: str = "") -> str:
+        settings = self.config().dedicated
+        base = f"/v2/projects/{settings.project_id}/endpoints" if settings.api == "v2" else "/v1/endpoints"
+        return base + (f"/{endpoint_id}" if endpoint_id else "")
 
     def _may_refresh(self) -> bool:
         """Ask the prices again for a hardware without one at most once a minute."""
@@ -216,6 +239,8 @@ class DedicatedFollower:
         return ids[:limit]
 
     async def _discover(self) -> tuple[str, ...]:
+        if self.config().dedicated.api == "v2":
+            return await self._discover_v2()
         status, data = await self._get("/v1/endpoints", "type=dedicated")
         if status != 200:
             self.metrics.failed("upstream")
@@ -234,18 +259,55 @@ class DedicatedFollower:
             and ID_RE.match(item["id"])
         )
 
+    async def _discover_v2(self) -> tuple[str, ...]:
+        """The dedicated endpoints of the project: GET /v2/projects/{project}/endpoints, cursor
+        pages (`after` = `next_cursor`), MAX_LIST_PAGES at most."""
+        found: list[str] = []
+        query = "limit=500"
+        for _ in range(MAX_LIST_PAGES):
+            status, data = await self._get(self._endpoint_path(), query)
+            if status != 200:
+                self.metrics.failed("upstream")
+                raise UpstreamProtocolError(f"GET {self._endpoint_path()} answered {status}")
+            listing = _json(data)
+            items = listing.get("data") if isinstance(listing, dict) else None
+            if not isinstance(items, list):
+                self.metrics.failed("malformed")
+                raise DedicatedError(f"GET {self._endpoint_path()} answered without a data list")
+            found += [
+                item["id"]
+                for item in items
+                if isinstance(item, dict)
+                and item.get("endpointType", "ENDPOINT_TYPE_DEDICATED") == "ENDPOINT_TYPE_DEDICATED"
+                and isinstance(item.get("id"), str)
+                and ID_RE.match(item["id"])
+            ]
+            cursor = listing.get("next_cursor")
+            if not isinstance(cursor, str) or not cursor or not ID_RE.match(cursor):
+                break
+            query = f"limit=500&after={cursor}"
+        return tuple(dict.fromkeys(found))
+
     async def _hardware_prices(self, refresh: bool = False) -> dict[str, Decimal]:
-        """hardware id -> cents per minute, from GET /v1/hardware, cached for prices_refresh_seconds."""
+        """hardware id -> cents per minute, from GET /v1/hardware (v2: instance type -> cents per
+        replica-hour, from GET /v2/public/inference-instance-types), cached prices_refresh_seconds."""
         now = self.clock()
-        max_age = self.config().dedicated.prices_refresh_seconds * 1_000_000
-        if not refresh and self._prices_at is not None and now - self._prices_at < max_age:
+        settings = self.config().dedicated
+        max_age = settings.prices_refresh_seconds * 1_000_000
+        fresh = self._prices_at is not None and now - self._prices_at < max_age
+        if not refresh and fresh and self._prices_api == settings.api:
             return self._prices
         self._asked_at = now
+        v1 = settings.api == "v1"
+        path, read = ("/v1/hardware", hardware_prices) if v1 else (V2_PRICES, instance_type_prices)
+        if self._prices_api != settings.api:
+            self._prices = {}  # never price a v2 minute with v1's per-minute prices (or back)
         try:
-            status, data = await self._get("/v1/hardware")
+            status, data = await self._get(path)
             if status != 200:
-                raise UpstreamProtocolError(f"GET /v1/hardware answered {status}")
-            self._prices, self._prices_at = hardware_prices(parse_decimal_json(data)), now
+                raise UpstreamProtocolError(f"GET {path} answered {status}")
+            self._prices, self._prices_at = read(parse_decimal_json(data)), now
+            self._prices_api = settings.api
         except (MeterError, DedicatedError) as exc:
             log.warning("dedicated: hardware prices not refreshed (%s); the last ones stay", exc)
         return self._prices
@@ -258,7 +320,7 @@ class DedicatedFollower:
         for _ in range(ATTEMPTS_PER_LOOK):
             sent = self.clock()
             try:
-                status, data = await self._get(f"/v1/endpoints/{endpoint_id}")
+                status, data = await self._get(self._endpoint_path(endpoint_id))
             except MeterError as exc:
                 self.metrics.failed("upstream")
                 log.warning("dedicated: %s not looked at: %s", endpoint_id, exc)
@@ -286,18 +348,21 @@ class DedicatedFollower:
             return None
         if status != 200:
             self.metrics.failed("upstream")
-            log.warning("dedicated: GET /v1/endpoints/%s answered %d", endpoint_id, status)
+            log.warning("dedicated: GET %s answered %d", self._endpoint_path(endpoint_id), status)
             return None
         self._missing.discard(endpoint_id)
         try:
             obj = _json(data)
             if not isinstance(obj, dict) or obj.get("id") != endpoint_id:
                 raise DedicatedError("the answer is not this endpoint's object")
-            if obj.get("type", "dedicated") != "dedicated":
-                raise DedicatedError(
-                    f"a {obj.get('type')!r} endpoint, not a dedicated one: not billed by the minute"
-                )
-            m = observe(obj, prices, minute, observed_us, self.periods)
+            if self.config().dedicated.api == "v2":
+                m = observe_v2(obj, prices, minute, observed_us, self.periods)
+            else:
+                if obj.get("type", "dedicated") != "dedicated":
+                    raise DedicatedError(
+                        f"a {obj.get('type')!r} endpoint, not a dedicated one: not billed by the minute"
+                    )
+                m = observe(obj, prices, minute, observed_us, self.periods)
         except DedicatedError as exc:
             self.metrics.failed("malformed")
             log.warning("dedicated: %s: %s", endpoint_id, exc)
