@@ -34,6 +34,7 @@ from proxy.core.pricing import format_usd
 from proxy.ledger import Ledger, LedgerRow
 from proxy.ledger.factory import open_ledger
 from proxy.simulator import DEDICATED, RunningSimulator
+from proxy.simulator.endpoints import PROJECT
 from tests.test_cli import run_cli
 
 from .procs import ROOT, ProxyProcess
@@ -46,7 +47,7 @@ SCRIPT = [(0, 1), (2, 3), (5, 0)]  # 1 replica for 2 minutes, 3 for 3, then none
 SETTLE_S = 30.0
 
 
-def write_config(directory: Path, dsn: str | None) -> tuple[Path, dict[str, str]]:
+def write_config(directory: Path, dsn: str | None, dedicated: str = "") -> tuple[Path, dict[str, str]]:
     """config/example.yaml with keys for acme and globex, the endpoint followed by the second."""
     keys = {"acme": new_key(), "globex": new_key()}
     text = (ROOT / "config" / "example.yaml").read_text()
@@ -62,6 +63,7 @@ def write_config(directory: Path, dsn: str | None) -> tuple[Path, dict[str, str]
         "dedicated:\n"
         "  poll_seconds: 0.05\n"
         "  minute_seconds: 1        # TEST ONLY: a billed minute of 1 s\n"
+        f"{dedicated}"
         "dedicated_endpoints:\n"
         "  shared-70b:\n"
         f"    model: {MODEL}\n"
@@ -183,6 +185,55 @@ async def test_scaling_endpoint_costs_what_the_simulator_bills(
                 assert bill == 11 * 54_200_000_000  # 2 x 1 + 3 x 3 replica-minutes at 5.42 cents
                 assert m.cost_pusd == bill, (m, fleet.bill())
                 assert (m.replica_minutes, m.unobserved_minutes, m.unknown_minutes) == (11, 0, 0)
+                counted = await metric_total(procs, "together_meter_dedicated_cost_usd_total")
+                assert abs(counted - bill / 1e12) < 1e-12  # summed over the replicas: once
+                await check_chargeback(config_path, ledger_file, backend, month, bill, rows, config)
+    finally:
+        await sim.stop()
+
+
+V2_SCRIPT = [(0, 1), (2, 3), (5, 2), (7, 0)]  # desired; ready lags a minute scaling up
+
+
+@pytest.mark.parametrize(("backend", "replicas"), [("sqlite", 1), ("postgres", 2)])
+async def test_v2_autoscaling_endpoint_costs_what_the_simulator_bills(
+    tmp_path: Path, backend: str, replicas: int
+) -> None:
+    """`dedicated.project_id` set: the proxies read together's v2 API. An autoscaling endpoint
+    whose ready replicas go 1 -> 3 -> 2 -> 0 (v1 could only say "between min and max") is known
+    every minute, and the ledger equals the simulator's per-hour bill to the pico-dollar under the
+    rule (each minute row rounded half-up once); the chargeback charges exactly that."""
+    sim: RunningSimulator = await simulator.start()
+    try:
+        fleet = sim.app[DEDICATED]
+        fleet.minute_seconds = 1.0
+        fleet.add(MODEL, A100, (), endpoint_id=ENDPOINT, autoscaling=(0, 3), ready_lag=1)
+        async with backend_dsn(backend) as dsn:
+            config_path, keys = write_config(tmp_path, dsn, f"  project_id: {PROJECT}\n")
+            config = load_config(config_path)
+            assert (config.dedicated.api, config.dedicated.project_id) == ("v2", PROJECT)
+            ledger_file = tmp_path / "ledger.db"
+            async with proxies(config_path, ledger_file, sim.url, replicas, tmp_path) as procs:
+                m0 = fleet.minute_now() + 1
+                fleet.script(ENDPOINT, V2_SCRIPT, start_minute=m0)
+                async with aiohttp.ClientSession() as session:
+                    for i, (tenant, tokens) in enumerate([("acme", 21), ("globex", 50), ("acme", 8)]):
+                        await chat(session, procs[i % len(procs)], keys[tenant], tokens)
+                month = config.budgets.periods.of(m0 * 1_000_000)
+                reader = open_ledger(config.ledger, path=str(ledger_file))
+                try:
+                    minute_us = config.dedicated.minute_us
+                    (m,) = await minutes_through(reader, month, (m0 + 8) * minute_us, minute_us)
+                    rows = await reader.rows(period=month)
+                finally:
+                    await reader.close()
+                entries = fleet.bill_v2(m0 + 8)
+                assert [e["ready_replicas"] for e in entries] == [1, 1, 3, 3, 2, 2]
+                bill = sum(e["billed_pusd"] for e in entries)
+                assert bill == fleet.bill_v2_pusd() == 650_000_000_000  # 12 replica-minutes x 325 c/h
+                assert m.cost_pusd == bill, (m, entries)
+                assert (m.replica_minutes, m.unobserved_minutes, m.unknown_minutes) == (12, 0, 0)
+                assert m.prices_per_hour == (Decimal(325),)
                 counted = await metric_total(procs, "together_meter_dedicated_cost_usd_total")
                 assert abs(counted - bill / 1e12) < 1e-12  # summed over the replicas: once
                 await check_chargeback(config_path, ledger_file, backend, month, bill, rows, config)
