@@ -76,12 +76,15 @@ OBJECT_ROWS = {
 NO_ROWS = ("batches_list", "models_list")  # list reads: no ledger row (docs/security.md)
 _UNITS = "units and sim-media work, other branches"
 IN_FLIGHT_ELSEWHERE = {
-    "files_upload": "not yet for this SDK form: openai's multipart POST /v1/files, "
-    "the npm SDK's upload on Node 20 (fetch duplex)",
+    "files_upload": "not yet for this SDK form: the npm SDK's upload on Node 20 (fetch duplex)",
 }
 
 # where an IN_FLIGHT_ELSEWHERE line already works (no xfail for these SDK forms)
-SERVED_FOR = {"files_upload": frozenset({"together1", "together2", "together3", "together3-v1"})}
+SERVED_FOR = {
+    "files_upload": frozenset(
+        {"together1", "together2", "together3", "together3-v1", "openai-py", "openai-node"}
+    )
+}
 
 
 @dataclass
