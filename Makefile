@@ -24,7 +24,8 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/together-meter serve --config config/example.yaml
 
-# The SDK matrix's environments (tests/sdk/envs.py): together 1.x and 2.x venvs and the Node SDKs,
+# The SDK matrix's environments (tests/sdk/envs.py): together 1.x and 2.x venvs, Node 22 (from npm)
+# and the Node SDKs,
 # made once under ~/.cache/together-meter-sdk (keyed by their pins, reused after), bounded in time
 sdk-envs: $(STAMP)
 	$(PY) -m tests.sdk.envs

@@ -7,7 +7,14 @@ import struct
 
 import orjson
 
-from proxy.core.shapes import embeddings_as_base64, openai_batch, openai_list, openai_page, wants_openai_list
+from proxy.core.shapes import (
+    embeddings_as_base64,
+    openai_batch,
+    openai_file,
+    openai_list,
+    openai_page,
+    wants_openai_list,
+)
 
 
 def test_openai_clients_are_told_apart_from_together_ones() -> None:
@@ -67,3 +74,22 @@ def test_batch_creation_answers_the_job_itself() -> None:
     assert warned == {**job, "warning": "slow"}
     for other in (orjson.dumps(job), b"[]", b"not json"):
         assert openai_batch(other) == other
+
+
+def test_a_file_object_carries_the_clients_purpose_and_a_status() -> None:
+    """together's file object keeps its fields, gets the purpose the OpenAI client sent (together
+    stores `batch` as `batch-api`) and OpenAI's `status` (uploaded while not Processed); an
+    error answer or anything without an id is unchanged."""
+    info = {"id": "file-1", "object": "file", "bytes": 3, "purpose": "batch-api", "Processed": True}
+    assert orjson.loads(openai_file(orjson.dumps(info), "batch")) == {
+        **info,
+        "purpose": "batch",
+        "status": "processed",
+    }
+    pending = orjson.loads(openai_file(orjson.dumps({**info, "Processed": False}), "batch"))
+    assert pending["status"] == "uploaded"
+    assert (
+        orjson.loads(openai_file(orjson.dumps({**info, "status": "error"}), "fine-tune"))["status"] == "error"
+    )
+    for other in (b'{"error": {"message": "x"}}', b"[]", b"not json"):
+        assert openai_file(other, "batch") == other

@@ -95,6 +95,39 @@ async def test_upload_answers_a_file_object(sim: RunningSimulator) -> None:
     assert status == 200 and json.loads(body)["id"] == info["id"]
 
 
+async def test_upload_reads_the_specs_form_and_answers_its_file_object(sim: RunningSimulator) -> None:
+    """POST /v1/files/upload takes the spec's file_name and file_type; its answer is the spec's
+    FileResponse, `Processed` (required, a bool) included; a purpose outside the spec's
+    FilePurpose (OpenAI's `batch`) is refused with 400, as together refuses it."""
+    form = aiohttp.FormData()
+    for name, value in (("purpose", "batch-api"), ("file_name", "named.csv"), ("file_type", "csv")):
+        form.add_field(name, value)
+    form.add_field("file", b"a,b\n", filename="part.bin", content_type="application/octet-stream")
+    async with aiohttp.ClientSession() as s, s.post(f"{sim.url}/files/upload", data=form, headers=AUTH) as r:
+        assert r.status == 200
+        info = await r.json()
+    required = {"id", "object", "created_at", "filename", "bytes", "purpose", "FileType", "Processed"}
+    assert required <= set(info)
+    assert (info["filename"], info["FileType"], info["Processed"], info["bytes"]) == (
+        "named.csv",
+        "csv",
+        True,
+        4,
+    )
+    for purpose in ("batch", "assistants"):
+        form = aiohttp.FormData()
+        form.add_field("purpose", purpose)
+        form.add_field("file", b"{}\n", filename="in.jsonl")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"{sim.url}/files/upload", data=form, headers=AUTH) as r,
+        ):
+            assert r.status == 400 and "Invalid purpose" in (await r.json())["error"]["message"]
+    form_body = urlencode({"purpose": "batch", "file_name": "in.jsonl", "file_type": "jsonl"}).encode()
+    status, _, body = await raw("POST", f"{sim.url}/files", FORM, form_body)
+    assert status == 400 and b"Invalid purpose" in body
+
+
 async def test_batch_runs_to_completion_and_bills_each_line(
     sim: RunningSimulator, together: AsyncTogether
 ) -> None:
@@ -314,13 +347,15 @@ async def test_presigned_upload_flow(sim: RunningSimulator) -> None:
     status, headers, _ = await raw("PUT", location, data=content)
     assert status == 200 and headers["etag"].startswith('"')
     status, body = await get(f"{sim.url}/files/{file_id}", AUTH)
-    assert status == 200 and json.loads(body)["processing_status"] == "PENDING"
+    pending = json.loads(body)
+    assert status == 200 and (pending["processing_status"], pending["Processed"]) == ("PENDING", False)
     status, _, body = await raw("POST", f"{sim.url}/files/{file_id}/preprocess", AUTH)
     info = json.loads(body)
-    assert status == 200 and (info["id"], info["bytes"], info["processing_status"]) == (
+    assert status == 200 and (info["id"], info["bytes"], info["processing_status"], info["Processed"]) == (
         file_id,
         len(content),
         "COMPLETED",
+        True,
     )
     assert info["filename"] == "in.jsonl" and info["FileType"] == "jsonl"
     await create_batch(sim, file_id)

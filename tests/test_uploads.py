@@ -6,6 +6,8 @@ import base64
 import hashlib
 import hmac
 import zlib
+from email.message import Message
+from email.parser import BytesParser
 from urllib.parse import parse_qsl
 
 import httpx
@@ -18,12 +20,13 @@ from proxy.core.uploads import (
     MAX_TOKEN,
     UploadGrant,
     open_grant,
+    openai_upload,
     sign_grant,
     store_url,
     token_key,
     upload_form,
 )
-from proxy.errors import BadRequest, UploadTokenInvalid
+from proxy.errors import BadRequest, InvalidField, UploadTokenInvalid
 
 KEY = token_key("sk-operator")
 PRESIGNED = (
@@ -86,6 +89,87 @@ def test_other_bodies_are_refused(ctype: str, body: bytes) -> None:
 def test_control_characters_in_a_field_are_refused() -> None:
     with pytest.raises(BadRequest, match="file_name"):
         upload_form(FORM_CT, b"file_name=a%0D%0AX:%20y.jsonl")
+
+
+def parts_of(content_type: str, body: bytes) -> list[tuple[str, str | None, bytes]]:
+    """(name, filename, bytes) of each part, read with the standard library's MIME parser."""
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = BytesParser().parsebytes(head + body)
+    out = []
+    for part in message.get_payload():
+        assert isinstance(part, Message)
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        out.append((str(part.get_param("name", header="content-disposition")), part.get_filename(), payload))
+    return out
+
+
+def openai_form(
+    purpose: str | None, name: str = "batch.jsonl", data: bytes = b'{"a": 1}\n'
+) -> tuple[str, bytes]:
+    """openai-python's files.create body (httpx multipart), with a field it may add."""
+    fields = {"expires_after[anchor]": "created_at"} | ({"purpose": purpose} if purpose is not None else {})
+    request = httpx.Request("POST", "http://proxy/v1/files", data=fields, files={"file": (name, data)})
+    return request.headers["content-type"], request.read()
+
+
+def test_openai_form_becomes_togethers_multipart_upload() -> None:
+    """OpenAI's files.create form is rebuilt as together's /v1/files/upload form: file_name,
+    purpose (batch -> batch-api), file_type from the name, the file's bytes exactly; other
+    fields dropped. The answer keeps the purpose the client sent."""
+    data = b'{"custom_id": "x"}\r\n--not-a-boundary\r\n' + bytes(range(256))
+    ctype, body = openai_form("batch", data=data)
+    form = openai_upload(ctype, body, boundary="b-1")
+    assert form is not None and form.purpose == "batch"
+    assert form.content_type == "multipart/form-data; boundary=b-1"
+    assert parts_of(form.content_type, form.body) == [
+        ("file_name", None, b"batch.jsonl"),
+        ("purpose", None, b"batch-api"),
+        ("file_type", None, b"jsonl"),
+        ("file", "batch.jsonl", data),
+    ]
+    tuned = openai_upload(*openai_form("fine-tune", "train.parquet"))
+    assert tuned is not None and tuned.content_type.startswith(
+        "multipart/form-data; boundary=together-meter-"
+    )
+    assert [p[:2] for p in parts_of(tuned.content_type, tuned.body)][:3] == [
+        ("file_name", None),
+        ("purpose", None),
+        ("file_type", None),
+    ]
+    assert parts_of(tuned.content_type, tuned.body)[1][2] == b"fine-tune"
+    other = openai_upload(*openai_form("batch", "notes.txt"))  # no known type: together's default
+    assert other is not None and [p[0] for p in parts_of(other.content_type, other.body)] == [
+        "file_name",
+        "purpose",
+        "file",
+    ]
+
+
+def test_other_forms_are_not_openais() -> None:
+    """The together SDKs' presigned forms (urlencoded; multipart without a `file` part, as 2.x/3.x
+    send it), a malformed multipart body: not OpenAI's upload (None)."""
+    ctype, body = multipart({"purpose": "batch-api", "file_name": "a.jsonl", "file_type": "jsonl"})
+    assert openai_upload(ctype, body) is None
+    assert openai_upload(FORM_CT, b"purpose=batch-api&file_name=a.jsonl") is None
+    assert openai_upload("multipart/form-data; boundary=x", b"--x\r\nno end") is None
+    assert openai_upload("", b"") is None
+
+
+@pytest.mark.parametrize(
+    ("purpose", "name"),
+    [
+        (None, "a.jsonl"),
+        ("", "a.jsonl"),
+        ("bat\x00ch", "a.jsonl"),
+        ("batch", "a\\b.jsonl"),
+        ("batch", "x" * 600),
+    ],
+)
+def test_an_incomplete_openai_form_is_refused(purpose: str | None, name: str) -> None:
+    """No purpose, a purpose or filename that cannot be sent on as it is: InvalidField (400)."""
+    with pytest.raises(InvalidField):
+        openai_upload(*openai_form(purpose, name))
 
 
 def test_store_url_keeps_the_signed_target_exactly() -> None:

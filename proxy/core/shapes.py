@@ -8,6 +8,9 @@
   `GET /v1/batches` with a bare array; the OpenAI SDKs read the batch itself and a cursor page
   (`{"object": "list", "data": [...], "has_more": false}`: without `has_more` their auto-paging
   asks for the next page after the last id, again and again). File lists get the same page.
+- Files: an OpenAI `files.create` (multipart `POST /v1/files`) is answered with together's file
+  object, whose purpose is together's (`batch-api` for OpenAI's `batch`) and which has no
+  `status`; OpenAI's FileObject carries the purpose the client sent and a `status`.
 """
 
 from __future__ import annotations
@@ -87,3 +90,18 @@ def openai_batch(data: bytes) -> bytes:
         return data
     warning = obj.get("warning")
     return orjson.dumps({**job, "warning": warning} if warning is not None else job)
+
+
+def openai_file(data: bytes, purpose: str) -> bytes:
+    """together's file object as OpenAI's FileObject: `purpose` as the client sent it (together
+    stores OpenAI's `batch` as `batch-api`) and `status` "processed" ("uploaded" while together
+    says `Processed: false`); together's own fields kept. Anything else unchanged."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data
+    if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+        return data
+    obj["purpose"] = purpose
+    obj.setdefault("status", "uploaded" if obj.get("Processed") is False else "processed")
+    return orjson.dumps(obj)

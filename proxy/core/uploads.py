@@ -16,6 +16,11 @@ there (without an API key) and then calls `POST /v1/files/{id}/preprocess`.
   HMAC-SHA256 under a key derived from the operator's together key, so any worker or replica
   holding that key can check a token without shared state. The token is signed, not
   encrypted: its holder can read the presigned URL (docs/security.md).
+
+The OpenAI SDKs' `files.create` sends `POST /v1/files` too, but as multipart/form-data with the
+bytes in a `file` part and a `purpose`. `openai_upload` tells that form apart (a `file` part with
+a filename) and rebuilds it as together's multipart `POST /v1/files/upload` (file, file_name,
+purpose, file_type), OpenAI's purpose `batch` becoming together's `batch-api`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import binascii
 import hashlib
 import hmac
 import re
+import secrets
 import zlib
 from dataclasses import dataclass
 from email.message import Message
@@ -33,7 +39,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
 
-from proxy.errors import BadRequest, UploadTokenInvalid
+from proxy.core.multipart import parse_form
+from proxy.errors import BadRequest, InvalidField, UploadTokenInvalid
 
 FORM_CT = "application/x-www-form-urlencoded"
 UPLOAD_FIELDS = ("purpose", "file_name", "file_type")  # what together's POST /v1/files reads
@@ -96,6 +103,56 @@ def _multipart(content_type: str, body: bytes) -> dict[str, str]:
         if isinstance(name, str) and isinstance(payload, bytes) and part.get_filename() is None:
             fields.setdefault(name, payload.decode("utf-8"))
     return fields
+
+
+# -- OpenAI's files.create --------------------------------------------------------------------
+
+TOGETHER_UPLOAD_PATH = "/v1/files/upload"  # together's multipart upload (the spec's /files/upload)
+OPENAI_PURPOSES = {"batch": "batch-api"}  # OpenAI's purpose -> together's; others pass as sent
+FILE_TYPES = ("jsonl", "parquet", "csv")  # together's FileType, read from the file name
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIUpload:
+    """An OpenAI `files.create` form rebuilt for together's `POST /v1/files/upload`."""
+
+    body: bytes
+    content_type: str
+    purpose: str  # as the client sent it: its answer says the same
+
+
+def openai_upload(content_type: str, body: bytes, boundary: str | None = None) -> OpenAIUpload | None:
+    """The OpenAI SDKs' multipart `files.create` (a `file` part with a filename, a `purpose`)
+    rebuilt from those two only; None for any other body (the together SDKs' presigned form)."""
+    if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
+        return None
+    try:
+        form = parse_form(body, content_type)
+    except InvalidField:
+        return None
+    part = form.files.get("file")
+    if part is None:
+        return None
+    purpose = form.fields.get("purpose", "")
+    name = part.filename
+    if not purpose or len(purpose) > MAX_FIELD or not purpose.isprintable():
+        raise InvalidField("The upload needs a 'purpose' (batch for a batch input file).")
+    if not name or len(name) > MAX_FIELD or not name.isprintable() or '"' in name or "\\" in name:
+        raise InvalidField("The 'file' part needs a printable filename without quotes or backslashes.")
+    fields = [("file_name", name), ("purpose", OPENAI_PURPOSES.get(purpose, purpose))]
+    extension = name.rpartition(".")[2].lower()
+    if extension in FILE_TYPES:
+        fields.append(("file_type", extension))
+    boundary = boundary or f"together-meter-{secrets.token_hex(16)}"
+    if f"--{boundary}".encode("ascii") in part.data:  # only a caller-chosen boundary can collide
+        raise ValueError("the boundary occurs in the file")
+    head = f"--{boundary}\r\nContent-Disposition: form-data; name="
+    chunks = [f'{head}"{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields]
+    chunks.append(
+        f'{head}"file"; filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+    )
+    chunks += [part.data, f"\r\n--{boundary}--\r\n".encode("ascii")]
+    return OpenAIUpload(b"".join(chunks), f"multipart/form-data; boundary={boundary}", purpose)
 
 
 # -- the object-store URL ---------------------------------------------------------------------
@@ -205,12 +262,17 @@ def _mac(key: bytes, body: str) -> str:
 
 
 __all__ = [
+    "FILE_TYPES",
     "FORM_CT",
     "MAX_TOKEN",
+    "OPENAI_PURPOSES",
+    "TOGETHER_UPLOAD_PATH",
     "UPLOAD_FIELDS",
+    "OpenAIUpload",
     "StoreURL",
     "UploadGrant",
     "open_grant",
+    "openai_upload",
     "origin_of",
     "sign_grant",
     "store_url",

@@ -19,7 +19,8 @@ from aiohttp import web
 from proxy.core.auth import Principal
 from proxy.core.calls import header_attribution, new_request_id
 from proxy.core.routes import ID_RE, Match
-from proxy.core.shapes import openai_batch, openai_page, wants_openai_list
+from proxy.core.shapes import openai_batch, openai_file, openai_page, wants_openai_list
+from proxy.core.uploads import TOGETHER_UPLOAD_PATH, openai_upload
 from proxy.errors import InvalidField, InvalidJSON, NotFound, UpstreamProtocolError
 from proxy.ledger import BatchJob, OwnedFile, now_us
 from proxy.server.batches import BatchTracker, job_of, remember_batch_files
@@ -83,12 +84,12 @@ class ObjectGateway:
         uploads: UploadRelay,
     ) -> None:
         self.relay, self.pt, self.store, self.tracker = relay, passthrough, store, tracker
-        self.uploads = uploads  # the SDKs' presigned upload: POST /v1/files and its PUT
+        self.uploads = uploads  # the together SDKs' presigned upload: POST /v1/files and its PUT
         self._handlers: dict[str, Handler] = {
             "files.list": self._list,
             "batches.list": self._list,
             "files.upload": self._upload,
-            "files.create": uploads.create,
+            "files.create": self._create_file,
             "files.preprocess": self._owned,
             "batches.create": self._create_batch,
             "files.retrieve": self._owned,
@@ -148,13 +149,32 @@ class ObjectGateway:
         return respond(up, data, row.request_id)
 
     async def _upload(self, request: web.Request, principal: Principal, match: Match) -> web.StreamResponse:
-        """A multipart upload; the new file is the caller's."""
+        """together's multipart upload, sent on as it came; the new file is the caller's."""
         body = await self.relay.read_body(request)
         ctype = request.headers.get("Content-Type", JSON_CT)
+        out = Outbound("POST", match.upstream_path, match.upstream_query, body, ctype)
+        return await self._store_file(request, principal, out)
+
+    async def _create_file(
+        self, request: web.Request, principal: Principal, match: Match
+    ) -> web.StreamResponse:
+        """POST /v1/files: the OpenAI SDKs' `files.create` (multipart, a `file` part) is
+        together's upload, answered as OpenAI's FileObject; any other form is the together
+        SDKs' presigned upload (uploads.py)."""
+        body = await self.relay.read_body(request)
+        form = openai_upload(request.headers.get("Content-Type", ""), body)
+        if form is None:
+            return await self.uploads.create(request, principal, match, body)
+        out = Outbound("POST", TOGETHER_UPLOAD_PATH, "", form.body, form.content_type)
+        return await self._store_file(request, principal, out, form.purpose)
+
+    async def _store_file(
+        self, request: web.Request, principal: Principal, out: Outbound, openai_purpose: str | None = None
+    ) -> web.StreamResponse:
+        """One upload (row `files.upload`); the new file is the caller's before it is answered."""
         pt = self.pt
-        row = await pt.begin(request, principal, match.route.name, 0)
+        row = await pt.begin(request, principal, "files.upload", 0)
         try:
-            out = Outbound("POST", match.upstream_path, match.upstream_query, body, ctype)
             data = await pt.read(row, up := await pt.send(request, row, out), 0)
         finally:
             await pt.close(row)
@@ -165,6 +185,8 @@ class ObjectGateway:
             else:
                 owned = OwnedFile(file_id, principal.tenant, principal.key_id, now_us(), "upload")
                 await self._own(owned)
+            if openai_purpose is not None:
+                data = openai_file(data, openai_purpose)
         return respond(up, data, row.request_id)
 
     async def _create_batch(

@@ -6,6 +6,8 @@ file (`X-Together-File-Id`) and a presigned object-store URL (`Location`). The f
 tenant's before the client sees the redirect, and the Location becomes the proxy's own upload
 URL, `<public url>/v1/files/uploads/<token>`, whose signed token carries the presigned URL, the
 tenant, the file and an expiry (unless `files.relay_uploads` is false: then it passes unchanged).
+(The OpenAI SDKs' multipart `files.create` on the same route is no presigned upload: objects.py
+sends it to together's `/v1/files/upload` and never calls this.)
 
 `PUT /v1/files/uploads/<token>`: the SDKs send no API key here, so the token is the authority
 (checked: signature, expiry, tenant and key still configured, and an Authorization header, if
@@ -82,11 +84,13 @@ class UploadRelay:
 
     # -- POST /v1/files ---------------------------------------------------------------------
 
-    async def create(self, request: web.Request, principal: Principal, match: Match) -> web.StreamResponse:
-        """Forward the upload request; the 302's file becomes the caller's, its Location ours."""
+    async def create(
+        self, request: web.Request, principal: Principal, match: Match, body: bytes
+    ) -> web.StreamResponse:
+        """Forward the upload request (`body`, already read); the 302's file becomes the
+        caller's, its Location ours."""
         base = self._public_base(request) if self.relay.config.files.relay_uploads else None
-        ctype = request.headers.get("Content-Type", "")
-        form = upload_form(ctype, await self.relay.read_body(request), match.target.query)
+        form = upload_form(request.headers.get("Content-Type", ""), body, match.target.query)
         pt = self.pt
         row = await pt.begin(request, principal, match.route.name, 0)
         try:

@@ -23,6 +23,9 @@ a part of `completion_tokens`, never billed on top), and for fault tests:
 - `malformed_usage: inflated`: in-range counts (40M prompt, 10M completion tokens) far above what
   the request could have cost (a usage a proxy must not price beyond its own upper bound).
 
+Files are together's FileResponse (`FileType`, `Processed` false until processed,
+`processing_status`); `POST /v1/files/upload` takes the spec's multipart form (`file`, `purpose`
+of the spec's FilePurpose, else 400; `file_name`, else the part's filename; `file_type`).
 The Files and Batches API (`/v1/files/upload`, `/v1/batches`, `/v1/files/{id}/content`) runs
 batches of chat completions: a job completes `batch_delay_ms` after its creation (option, or
 `simulate.batch_delay_ms` in the create body) when it is next looked at; each input line's
@@ -317,7 +320,8 @@ class _File:
     status: str = "COMPLETED"  # processing_status: PENDING until a presigned upload is preprocessed
 
     def info(self) -> dict[str, Any]:
-        """together.ai's file object (types/file_response.py)."""
+        """together.ai's file object (the spec's FileResponse: `Processed` is required, and the
+        2.x SDK's upload rebuilds its FileResponse from it; false until the bytes are processed)."""
         return {
             "id": self.id,
             "object": "file",
@@ -326,6 +330,7 @@ class _File:
             "filename": self.filename,
             "FileType": self.file_type,
             "purpose": self.purpose,
+            "Processed": self.status == "COMPLETED",
             "processing_status": self.status,
         }
 
@@ -807,8 +812,21 @@ async def _project_models(request: web.Request) -> web.Response:
 # -- Files and Batches API ------------------------------------------------------------------
 
 
+_FILE_TYPES = ("jsonl", "parquet", "csv")
+_FILE_PURPOSES = (  # the spec's FilePurpose
+    "fine-tune",
+    "eval",
+    "eval-sample",
+    "eval-output",
+    "eval-summary",
+    "batch-generated",
+    "batch-api",
+)
+
+
 async def _file_upload(request: web.Request) -> web.Response:
-    """POST /v1/files/upload: multipart `file` + `purpose`; answers the file object."""
+    """POST /v1/files/upload: multipart `file`, `purpose`, `file_name`, `file_type` (the spec's
+    form; without `file_name` the part's filename is used); answers the file object."""
     if not _authorized(request):
         return _unauthorized()
     if not request.content_type.startswith("multipart/"):
@@ -817,13 +835,15 @@ async def _file_upload(request: web.Request) -> web.Response:
     upload, purpose = form.get("file"), form.get("purpose", "batch-api")
     if not isinstance(upload, web.FileField) or not isinstance(purpose, str):
         return _error(400, "The form needs a 'file' part (and optionally 'purpose').")
+    if purpose not in _FILE_PURPOSES:
+        return _error(400, f"Invalid purpose '{purpose}': one of {', '.join(_FILE_PURPOSES)}.")
+    name, file_type = form.get("file_name") or upload.filename, form.get("file_type", "jsonl")
+    if not isinstance(name, str) or not isinstance(file_type, str) or file_type not in _FILE_TYPES:
+        return _error(400, "file_name must be text and file_type one of jsonl, parquet, csv.")
     state = request.app[_STATE]
-    f = _File(f"file-{state.next_id()}", upload.filename, purpose, upload.file.read(), int(time.time()))
+    f = _File(f"file-{state.next_id()}", name, purpose, upload.file.read(), int(time.time()), file_type)
     state.files[f.id] = f
     return web.Response(body=_dumps(f.info()), content_type="application/json")
-
-
-_FILE_TYPES = ("jsonl", "parquet", "csv")
 
 
 async def _file_create(request: web.Request) -> web.Response:
@@ -836,6 +856,8 @@ async def _file_create(request: web.Request) -> web.Response:
     file_type = form.get("file_type") or name.rpartition(".")[2]
     if not name or not purpose or file_type not in _FILE_TYPES:
         return _error(400, "The form needs file_name, purpose and file_type (jsonl, parquet or csv).")
+    if purpose not in _FILE_PURPOSES:
+        return _error(400, f"Invalid purpose '{purpose}': one of {', '.join(_FILE_PURPOSES)}.")
     state = request.app[_STATE]
     checksum = form.get("checksum")
     for f in state.files.values():
@@ -1015,7 +1037,7 @@ def _advance(app: web.Application, batch: dict[str, Any]) -> dict[str, Any]:
     out = _File(
         f"file-{state.next_id()}",
         f"{job['id']}-output.jsonl",
-        "batch-output",
+        "batch-generated",
         b"\n".join(out_lines) + b"\n",
         int(time.time()),
     )

@@ -1,4 +1,5 @@
-"""The together SDKs' presigned file upload through the proxy (issue 17).
+"""File uploads through the proxy: the together SDKs' presigned upload (issue 17), and the OpenAI
+SDKs' multipart `files.create` on the same `POST /v1/files` (at the end).
 
 `client.files.upload(...)` of every together SDK: `POST /v1/files` -> 302 (Location: a presigned
 object-store URL, X-Together-File-Id) -> PUT of the bytes there -> `POST /v1/files/{id}/preprocess`
@@ -25,6 +26,7 @@ import httpx
 import pytest
 import requests
 from aiohttp import web
+from openai import APIStatusError as OpenAIStatusError
 from together import APIStatusError as TogetherStatusError
 from together import AsyncTogether, Together
 
@@ -32,6 +34,7 @@ from proxy.config import Config
 from proxy.core.uploads import open_grant, sign_grant, token_key
 from proxy.ledger import LedgerRow
 from proxy.server.app import Secrets
+from proxy.simulator import billed_pusd
 
 from .support import (
     ADMIN_TOKEN,
@@ -522,3 +525,144 @@ async def test_a_body_cut_short_stores_nothing(meter: Meter) -> None:
     assert (put.status, put.cost_pusd) == ("client_aborted", 0)
     status, _, _ = await request("GET", f"{meter.base_url}/files/{file_id}", meter.auth())
     assert status == 404  # together never got the bytes
+
+
+# -- the OpenAI SDKs' files.create: multipart POST /v1/files -> together's POST /v1/files/upload --
+
+
+async def direct_file(meter: Meter, file_id: str) -> dict[str, Any]:
+    """The simulator's own file object (what together stored), read with the operator key."""
+    headers = {"Authorization": f"Bearer {OPERATOR_KEY}"}
+    status, _, body = await request("GET", f"{meter.sim.url}/files/{file_id}", headers)
+    assert status == 200, body
+    return dict(json.loads(body))
+
+
+async def test_openai_files_create_is_owned_and_answered_as_openai(meter: Meter, tmp_path: Path) -> None:
+    """openai's files.create(file, purpose="batch") through the proxy: together gets its multipart
+    upload (file_name, purpose batch-api, file_type) with the operator key; the SDK gets OpenAI's
+    FileObject (purpose batch, status processed); the file is the tenant's before the answer:
+    readable byte for byte by it, and another tenant gets the 404 of a missing file, nothing
+    forwarded. One row files.upload, cost 0."""
+    path = batch_file(tmp_path)
+    client = meter.openai()
+    created = await client.files.create(file=path, purpose="batch")
+    assert (created.object, created.purpose, created.status, created.filename, created.bytes) == (
+        "file",
+        "batch",
+        "processed",
+        "input.jsonl",
+        path.stat().st_size,
+    )
+    assert await meter.proxy.ledger.file_owner(created.id) == "acme"
+    (sent,) = [s for s in meter.upstream_seen if s["path"].startswith("/v1/files")]
+    stored = await direct_file(meter, created.id)
+    assert (stored["purpose"], stored["filename"], stored["FileType"]) == (
+        "batch-api",
+        "input.jsonl",
+        "jsonl",
+    )
+    assert (sent["method"], sent["path"]) == ("POST", "/v1/files/upload")
+    assert sent["headers"]["authorization"] == f"Bearer {meter.operator_key}"
+    assert sent["headers"]["content-type"].startswith("multipart/form-data; boundary=")
+    assert not any(key in json.dumps(sent["headers"]) for key in meter.keys.values())
+
+    assert (await (await client.files.content(created.id)).aread()) == path.read_bytes()
+    assert [f.id for f in (await client.files.list()).data] == [created.id]
+    other = meter.openai("globex")
+    seen_before = len(meter.upstream_seen)
+    for call in (other.files.retrieve, other.files.content, other.files.delete):
+        with pytest.raises(OpenAIStatusError) as err:
+            await call(created.id)
+        assert err.value.status_code == 404 and error_of(err.value.response.content)["code"] == "not_found"
+    assert len(meter.upstream_seen) == seen_before  # nothing forwarded for globex
+    assert (await other.files.list()).data == []
+
+    rows = await meter.wait_terminal(2)
+    (upload,) = [r for r in rows if r.endpoint.startswith("files.upload")]
+    assert (upload.tenant, upload.status, upload.upstream_status, upload.cost_pusd) == ("acme", "ok", 200, 0)
+    assert [r.endpoint for r in rows if r.endpoint.startswith("files.")] == ["files.upload", "files.content"]
+
+
+async def test_openai_files_create_over_the_limit_is_413(start_meter: StartMeter, tmp_path: Path) -> None:
+    """An OpenAI upload over limits.max_body_bytes is 413 request_too_large before anything is
+    forwarded or recorded; with or without a Content-Length (a chunked body is cut at the limit)."""
+
+    def small(config: Config) -> Config:
+        return replace(config, limits=replace(config.limits, max_body_bytes=2048))
+
+    async with start_meter(change=small) as meter:
+        with pytest.raises(OpenAIStatusError) as err:
+            await meter.openai().files.create(file=batch_file(tmp_path, pad=4000), purpose="batch")
+        assert err.value.status_code == 413
+        assert error_of(err.value.response.content)["code"] == "request_too_large"
+
+        boundary = "b0undary"
+        part = b'Content-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'.encode()
+            + f"--{boundary}\r\n".encode()
+            + part
+            + b"{}" * 4000
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(body), 1000):
+                yield body[i : i + 1000]
+
+        headers = {**meter.auth(), "Content-Type": f"multipart/form-data; boundary={boundary}"}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(meter.base_url + "/files", data=chunks(), headers=headers) as r,
+        ):
+            assert r.status == 413 and (await r.json())["error"]["code"] == "request_too_large"
+        assert not [s for s in meter.upstream_seen if s["path"].startswith("/v1/files")]
+        assert await meter.rows() == []
+
+
+async def test_openai_files_create_refuses_an_incomplete_form(meter: Meter) -> None:
+    """A `file` part without a purpose (or an empty one), or with a filename that cannot be
+    sent on as it is: 400 invalid_field, nothing forwarded."""
+    files = {"file": ("in.jsonl", b"{}\n", "application/jsonl")}
+
+    def run() -> list[httpx.Response]:
+        with httpx.Client(base_url=meter.base_url, headers=meter.auth(), timeout=20) as c:
+            return [
+                c.post("/files", files=files),
+                c.post("/files", files={**files, "purpose": (None, "")}),
+                c.post("/files", files={"file": ("a\\b.jsonl", b"{}\n")}, data={"purpose": "batch"}),
+            ]
+
+    answers = await asyncio.to_thread(run)
+    assert [(r.status_code, r.json()["error"]["code"]) for r in answers] == [(400, "invalid_field")] * 3
+    assert meter.upstream_seen == []
+
+
+async def test_batch_from_an_openai_uploaded_file(start_meter: StartMeter, tmp_path: Path) -> None:
+    """A batch over a file made with openai's files.create runs through the openai SDK, its lines
+    recorded for the tenant at batch rates; another tenant cannot start a batch over that file."""
+
+    def fast(config: Config) -> Config:
+        return replace(config, batches=replace(config.batches, poll_interval=POLL))
+
+    async with start_meter(change=fast) as meter:
+        created = await meter.openai().files.create(file=batch_file(tmp_path, 3), purpose="batch")
+        with pytest.raises(OpenAIStatusError) as err:
+            await meter.openai("globex").batches.create(
+                input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        assert err.value.status_code == 400
+        assert error_of(err.value.response.content)["code"] == "invalid_input_file"
+        batch = await meter.openai().batches.create(
+            input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert batch.input_file_id == created.id
+        deadline = time.monotonic() + 10
+        while len([r for r in await meter.rows() if r.mode == "batch"]) < 3:
+            assert time.monotonic() < deadline, "batch lines not recorded in 10 s"
+            await asyncio.sleep(POLL)
+        lines = [r for r in await meter.rows() if r.mode == "batch"]
+        billed = [e for e in meter.sim.billed.entries if e.get("mode") == "batch"]
+        assert len(billed) == 3 and all(r.tenant == "acme" and r.status == "ok" for r in lines)
+        assert sum(r.cost_pusd or 0 for r in lines) == sum(billed_pusd(e) for e in billed)

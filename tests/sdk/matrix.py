@@ -45,6 +45,8 @@ ALL_LINES = (
     "videos",
 )
 OPENAI_LINES = tuple(line for line in ALL_LINES if line not in ("rerank", "videos"))  # no such calls
+# the npm together-ai SDK's files.upload with the fetch work-around its Node users need (README)
+TOGETHER_AI_LINES = (*ALL_LINES, "files_upload_duplex")
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ VARIANTS = (
         "node",
         "together_ai.cjs",
         "/v1",
-        ALL_LINES,
+        TOGETHER_AI_LINES,
         env_base={"TOGETHER_API_BASE_URL": "/v1"},  # its files.upload reads only this
     ),
     Variant("openai-py", "openai", "", "test-venv", "openai_py.py", "/v1", OPENAI_LINES),
@@ -149,7 +151,7 @@ def _command(variant: Variant, envs: Envs) -> tuple[list[str], dict[str, str]]:
     )
     if variant.runtime == "node":
         env["NODE_PATH"] = str(envs.node_modules)
-        return ["node", str(NODE_PROJECT / variant.driver)], env
+        return [str(envs.node), str(NODE_PROJECT / variant.driver)], env
     python = {"together1": envs.together1, "together2": envs.together2}.get(
         variant.runtime, Path(sys.executable)
     )

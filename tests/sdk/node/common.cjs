@@ -62,7 +62,7 @@ async function run(sdk, version, lines) {
     out.seconds = (Date.now() - started) / 1000;
     process.stdout.write(JSON.stringify(out) + '\n');
   }
-  process.stdout.write(JSON.stringify({ line: '_done', sdk, version }) + '\n');
+  process.stdout.write(JSON.stringify({ line: '_done', sdk, version, node: process.version }) + '\n');
 }
 
 function usage(u) {

@@ -66,6 +66,18 @@ const lines = {
     const r = await client(ctx).files.upload(ctx.data.upload_path, 'batch-api', false);
     return { id: r.id, purpose: r.purpose, bytes: r.bytes };
   },
+  // the same upload with the documented work-around (README): the SDK's PUT sends a stream body
+  // without `duplex: 'half'`, which Node's fetch refuses; a fetch that adds it lets it through
+  async files_upload_duplex(ctx) {
+    const plain = globalThis.fetch;
+    globalThis.fetch = (url, init) =>
+      plain(url, init?.body && typeof init.body.pipe === 'function' ? { ...init, duplex: 'half' } : init);
+    try {
+      return await lines.files_upload(ctx);
+    } finally {
+      globalThis.fetch = plain;
+    }
+  },
   async batches_create(ctx) {
     const r = await client(ctx).batches.create({
       input_file_id: ctx.data.batch_file_id, endpoint: '/v1/chat/completions', completion_window: '24h',
