@@ -266,10 +266,11 @@ async def test_migrations_apply_once(pg_dsn: str) -> None:
     """The first run applies every migration, the second none; schema_migrations lists each once."""
     labels = [m.label for m in available()]
     assert labels and labels[0] == "0001_initial"
+    version = available()[-1].version
     ledger = PostgresLedger(pg_dsn)
     try:
-        assert await ledger.migrate() == (labels, len(labels))
-        assert await ledger.migrate() == ([], len(labels))
+        assert await ledger.migrate() == (labels, version)
+        assert await ledger.migrate() == ([], version)
     finally:
         await ledger.close()
 
@@ -469,14 +470,12 @@ async def test_commands_read_and_prune_the_postgres_ledger(pg_dsn: str, tmp_path
     env = {"TM_TEST_LEDGER_DSN": pg_dsn.replace("postgres@", "postgres:pw-canary-77@")}
     code, out, err = await run_cli("db", "migrate", "--config", config, env=env)
     assert code == 0 and "pw-canary-77" not in out + err
-    assert out.splitlines()[:3] == [
-        "applied 0001_initial",
-        "applied 0002_owned_files",
-        "applied 0003_rollups",
-    ]
-    assert out.splitlines()[3].endswith("schema at version 3")
+    version = available()[-1].version
+    lines = out.splitlines()
+    assert lines[: len(available())] == [f"applied {m.label}" for m in available()]
+    assert lines[-1].endswith(f"schema at version {version}")
     code, out, _ = await run_cli("db", "migrate", "--config", config, env=env)
-    assert code == 0 and out.strip().endswith("schema at version 3 (up to date)") and ":***@" in out
+    assert code == 0 and out.strip().endswith(f"schema at version {version} (up to date)") and ":***@" in out
     ledger = PostgresLedger(pg_dsn)
     await ledger.open()
     start = 1767225600 * 1_000_000  # 2026-01-01T00:00:00Z

@@ -31,7 +31,7 @@ from proxy.core.rollups import (
     rollup_rows,
 )
 from proxy.ledger import COLUMNS, LedgerRow, LedgerUnavailable
-from proxy.ledger.migrate import MIGRATIONS_DIR, migrate
+from proxy.ledger.migrate import MIGRATIONS_DIR, available, migrate
 from proxy.ledger.postgres import PostgresLedger
 from proxy.ledger.sqlite import SQLiteLedger
 
@@ -264,7 +264,8 @@ async def test_postgres_migration_fills_rollups_from_rows_and_aggregates(pg_dsn:
             "INSERT INTO aggregates VALUES ('2026-02', '2026-02-03', 'acme', 'm', 'chat', 'serverless', "
             "'', '', 'ok', 'upstream', 5, 5, 50, 5, 4, 400)"
         )
-        assert [m.label for m in await migrate(conn, timezone=BERLIN.timezone)] == ["0003_rollups"]
+        applied = [m.label for m in await migrate(conn, timezone=BERLIN.timezone)]
+        assert applied == [m.label for m in available() if m.version >= 3]
         meta = dict(await conn.fetch("SELECT key, value FROM meta"))
         assert meta == {"rollup_timezone": "Europe/Berlin", "pruned:2026-02": "1"}
         assert await conn.fetchval("SELECT to_regclass('aggregates')") is None

@@ -20,7 +20,16 @@ from proxy.core.budgets import Periods
 from proxy.core.report import USAGE_KEEP, usage_lines
 from proxy.core.retention import ImportResult, PruneResult
 from proxy.core.rollups import Rollup, RollupFilter
-from proxy.ledger import COLUMNS, BatchJob, LedgerRow, LedgerUnavailable, OwnedFile, now_us, pg_bulk
+from proxy.ledger import (
+    COLUMNS,
+    BatchJob,
+    LedgerRow,
+    LedgerUnavailable,
+    OwnedFile,
+    now_us,
+    pg_bulk,
+    pg_partitions,
+)
 from proxy.ledger.migrate import current_version, migrate
 from proxy.ledger.rollup_sql import select_rollups, to_rollup
 
@@ -59,13 +68,19 @@ class PostgresStore:
         self.commit_timeout = commit_timeout
         self.instance_id = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._pool: asyncpg.Pool | None = None
+        self.ahead: tuple[str, str] | None = None  # the months whose partitions were last made sure of
+        self.partitions_made: list[str] = []  # by the last migrate()
 
     async def migrate(self) -> tuple[list[str], int]:
-        """Apply the pending schema migrations (`db migrate` runs this); (applied, version now)."""
+        """Apply the pending schema migrations (`db migrate` runs this), then make sure the current
+        and next month's partitions exist; (applied, version now)."""
         try:
             pool = await self._get_pool()
             async with pool.acquire() as conn:
                 applied = [m.label for m in await migrate(conn, timezone=self.periods.timezone)]
+                ahead = pg_partitions.ahead(self.periods, now_us())
+                self.partitions_made = await pg_partitions.ensure(conn, ahead)
+                self.ahead = ahead
                 return applied, await current_version(conn)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise LedgerUnavailable(f"cannot migrate ledger {self.where}: {self._scrub(exc)}") from None
@@ -311,24 +326,35 @@ class PostgresStore:
     # -- retention and imports (pg_bulk.py) ----------------------------------------------------
 
     async def prune(self, before: str, *, chunk: int = 20_000) -> PruneResult:
-        """Delete the terminal rows of every period before `before`, a chunk per transaction; their
-        rollups stay (and the accounts of those periods keep their spend)."""
+        """The terminal rows of every period before `before` out of the ledger, whole monthly
+        partitions dropped (pg_partitions.py); their rollups stay (and the accounts of those
+        periods keep their spend)."""
         try:
             pool = await self._get_pool()
             async with pool.acquire() as conn:
-                return await pg_bulk.prune(conn, before, chunk)
+                return await pg_partitions.prune(conn, before, chunk)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise LedgerUnavailable(f"ledger {self.where}: {self._scrub(exc)}") from None
 
     async def import_rows(self, records: Iterable[tuple[int, LedgerRow]]) -> ImportResult:
         """Rows not in the ledger yet, in one transaction, with their rollups and account moves."""
         await self.migrate()
+        side: list[asyncpg.Connection] = []  # makes the partitions of months the file brings
+
+        async def partitions(periods: set[str]) -> None:
+            if not side:
+                side.append(await asyncpg.connect(self._dsn, timeout=self.commit_timeout))
+            await pg_partitions.ensure(side[0], periods)
+
         try:
             pool = await self._get_pool()
             async with pool.acquire() as conn:
-                return await pg_bulk.import_rows(conn, records, self.periods.timezone)
+                return await pg_bulk.import_rows(conn, records, self.periods.timezone, partitions)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise LedgerUnavailable(f"ledger {self.where}: {self._scrub(exc)}") from None
+        finally:
+            for c in side:
+                await c.close()
 
 
 def _filters(
