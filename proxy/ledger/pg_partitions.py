@@ -146,7 +146,7 @@ async def _detach(conn: asyncpg.Connection, period: str, name: str) -> bool:
         await conn.execute(f"ALTER TABLE requests DETACH PARTITION {_ident(name)} CONCURRENTLY", timeout=LONG)
     except asyncpg.InsufficientPrivilegeError:
         log.warning(
-            "db prune: this database user does not own `requests`, so it deletes the rows of %s one "
+            "db prune: this database user does not own the table requests, so it deletes the rows of %s one "
             "chunk at a time; run `db prune` as the user that ran the migrations to drop whole months",
             period,
         )

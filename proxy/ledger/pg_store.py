@@ -7,6 +7,7 @@ need; `postgres.PostgresLedger` adds the writer, the budgets and the reaper on t
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import socket
@@ -33,6 +34,7 @@ from proxy.ledger import (
 from proxy.ledger.migrate import current_version, migrate
 from proxy.ledger.rollup_sql import select_rollups, to_rollup
 
+log = logging.getLogger(__name__)
 _PASSWORD_IN_URL = re.compile(r"(://[^/@:]*:)[^@/]*@")
 _PASSWORD_IN_QUERY = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
 
@@ -78,12 +80,23 @@ class PostgresStore:
             pool = await self._get_pool()
             async with pool.acquire() as conn:
                 applied = [m.label for m in await migrate(conn, timezone=self.periods.timezone)]
-                ahead = pg_partitions.ahead(self.periods, now_us())
-                self.partitions_made = await pg_partitions.ensure(conn, ahead)
-                self.ahead = ahead
+                self.partitions_made = await self.make_ahead(conn)
                 return applied, await current_version(conn)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise LedgerUnavailable(f"cannot migrate ledger {self.where}: {self._scrub(exc)}") from None
+
+    async def make_ahead(self, conn: asyncpg.Connection) -> list[str]:
+        """Make sure the partitions of this month and the next exist (the months made). Not fatal:
+        on failure it logs, and the next call (the heartbeat's) or a write that needs one makes it."""
+        ahead = pg_partitions.ahead(self.periods, now_us())
+        try:
+            made = await pg_partitions.ensure(conn, ahead)
+        except asyncpg.PostgresError as exc:
+            log.warning("ledger: could not make the partitions of %s (next try in a while): %s",
+                        " and ".join(ahead), self._scrub(exc))  # fmt: skip
+            return []
+        self.ahead = ahead
+        return made
 
     async def close(self) -> None:
         await self._close_pool()

@@ -496,15 +496,15 @@ class PostgresLedger(PostgresStore):
 
     async def _make_partitions(self, exc: asyncpg.PostgresError, batch: list[_Op]) -> bool:
         """A row of a month without a partition (made ahead, so rare: a clock far off): make it
-        now, and write again. False when nothing was made (the error was another one)."""
+        now, and write again. False when the error was another one, or the month cannot be made."""
         if exc.sqlstate != pg_partitions.NO_PARTITION or self._conn is None:
             return False
-        try:
-            made = await pg_partitions.ensure(self._conn, {op.row.period for op in batch})
+        try:  # (made here, or by another replica meanwhile)
+            await pg_partitions.ensure(self._conn, {op.row.period for op in batch})
         except asyncpg.PostgresError as failed:  # e.g. not a period: the batch is split, it fails alone
             log.warning("ledger: could not make a monthly partition: %s", self._scrub(failed))
             return False
-        return bool(made)
+        return True
 
     async def _rollback(self) -> bool:
         try:
@@ -691,21 +691,17 @@ class PostgresLedger(PostgresStore):
                 self._healthy = False
                 self._poke()
                 continue
-            await self._ahead()
+            # the next heartbeat tries again
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                await self._ahead()
 
     async def _ahead(self) -> None:
         """When the month changed: make sure the partitions of this month and the next exist."""
-        ahead = pg_partitions.ahead(self.periods, now_us())
-        if ahead == self.ahead:
+        if pg_partitions.ahead(self.periods, now_us()) == self.ahead:
             return
-        try:
-            pool = await self._get_pool()
-            async with pool.acquire() as conn:
-                await pg_partitions.ensure(conn, ahead)
-            self.ahead = ahead
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            log.warning("ledger: could not make the partitions of %s (next try in a while): %s",
-                        " and ".join(ahead), self._scrub(exc))  # fmt: skip
+        pool = await self._get_pool()
+        async with pool.acquire() as conn:
+            await self.make_ahead(conn)
 
     async def reap(self, limit: int = 10_000) -> int:
         """Rows in flight whose owner's heartbeat is older than the lease become `orphaned`.
