@@ -35,6 +35,7 @@ from proxy.ledger.migrate import current_version, migrate
 from proxy.ledger.rollup_sql import select_rollups, to_rollup
 
 log = logging.getLogger(__name__)
+MIGRATION_TIMEOUT = 6 * 3600.0  # seconds: 0006 copies `requests` (about 6 s per million rows here)
 _PASSWORD_IN_URL = re.compile(r"(://[^/@:]*:)[^@/]*@")
 _PASSWORD_IN_QUERY = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
 
@@ -79,7 +80,8 @@ class PostgresStore:
         try:
             pool = await self._get_pool()
             async with pool.acquire() as conn:
-                applied = [m.label for m in await migrate(conn, timezone=self.periods.timezone)]
+                done = await migrate(conn, timezone=self.periods.timezone, command_timeout=MIGRATION_TIMEOUT)
+                applied = [m.label for m in done]
                 self.partitions_made = await self.make_ahead(conn)
                 return applied, await current_version(conn)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
