@@ -1,6 +1,8 @@
 """A month of traffic in the ledger: reports, start-up and the proxy's latency at 1M / 10M rows.
 
   .venv/bin/python bench/ledger_scale.py --rows 1000000 --backend sqlite postgres --out bench/results/scale-1m
+  .venv/bin/python bench/ledger_scale.py --rows 1000000 --backend postgres --period 2026-11 --prune \
+      --db tm_scale_mine --out bench/results/scale-1m-prune   # a past month, then `db prune` it
 
 1. Writes a synthetic month in the `db export` format (JSON Lines): the current period, rows
    spread over all its days, 20 tenants using 2-3 models and features each, three endpoints,
@@ -12,9 +14,11 @@
    running proxy (median of 5); a sequential probe of small chat requests through the proxy,
    first alone, then while reports run back to back: the worst probe latency minus the median
    alone is the extra wait a report causes.
+4. With --prune (the month must be before the current one): `together-meter db prune --before`
+   the month after it, timed; then the reports again (they must be equal) and the rows left.
 
 Loopback only: the proxy's upstream is the built-in simulator; PostgreSQL on 127.0.0.1:5432
-(a database tm_scale_<rows> is created and dropped). Every wait and loop is bounded.
+(a database tm_scale_<rows>, or --db, is created and dropped). Every wait and loop is bounded.
 """
 
 from __future__ import annotations
@@ -188,7 +192,10 @@ async def bytes_per_row(backend: str, workdir: Path, dsn: str | None, rows: int)
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("VACUUM ANALYZE")
-        req = await conn.fetchval("SELECT pg_total_relation_size('requests')")
+        req = await conn.fetchval(  # a partitioned table (migration 0006) is the sum of its months
+            "SELECT pg_total_relation_size('requests') + COALESCE((SELECT SUM(pg_total_relation_size("
+            "inhrelid)) FROM pg_inherits WHERE inhparent = 'requests'::regclass), 0)"
+        )
         roll = await conn.fetchval("SELECT pg_total_relation_size('rollups')")
         lines = await conn.fetchval("SELECT COUNT(*) FROM rollups")
         total = await conn.fetchval("SELECT pg_database_size(current_database())")
@@ -197,7 +204,7 @@ async def bytes_per_row(backend: str, workdir: Path, dsn: str | None, rows: int)
     return {
         "bytes_total": total,
         "bytes_per_row": round(total / rows, 1),
-        "requests_bytes_per_row": round(req / rows, 1),
+        "requests_bytes_per_row": round(int(req) / rows, 1),
         "rollups_bytes": roll,
         "rollup_lines": lines,
     }
@@ -322,13 +329,16 @@ def summary(waits: list[float]) -> dict[str, float]:
 # -- 3. one backend -----------------------------------------------------------------------------
 
 
-async def run_backend(backend: str, month: Path, rows: int, period: str, workdir: Path) -> dict[str, Any]:
+async def run_backend(
+    backend: str, month: Path, rows: int, period: str, workdir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     dsn = None
+    database = args.db or f"tm_scale_{rows}"
     if backend == "postgres":
-        dsn = f"postgresql://postgres@127.0.0.1:5432/tm_scale_{rows}"
+        dsn = f"postgresql://postgres@127.0.0.1:5432/{database}"
         admin = await asyncpg.connect(PG_ADMIN)
-        await admin.execute(f"DROP DATABASE IF EXISTS tm_scale_{rows} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE tm_scale_{rows}")
+        await admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {database}")
         await admin.close()
     config = write_config(workdir, backend, dsn)
     env = {"TOGETHER_API_KEY": "sk-upstream-bench", "TM_SCALE_ADMIN_TOKEN": ADMIN_TOKEN}
@@ -378,11 +388,40 @@ async def run_backend(backend: str, month: Path, rows: int, period: str, workdir
         served.stop()
         sim.terminate()
         sim.wait(10)
+    if args.prune:
+        result.update(prune_month(config, env, period))
     if backend == "postgres":
         admin = await asyncpg.connect(PG_ADMIN)
-        await admin.execute(f"DROP DATABASE IF EXISTS tm_scale_{rows} WITH (FORCE)")
+        await admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         await admin.close()
     return result
+
+
+def prune_month(config: Path, env: dict[str, str], period: str) -> dict[str, Any]:
+    """`db prune --before` the month after `period`, timed; the reports must not change."""
+    year, mon = (int(x) for x in period.split("-"))
+    after = f"{year + mon // 12:04d}-{mon % 12 + 1:02d}"
+
+    def run(*args: str) -> str:
+        done = subprocess.run([PY, "-m", "proxy.cli", "--log-level", "WARNING", *args], cwd=ROOT,
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=7200,
+                              check=False)  # fmt: skip
+        if done.returncode != 0:
+            raise SystemExit(f"together-meter {args[0]} exited {done.returncode}: {done.stderr[-2000:]}")
+        return done.stdout
+
+    reports = [("report", "--config", str(config), "--month", period, "--by", by, "--format", "json")
+               for by in ("model", "day", "tenant")]  # fmt: skip
+    before = [json.loads(run(*r)) for r in reports]
+    print(f"db prune --before {after} ...", flush=True)
+    t0 = time.perf_counter()
+    line = run("db", "prune", "--config", str(config), "--before", after).strip()
+    took = time.perf_counter() - t0
+    if [json.loads(run(*r)) for r in reports] != before:
+        raise SystemExit("the reports changed after db prune")
+    _, left = cli("db", "export", "--config", str(config), "--month", period, "-o", os.devnull, env=env)
+    return {"prune_s": round(took, 2), "prune_line": line, "reports_equal_after_prune": True,
+            "rows_left_after_prune": left.strip()}  # fmt: skip
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -404,7 +443,7 @@ async def main_async(args: argparse.Namespace) -> int:
         (out / "meta.json").write_text(json.dumps(meta, indent=2))
         for backend in args.backend:
             (work / backend).mkdir()
-            result = await run_backend(backend, month, args.rows, period, work / backend)
+            result = await run_backend(backend, month, args.rows, period, work / backend, args)
             print(json.dumps(result), flush=True)
             with (out / "results.jsonl").open("a") as f:
                 f.write(json.dumps(result) + "\n")
@@ -418,6 +457,8 @@ def main() -> int:
     p.add_argument("--period", help="the month to fill (default: the current one, UTC)")
     p.add_argument("--out", default="bench/results/ledger-scale")
     p.add_argument("--workdir", help="where the month file and the SQLite ledger go (default: /tmp)")
+    p.add_argument("--db", help="PostgreSQL database to create and drop (default: tm_scale_<rows>)")
+    p.add_argument("--prune", action="store_true", help="then `db prune` the month (a past --period)")
     return asyncio.run(main_async(p.parse_args()))
 
 

@@ -318,7 +318,7 @@ async def test_postgres_migration_fills_rollups_from_rows_and_aggregates(pg_dsn:
             "'', '', 'ok', 'upstream', 5, 5, 50, 5, 4, 400)"
         )
         applied = [m.label for m in await migrate(conn, timezone=BERLIN.timezone)]
-        assert applied == [m.label for m in available() if m.version >= 3]  # 0003_rollups, then later ones
+        assert applied == [m.label for m in available() if m.version >= 3]
         meta = dict(await conn.fetch("SELECT key, value FROM meta"))
         assert meta == {"rollup_timezone": "Europe/Berlin", "pruned:2026-02": "1"}
         assert await conn.fetchval("SELECT to_regclass('aggregates')") is None

@@ -61,6 +61,8 @@ def run_migrate(config: Config, path: str | None = None) -> int:
     applied, version = asyncio.run(run())
     for label in applied:
         print(f"applied {label}")
+    for period in ledger.partitions_made:
+        print(f"made the monthly partition of {period}")
     print(f"{ledger.where}: schema at version {version}" + ("" if applied else " (up to date)"))
     return 0
 

@@ -44,14 +44,22 @@ def available(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def migrate(conn: Any, directory: Path = MIGRATIONS_DIR, *, timezone: str = "UTC") -> list[Migration]:
+async def migrate(
+    conn: Any,
+    directory: Path = MIGRATIONS_DIR,
+    *,
+    timezone: str = "UTC",
+    command_timeout: float | None = None,
+) -> list[Migration]:
     """Apply the migrations `conn`'s database lacks; return those applied (empty: up to date).
 
     `timezone` (budgets.timezone) is what a migration reads as `together_meter.timezone`.
+    `command_timeout`: seconds a migration (or the wait for another process's) may take, beyond the
+    connection's command timeout (a migration that copies a table takes minutes at 10M rows).
     """
     applied: list[Migration] = []
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY, timeout=command_timeout)
         await conn.execute("SELECT set_config('together_meter.timezone', $1, true)", timezone)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -63,7 +71,7 @@ async def migrate(conn: Any, directory: Path = MIGRATIONS_DIR, *, timezone: str 
         for migration in ours:
             if migration.version in done:
                 continue
-            await conn.execute(migration.sql)
+            await conn.execute(migration.sql, timeout=command_timeout)
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                 migration.version,

@@ -7,6 +7,7 @@ need; `postgres.PostgresLedger` adds the writer, the budgets and the reaper on t
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import socket
@@ -30,10 +31,13 @@ from proxy.ledger import (
     endpoint_minutes,
     now_us,
     pg_bulk,
+    pg_partitions,
 )
 from proxy.ledger.migrate import current_version, migrate
 from proxy.ledger.rollup_sql import select_rollups, to_rollup
 
+log = logging.getLogger(__name__)
+MIGRATION_TIMEOUT = 6 * 3600.0  # seconds: 0006 copies `requests` (about 6 s per million rows here)
 _PASSWORD_IN_URL = re.compile(r"(://[^/@:]*:)[^@/]*@")
 _PASSWORD_IN_QUERY = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
 
@@ -69,16 +73,34 @@ class PostgresStore:
         self.commit_timeout = commit_timeout
         self.instance_id = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._pool: asyncpg.Pool | None = None
+        self.ahead: tuple[str, str] | None = None  # the months whose partitions were last made sure of
+        self.partitions_made: list[str] = []  # by the last migrate()
 
     async def migrate(self) -> tuple[list[str], int]:
-        """Apply the pending schema migrations (`db migrate` runs this); (applied, version now)."""
+        """Apply the pending schema migrations (`db migrate` runs this), then make sure the current
+        and next month's partitions exist; (applied, version now)."""
         try:
             pool = await self._get_pool()
             async with pool.acquire() as conn:
-                applied = [m.label for m in await migrate(conn, timezone=self.periods.timezone)]
+                done = await migrate(conn, timezone=self.periods.timezone, command_timeout=MIGRATION_TIMEOUT)
+                applied = [m.label for m in done]
+                self.partitions_made = await self.make_ahead(conn)
                 return applied, await current_version(conn)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise LedgerUnavailable(f"cannot migrate ledger {self.where}: {self._scrub(exc)}") from None
+
+    async def make_ahead(self, conn: asyncpg.Connection) -> list[str]:
+        """Make sure the partitions of this month and the next exist (the months made). Not fatal:
+        on failure it logs, and the next call (the heartbeat's) or a write that needs one makes it."""
+        ahead = pg_partitions.ahead(self.periods, now_us())
+        try:
+            made = await pg_partitions.ensure(conn, ahead)
+        except asyncpg.PostgresError as exc:
+            log.warning("ledger: could not make the partitions of %s (next try in a while): %s",
+                        " and ".join(ahead), self._scrub(exc))  # fmt: skip
+            return []
+        self.ahead = ahead
+        return made
 
     async def close(self) -> None:
         await self._close_pool()
@@ -344,24 +366,35 @@ class PostgresStore:
     # -- retention and imports (pg_bulk.py) ----------------------------------------------------
 
     async def prune(self, before: str, *, chunk: int = 20_000) -> PruneResult:
-        """Delete the terminal rows of every period before `before`, a chunk per transaction; their
-        rollups stay (and the accounts of those periods keep their spend)."""
+        """The terminal rows of every period before `before` out of the ledger, whole monthly
+        partitions dropped (pg_partitions.py); their rollups stay (and the accounts of those
+        periods keep their spend)."""
         try:
             pool = await self._get_pool()
             async with pool.acquire() as conn:
-                return await pg_bulk.prune(conn, before, chunk)
+                return await pg_partitions.prune(conn, before, chunk)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise LedgerUnavailable(f"ledger {self.where}: {self._scrub(exc)}") from None
 
     async def import_rows(self, records: Iterable[tuple[int, LedgerRow]]) -> ImportResult:
         """Rows not in the ledger yet, in one transaction, with their rollups and account moves."""
         await self.migrate()
+        side: list[asyncpg.Connection] = []  # makes the partitions of months the file brings
+
+        async def partitions(periods: set[str]) -> None:
+            if not side:
+                side.append(await asyncpg.connect(self._dsn, timeout=self.commit_timeout))
+            await pg_partitions.ensure(side[0], periods)
+
         try:
             pool = await self._get_pool()
             async with pool.acquire() as conn:
-                return await pg_bulk.import_rows(conn, records, self.periods.timezone)
+                return await pg_bulk.import_rows(conn, records, self.periods.timezone, partitions)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise LedgerUnavailable(f"ledger {self.where}: {self._scrub(exc)}") from None
+        finally:
+            for c in side:
+                await c.close()
 
 
 def _filters(

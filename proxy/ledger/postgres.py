@@ -38,7 +38,15 @@ from typing import Any
 import asyncpg
 
 from proxy.core.budgets import BudgetExceeded, budget_exceeded
-from proxy.ledger import COLUMNS, FINISH_COLUMNS, IN_FLIGHT, LedgerRow, LedgerUnavailable, now_us
+from proxy.ledger import (
+    COLUMNS,
+    FINISH_COLUMNS,
+    IN_FLIGHT,
+    LedgerRow,
+    LedgerUnavailable,
+    now_us,
+    pg_partitions,
+)
 from proxy.ledger.pg_sql import MOVE_ACCOUNTS_CTE as _MOVE_ACCOUNTS_CTE
 from proxy.ledger.pg_sql import N_ROW as _N_ROW
 from proxy.ledger.pg_sql import TERMINAL as _TERMINAL
@@ -52,10 +60,11 @@ log = logging.getLogger(__name__)
 
 HardLimits = Callable[[], Mapping[tuple[str, str | None], int]]
 _FINISH = FINISH_COLUMNS  # what `finish` sets; a terminal row is never changed again (idempotent)
-_FINISH_IDX = [0] + [COLUMNS.index(c) for c in _FINISH]
+# a row is found by its key, (request_id, period): the period names the one partition it is in
+_FINISH_IDX = [COLUMNS.index(c) for c in ("request_id", "period", *_FINISH)]
 
 
-_N_FINISH = len(_FINISH_IDX)  # a finish's arrays
+_N_FINISH = len(_FINISH_IDX) + 1  # a finish's arrays, and the month they all share (or NULL)
 # What a begin knows; a begun row's other columns are at their defaults (status in_flight).
 _BEGIN = (
     "request_id", "tenant", "key_id", "model", "endpoint", "mode", "feature", "environment",
@@ -66,11 +75,18 @@ _TERMINAL_IDX = [j for j, c in enumerate(COLUMNS) if c not in _BEGIN]
 _N_BEGIN = len(_BEGIN)
 
 
-def _update(first: int) -> str:
+def _update(first: int, one_month: bool) -> str:
+    """Finish the rows still in flight. `one_month`: they all started in the month given as the
+    last parameter, a plain value PostgreSQL prunes the other partitions with before it runs (a
+    period from the arrays only prunes row by row, and the planner, pricing a lookup in every
+    partition, then prefers scanning each partition's in-flight index); else that parameter is
+    NULL (a batch on both sides of a month's end)."""
+    month = f"${first + _N_FINISH - 1}::text"
     return f"""UPDATE requests AS r SET {", ".join(f"{c} = u.{c}" for c in _FINISH)}
     FROM unnest({_arrays(first, (_TYPES[j] for j in _FINISH_IDX))})
-        AS u(request_id, {", ".join(_FINISH)})
-    WHERE r.request_id = u.request_id AND r.status = '{IN_FLIGHT}'
+        AS u(request_id, period, {", ".join(_FINISH)})
+    WHERE r.request_id = u.request_id AND r.period = u.period AND r.status = '{IN_FLIGHT}'
+        AND {f"r.period = {month}" if one_month else f"{month} IS NULL"}
     RETURNING {", ".join(f"r.{c}" for c in _TERMINAL.split(", "))}"""
 
 
@@ -81,18 +97,19 @@ def _update(first: int) -> str:
 # trip. Accounts and rollups are upserted in key order, accounts first (PostgreSQL runs the
 # unreferenced WITH parts last to first, so `acc` comes after `roll`), the order every writer
 # and the reaper lock them in, so replicas cannot deadlock on them.
-_WRITE_BATCH = f"""
+def _write_batch(one_month: bool) -> str:
+    return f"""
 WITH ins AS (
     INSERT INTO requests ({", ".join(COLUMNS)}, owner)
     SELECT * FROM unnest({_arrays(1, (*_TYPES, "text"))})
-    ON CONFLICT (request_id) DO NOTHING
+    ON CONFLICT (request_id, period) DO NOTHING
     RETURNING request_id, tenant, feature, period, reserved_pusd
 ), upd AS (
-    {_update(_N_ROW + 1)}
+    {_update(_N_ROW + 1, one_month)}
 ), rec AS (
     INSERT INTO requests ({", ".join(COLUMNS)}, owner)
     SELECT * FROM unnest({_arrays(_N_ROW + _N_FINISH + 1, (*_TYPES, "text"))})
-    ON CONFLICT (request_id) DO NOTHING
+    ON CONFLICT (request_id, period) DO NOTHING
     RETURNING {_TERMINAL}
 ), moved AS (
     SELECT tenant, feature, period, 0::numeric AS spent, COALESCE(reserved_pusd, 0)::numeric AS reserved
@@ -105,18 +122,21 @@ SELECT 'b', request_id FROM ins
 UNION ALL SELECT 'f', request_id FROM upd
 UNION ALL SELECT 'r', request_id FROM rec
 """
+
+
 # The usual batch (begins of fresh rows and finishes, nothing recorded), leaner: a begin sends
 # only the 12 columns it knows, the owner once (27 parameters instead of 64: less to encode here
-# and to parse there). The same rows, account moves and rollups as _WRITE_BATCH.
-_WRITE_LEAN = f"""
+# and to parse there). The same rows, account moves and rollups as _write_batch.
+def _write_lean(one_month: bool) -> str:
+    return f"""
 WITH ins AS (
     INSERT INTO requests ({", ".join(_BEGIN)}, usage_source, status, owner)
     SELECT *, 'none', '{IN_FLIGHT}', ${_N_BEGIN + 1}::text
     FROM unnest({_arrays(1, (_TYPES[j] for j in _BEGIN_IDX))})
-    ON CONFLICT (request_id) DO NOTHING
+    ON CONFLICT (request_id, period) DO NOTHING
     RETURNING request_id, tenant, feature, period, reserved_pusd
 ), upd AS (
-    {_update(_N_BEGIN + 2)}
+    {_update(_N_BEGIN + 2, one_month)}
 ), moved AS (
     SELECT tenant, feature, period, 0::numeric AS spent, COALESCE(reserved_pusd, 0)::numeric AS reserved
     FROM ins
@@ -126,11 +146,21 @@ WITH ins AS (
 SELECT 'b', request_id FROM ins
 UNION ALL SELECT 'f', request_id FROM upd
 """
+
+
+# (lean, finishes of one month) -> statement
+_WRITE = {
+    (lean, one): (_write_lean if lean else _write_batch)(one)
+    for lean in (True, False)
+    for one in (True, False)
+}
 # a retried op whose earlier attempt committed after all: the row carries its finished_us
 _ALREADY_MADE = (
     "SELECT r.request_id FROM requests AS r "
-    "JOIN unnest($1::text[], $2::int8[], $3::text[]) AS u(request_id, finished_us, status) "
-    "ON r.request_id = u.request_id AND r.finished_us IS NOT DISTINCT FROM u.finished_us "
+    "JOIN unnest($1::text[], $2::int8[], $3::text[], $4::text[]) "
+    "AS u(request_id, finished_us, status, period) "
+    "ON r.request_id = u.request_id AND r.period = u.period "
+    "AND r.finished_us IS NOT DISTINCT FROM u.finished_us "
     "AND r.status = u.status"
 )
 _KEYS = "unnest($1::text[], $2::text[], $3::text[])"
@@ -158,7 +188,8 @@ _DEAD_OWNERS = (
 _REAP = f"""WITH reaped AS (
     UPDATE requests SET status = 'orphaned', finished_us = $2, cost_pusd = reserved_pusd,
         usage_source = 'estimated', error_code = 'process_died'
-    WHERE request_id = ANY($1::text[]) AND status = '{IN_FLIGHT}'
+    WHERE (request_id, period) IN (SELECT * FROM unnest($1::text[], $4::text[]))
+        AND status = '{IN_FLIGHT}'
     RETURNING {_TERMINAL}
 ), {rollup_cte("SELECT * FROM reaped", "$3")}
 SELECT tenant, feature, period, reserved_pusd FROM reaped"""
@@ -445,7 +476,7 @@ class PostgresLedger(PostgresStore):
                 again = exc.sqlstate in _RETRY_STATES and attempt < 4
                 refused = isinstance(exc.sqlstate, str) and exc.sqlstate.startswith(_DATA_CLASSES)
                 if (again or refused) and await self._rollback():
-                    if again:
+                    if again or (attempt < 4 and await self._make_partitions(exc, batch)):
                         continue
                     raise
                 self._drop_connection()
@@ -457,6 +488,18 @@ class PostgresLedger(PostgresStore):
                 self._drop_connection()
                 raise _Transient(self._scrub(exc)) from None
         raise AssertionError("unreachable")
+
+    async def _make_partitions(self, exc: asyncpg.PostgresError, batch: list[_Op]) -> bool:
+        """A row of a month without a partition (made ahead, so rare: a clock far off): make it
+        now, and write again. False when the error was another one, or the month cannot be made."""
+        if exc.sqlstate != pg_partitions.NO_PARTITION or self._conn is None:
+            return False
+        try:  # (made here, or by another replica meanwhile)
+            await pg_partitions.ensure(self._conn, {op.row.period for op in batch})
+        except asyncpg.PostgresError as failed:  # e.g. not a period: the batch is split, it fails alone
+            log.warning("ledger: could not make a monthly partition: %s", self._scrub(failed))
+            return False
+        return True
 
     async def _rollback(self) -> bool:
         try:
@@ -506,10 +549,12 @@ class PostgresLedger(PostgresStore):
             accounts, created = await self._lock_accounts(conn, keys)
             admitted = self._admit(batch, begins, accounts, results, limits)
         begun = [batch[i].row for i in admitted]
-        finish_cols = _row_columns([batch[i].row for i in finishes], only=_FINISH_IDX)
+        months = {batch[i].row.period for i in finishes}
+        month = next(iter(months)) if len(months) == 1 else None
+        finish_cols = [*_row_columns([batch[i].row for i in finishes], only=_FINISH_IDX), month]
         if not records and all(_pristine(r) for r in begun):
             found = await conn.fetch(
-                _WRITE_LEAN,
+                _WRITE[True, len(months) <= 1],
                 *_row_columns(begun, only=_BEGIN_IDX),
                 self.instance_id,
                 *finish_cols,
@@ -517,7 +562,7 @@ class PostgresLedger(PostgresStore):
             )
         else:
             found = await conn.fetch(
-                _WRITE_BATCH,
+                _WRITE[False, len(months) <= 1],
                 *_row_columns(begun, self.instance_id),
                 *finish_cols,
                 *_row_columns([batch[i].row for i in records], None),
@@ -600,6 +645,7 @@ class PostgresLedger(PostgresStore):
             [r.request_id for r in unsure],
             [r.finished_us for r in unsure],
             [r.status for r in unsure],
+            [r.period for r in unsure],
         )
         ids = {r[0] for r in found}
         for i in idx:
@@ -639,6 +685,18 @@ class PostgresLedger(PostgresStore):
                 log.warning("ledger heartbeat failed: %s", self._scrub(exc))
                 self._healthy = False
                 self._poke()
+                continue
+            # the next heartbeat tries again
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                await self._ahead()
+
+    async def _ahead(self) -> None:
+        """When the month changed: make sure the partitions of this month and the next exist."""
+        if pg_partitions.ahead(self.periods, now_us()) == self.ahead:
+            return
+        pool = await self._get_pool()
+        async with pool.acquire() as conn:
+            await self.make_ahead(conn)
 
     async def reap(self, limit: int = 10_000) -> int:
         """Rows in flight whose owner's heartbeat is older than the lease become `orphaned`.
@@ -661,7 +719,11 @@ class PostgresLedger(PostgresStore):
                 await conn.execute(_ENSURE_ACCOUNTS, *_columns(keys, 3))
                 await conn.fetch(_LOCK_ACCOUNTS, *_columns(keys, 3))  # accounts first, then rollups
                 reaped = await conn.fetch(
-                    _REAP, [r["request_id"] for r in candidates], now_us(), self.periods.timezone
+                    _REAP,
+                    [r["request_id"] for r in candidates],
+                    now_us(),
+                    self.periods.timezone,
+                    [r["period"] for r in candidates],
                 )
                 delta: dict[_Key, list[int]] = {}
                 for r in reaped:
