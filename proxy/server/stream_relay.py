@@ -116,7 +116,7 @@ class _Stream:
             async with asyncio.timeout_at(self._window()) as window:
                 sm, framer, resp = self.sm, self.framer, self.resp
                 while chunk := await self.up.readany():
-                    out = sm.feed(framer.feed(chunk))
+                    out = sm.feed_block(framer.take(chunk))
                     if out and not self.client_gone:
                         try:  # inline, not a coroutine call: this runs once per chunk
                             await resp.write(out)
