@@ -448,6 +448,12 @@ class _Proxy:
         return f"_Proxy({self.host}:{self.port})"
 
 
+def _expire(headers: asyncio.Future[None]) -> None:
+    """The first-byte timeout of a request on a pooled connection ran out."""
+    if not headers.done():
+        headers.set_exception(TimeoutError())
+
+
 def _field_value_ok(value: str) -> bool:
     return _NOT_FIELD_VALUE.search(value) is None
 
@@ -672,15 +678,20 @@ class UpstreamClient:
         head = self._head(method, target, incoming, body, content_type)
         conn: _Connection | None = None
         sent = False
+        loop = asyncio.get_running_loop()
+        expiry: asyncio.TimerHandle | None = None
         try:
-            async with asyncio.timeout(self.config.first_byte_timeout):
-                conn = await self._acquire()
-                resp = UpstreamResponse(conn, asyncio.get_running_loop(), method == "HEAD")
-                conn.response = resp
-                conn._head_raw = 0
-                assert conn.transport is not None
-                conn.transport.write(head + body if body else head)
+            conn = self._pooled()
+            if conn is None:  # connect, send and get the headers, all within the first-byte timeout
+                async with asyncio.timeout(self.config.first_byte_timeout):
+                    conn = await self._acquire()
+                    resp = self._send(conn, loop, method, head, body)
+                    sent = True
+                    await resp._headers_fut
+            else:  # a pooled connection (the usual case): one timer on the headers, no context
+                resp = self._send(conn, loop, method, head, body)
                 sent = True
+                expiry = loop.call_later(self.config.first_byte_timeout, _expire, resp._headers_fut)
                 await resp._headers_fut
         except BaseException as exc:
             if conn is not None:  # never reuse it: half an exchange may be on the wire
@@ -689,7 +700,21 @@ class UpstreamClient:
             if failure is None:
                 raise  # cancellation and the like pass through unchanged
             raise failure from exc
+        finally:
+            if expiry is not None:
+                expiry.cancel()
         self.failed_attempts = 0
+        return resp
+
+    @staticmethod
+    def _send(
+        conn: _Connection, loop: asyncio.AbstractEventLoop, method: str, head: bytes, body: bytes | None
+    ) -> UpstreamResponse:
+        resp = UpstreamResponse(conn, loop, method == "HEAD")
+        conn.response = resp
+        conn._head_raw = 0
+        assert conn.transport is not None
+        conn.transport.write(head + body if body else head)
         return resp
 
     def _failure(self, exc: BaseException, connected: bool, sent: bool) -> UpstreamError | None:
@@ -707,13 +732,20 @@ class UpstreamClient:
             return UpstreamError(f"The upstream could not be reached ({type(exc).__name__}).")
         return None
 
-    async def _acquire(self) -> _Connection:
+    def _pooled(self) -> _Connection | None:
+        """The most recently used idle connection still open and fresh, else None."""
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed and now - conn.idle_since < IDLE_KEEPALIVE:
                 return conn
             self._discard(conn)
+        return None
+
+    async def _acquire(self) -> _Connection:
+        conn = self._pooled()
+        if conn is not None:
+            return conn
         slots = self._slots
         assert slots is not None, "UpstreamClient.start() was not awaited"
         await slots.acquire()
