@@ -121,7 +121,7 @@ class Relay:
         except MeterError as exc:
             return error_response(exc, request_id)
         admitted = await self._admit(request, principal, endpoint, request_id)
-        if isinstance(admitted, web.Response):
+        if not isinstance(admitted, tuple):  # (not web.Response: an ABC check per request)
             return admitted
         call, rates, row = admitted
         self.metrics.overhead.observe((endpoint,), time.perf_counter() - t0)
