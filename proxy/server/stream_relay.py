@@ -96,6 +96,7 @@ class _Stream:
         self.window: asyncio.Timeout | None = None  # the total deadline, while pumping
         self.last_read = 0.0  # loop time the last chunk was relayed: the idle gap counts from it
         self._idle: asyncio.TimerHandle | None = None
+        self.tail = b""  # what the block holding [DONE] relays: written with the ending
         headers = {**SSE_HEADERS, **extra_headers, "x-request-id": meter.row.request_id}
         self.resp = web.StreamResponse(status=200, headers=headers)
 
@@ -135,13 +136,15 @@ class _Stream:
                 sm, framer, resp = self.sm, self.framer, self.resp
                 while chunk := await self.up.readany():
                     out = sm.feed_block(framer.take(chunk))
-                    if out and not self.client_gone:
+                    if sm.done:  # the last bytes go out with the end of the stream (conclude)
+                        self.tail = out
+                    elif out and not self.client_gone:
                         try:  # inline, not a coroutine call: this runs once per chunk
                             await resp.write(out)
                         except CLIENT_GONE:
                             self._left()
-                        if sm.first_token_at is None and sm.saw_content:
-                            self._first_token()
+                    if sm.first_token_at is None and sm.saw_content:
+                        self._first_token()
                     if sm.done:
                         return "ok"
                     self.last_read = loop.time()
@@ -175,15 +178,14 @@ class _Stream:
         )
         if not self.client_gone:
             with contextlib.suppress(*CLIENT_GONE):
-                ending = self._ending(status)
-                if ending:
-                    await self.resp.write(ending)
-                await self.resp.write_eof()
+                await self.resp.write_eof(self._ending(status))  # one write: bytes and end
 
     def _ending(self, status: str) -> bytes:
-        """The last bytes the client sees: the cost and [DONE], or an error event."""
+        """The last bytes the client sees: the last chunks before [DONE] (held back until the row
+        is recorded), the cost and [DONE]; or an error event."""
         if self.sm.done:
-            return b": x-meter-cost-usd=" + self.meter.cost_text.encode() + b"\n\ndata: [DONE]\n\n"
+            cost = b": x-meter-cost-usd=" + self.meter.cost_text.encode()
+            return self.tail + cost + b"\n\ndata: [DONE]\n\n"
         if self.sm.error_event:
             return b""  # the upstream's own error event was relayed already
         err: MeterError = UpstreamProtocolError("The upstream stream ended before it was complete.")
