@@ -402,6 +402,8 @@ def print_profile(path: str, top: int) -> None:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--serve-profiled"]:  # the profiled proxy: OUT -- <serve arguments>
+        return serve_profiled(sys.argv[2], sys.argv[4:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "targets", nargs="*", help="NAME=TREE (together-meter source tree) or naive; default ours=."
@@ -430,12 +432,7 @@ def main() -> int:
     p.add_argument("--py-spy", default=os.path.expanduser("~/.cache/meter-bench/venv/bin/py-spy"))
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json-out", default="", help="append the results as one JSON line here")
-    p.add_argument("--serve-profiled", default="", help=argparse.SUPPRESS)
-    args, rest = p.parse_known_args()
-    if args.serve_profiled:
-        return serve_profiled(args.serve_profiled, [a for a in rest if a != "--"])
-    if rest:
-        p.error(f"unrecognised arguments: {' '.join(rest)}")
+    args = p.parse_args()
     targets = parse_targets(args.targets)
     if args.profile and targets[0].src is None:
         p.error("--profile needs a together-meter target first")
