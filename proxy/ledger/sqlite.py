@@ -107,6 +107,7 @@ class SQLiteLedger:
         self._pending: list[_Op] = []
         self._wake: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the writer's (get_running_loop: a syscall)
         self._closing = False
         self._healthy = True
         self._on_commit = on_commit
@@ -132,7 +133,7 @@ class SQLiteLedger:
             raise LedgerUnavailable(f"cannot open ledger {self.path}: {exc}") from exc
         self._conn = conn
         self._closing = False
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._writer(), name="ledger-writer")
 
     async def close(self) -> None:
@@ -163,7 +164,8 @@ class SQLiteLedger:
     def _submit(self, kind: str, row: LedgerRow) -> asyncio.Future[bool]:
         if self._task is None or (self._closing and self._task.done()):
             raise LedgerUnavailable("ledger is not open")
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        assert self._loop is not None  # set with the task
+        fut: asyncio.Future[bool] = self._loop.create_future()
         self._pending.append((kind, row, fut))
         self._poke()
         return fut

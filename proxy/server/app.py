@@ -209,6 +209,7 @@ class Proxy:
     async def start(self) -> None:
         await self.ledger.open()
         await self.upstream.start()
+        self.relay.loop = asyncio.get_running_loop()
         await self.notifier.start()
         await self.load_spend()
         if isinstance(self.ledger, PostgresLedger):

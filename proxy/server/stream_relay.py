@@ -86,7 +86,7 @@ class _Stream:
         config = owner.config()
         self.owner, self.request, self.call, self.meter, self.up = owner, request, call, meter, up
         self.cfg = config.upstream
-        self.loop = asyncio.get_running_loop()
+        self.loop = meter.loop
         self.deadline = meter.started + self.cfg.total_timeout
         self.framer = SSEFramer(config.limits.max_event_bytes)
         # a client that opted in to the cost in the body gets the usage chunk, with the cost

@@ -563,6 +563,7 @@ class UpstreamClient:
         ).encode("latin-1")
         self._idle: collections.deque[_Connection] = collections.deque()
         self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # start()'s (get_running_loop: a syscall)
         self._open = 0
         self._closed = False
         self.failed_attempts = 0  # consecutive requests that could not connect, or were reset before headers
@@ -597,6 +598,7 @@ class UpstreamClient:
 
     async def start(self) -> None:
         self._slots = asyncio.Semaphore(self.config.max_connections)
+        self._loop = asyncio.get_running_loop()
         self._closed = False
 
     async def close(self) -> None:
@@ -678,7 +680,7 @@ class UpstreamClient:
         head = self._head(method, target, incoming, body, content_type)
         conn: _Connection | None = None
         sent = False
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         expiry: asyncio.TimerHandle | None = None
         try:
             conn = self._pooled()
