@@ -49,6 +49,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,29 +326,35 @@ async def measure(
 ):
     """`--reps` measured batches of n requests per target, alternating; CPU s/request each."""
     stream = phase.startswith("stream")
-    loop = asyncio.get_running_loop()
-    conns: dict[str, list[_Client]] = {}
     req = request_bytes(stream)
     first = targets[0]
+    for t in targets:  # warm-up
+        async with connected(t, c) as conns:
+            await drive(conns, req, max(n // 5, 50), stream)
+    for rep in range(args.reps):
+        last = rep == args.reps - 1
+        for i in range(len(targets)):
+            t = targets[(i + rep) % len(targets)]
+            watch = last and t is first and bool(files)
+            # fresh connections per batch (an idle one may have been closed meanwhile: our
+            # proxy's header_timeout), warmed with a few requests before the measured ones
+            async with connected(t, c) as conns:
+                await drive(conns, req, 2 * c, stream)
+                await batch(args, t, conns, req, n, stream, f"{phase}/c{c}", files if watch else [])
+        line = ", ".join(f"{t.name} {t.cpu[f'{phase}/c{c}'][-1] * 1e6:.1f}" for t in targets)
+        print(f"    rep {rep + 1}: us CPU/request: {line}", flush=True)
+
+
+@contextlib.asynccontextmanager
+async def connected(t: Target, c: int) -> AsyncIterator[list[_Client]]:
+    loop = asyncio.get_running_loop()
+    conns = [(await loop.create_connection(_Client, "127.0.0.1", t.port))[1] for _ in range(c)]
     try:
-        for t in targets:
-            conns[t.name] = [
-                (await loop.create_connection(_Client, "127.0.0.1", t.port))[1] for _ in range(c)
-            ]
-            await drive(conns[t.name], req, max(n // 5, 50), stream)  # warm-up
-        for rep in range(args.reps):
-            last = rep == args.reps - 1
-            for i in range(len(targets)):
-                t = targets[(i + rep) % len(targets)]
-                watch = last and t is first and bool(files)
-                await batch(args, t, conns[t.name], req, n, stream, f"{phase}/c{c}", files if watch else [])
-            line = ", ".join(f"{t.name} {t.cpu[f'{phase}/c{c}'][-1] * 1e6:.1f}" for t in targets)
-            print(f"    rep {rep + 1}: us CPU/request: {line}", flush=True)
+        yield conns
     finally:
-        for cs in conns.values():
-            for conn in cs:
-                if conn.transport is not None:
-                    conn.transport.close()
+        for conn in conns:
+            if conn.transport is not None:
+                conn.transport.close()
 
 
 async def batch(args: argparse.Namespace, t: Target, conns: list[_Client], req: bytes, n: int, stream: bool,
