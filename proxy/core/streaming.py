@@ -39,14 +39,17 @@ def _only_plain_content(block: bytes) -> bool:
     if not (block.startswith(b"data: {") and block.endswith(b"\n\n")):
         return False
     events = block.count(b"\n\ndata: {") + 1  # those after the first, and the first
-    return (
-        # each event is one line and its blank line: every LF is in the pairs counted above and
-        # in the block's final pair (so no extra blank lines, no other field or comment lines)
-        block.count(b"\n") == 2 * events
-        and b'{"error"' not in block  # data starting `{`: never [DONE]; no `event:` lines either
-        # every "usage" key is a null one (together sends `"usage":null` on each content chunk)
-        and block.count(b'"usage"') == block.count(b'"usage":null') + block.count(b'"usage": null')
-    )
+    # each event is one line and its blank line: every LF is in the pairs counted above and in
+    # the block's final pair (so no extra blank lines, no other field or comment lines); data
+    # starting `{` is never [DONE], and there are no `event:` lines to name an error
+    if block.count(b"\n") != 2 * events or b'{"error"' in block:
+        return False
+    # every "usage" key is a null one (together sends `"usage":null` on each content chunk)
+    keys = block.count(b'"usage"')
+    if not keys:
+        return True
+    nulls = block.count(b'"usage":null')
+    return keys == nulls or keys == nulls + block.count(b'"usage": null')
 
 
 class StreamMeter:
