@@ -99,8 +99,11 @@ class StreamMeter:
             return b""
         if _only_plain_content(block):
             self.saw_content = True
-            if self.usage is None:
-                self._hold(block, True)
+            if self.usage is None:  # _hold, inline: this runs once per read
+                self._pending.append((block, True))
+                self._pending_bytes += len(block)
+                if self._pending_bytes > KEEP_TEXT_BYTES:
+                    self._settle()
             return block
         return self.feed(events_of(block))
 

@@ -138,15 +138,16 @@ class _Stream:
                     out = sm.feed_block(framer.take(chunk))
                     if sm.done:  # the last bytes go out with the end of the stream (conclude)
                         self.tail = out
-                    elif out and not self.client_gone:
+                        if sm.first_token_at is None and sm.saw_content:
+                            self._first_token()
+                        return "ok"
+                    if out and not self.client_gone:
                         try:  # inline, not a coroutine call: this runs once per chunk
                             await resp.write(out)
                         except CLIENT_GONE:
                             self._left()
                     if sm.first_token_at is None and sm.saw_content:
                         self._first_token()
-                    if sm.done:
-                        return "ok"
                     self.last_read = loop.time()
         except TimeoutError:
             return "upstream_timeout"  # idle gap, total deadline, or the abort grace ran out

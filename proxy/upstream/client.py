@@ -342,7 +342,9 @@ class UpstreamResponse:
         if self._buffered > HIGH_WATER and not self._paused and self._conn.transport is not None:
             self._paused = True
             self._conn.transport.pause_reading()
-        self._wake()
+        w = self._waiter  # _wake, inline: this runs once per body chunk
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def _finish(self) -> None:
         """The body ended; UpstreamStreamError if its coding says it was cut short."""
