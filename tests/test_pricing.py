@@ -384,6 +384,17 @@ def test_format_usd_is_exact(pusd: int) -> None:
     assert Decimal(text) * PUSD_PER_USD == pusd
 
 
+@settings(max_examples=500, deadline=None)
+@given(
+    st.integers(min_value=-(10**24), max_value=10**24)
+    | st.sampled_from([0, 1, -1, 10**12, 10**14, -(10**13)])
+)
+def test_format_usd_is_the_normalized_decimal(pusd: int) -> None:
+    """format_usd(x) is exactly Decimal's normalized fixed-point text of x / 10**12 (no trailing
+    zeros, no exponent, the sign kept): the text the ledger, headers and bodies always carried."""
+    assert format_usd(pusd) == format(Decimal(pusd).scaleb(-12).normalize(), "f")
+
+
 # -- price table files --------------------------------------------------------------------------
 
 model_ids = st.from_regex(r"[a-z][a-z0-9-]{0,12}/[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.core.sse import Event, SSEError, SSEFramer
+from proxy.core.sse import Event, SSEError, SSEFramer, events_of
 
 
 def frame(*chunks: bytes, max_event_bytes: int | None = None) -> list[Event]:
@@ -77,6 +77,38 @@ def test_any_split_yields_the_same_events(
     whole = frame(text)
     cuts = data.draw(st.lists(st.integers(0, max(len(text), 0)), max_size=12))
     assert frame(*split_at(text, cuts)) == whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(sse_streams(), st.data())
+def test_take_hands_on_every_byte_once_in_whole_events(
+    stream: tuple[list[list[bytes]], bytes], data: st.DataObject
+) -> None:
+    """`take` (the relay's path) returns only whole events; its blocks and what is still pending
+    are the stream with LF endings, byte for byte, and hold exactly the events `feed` yields."""
+    _, text = stream
+    cuts = data.draw(st.lists(st.integers(0, max(len(text), 0)), max_size=12))
+    framer = SSEFramer()
+    blocks = [framer.take(chunk) for chunk in split_at(text, cuts)]
+    assert all(b == b"" or b.endswith(b"\n\n") for b in blocks)
+    joined = b"".join(blocks)
+    lf = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    assert lf.startswith(joined) and len(lf) - len(joined) == framer.pending
+    assert events_of(joined) == frame(text)
+
+
+def test_take_returns_the_read_itself_when_it_ends_on_an_event() -> None:
+    """A read of whole events is handed on as the same bytes object (no copy per chunk)."""
+    chunk = b"data: a\n\ndata: b\n\n"
+    assert SSEFramer().take(chunk) is chunk
+
+
+def test_an_odd_run_of_blank_lines_leaves_one_lf_pending() -> None:
+    """Blank lines are consumed in pairs, as event by event: an odd run leaves one LF pending."""
+    for text, pending in ((b"data: a\n\n\n", 1), (b"data: a\n\n\n\n", 0), (b"data: a\n\n\n\n\n", 1)):
+        framer = SSEFramer()
+        assert framer.take(text) == text[: len(text) - pending]
+        assert framer.pending == pending
 
 
 @settings(max_examples=100, deadline=None)

@@ -722,6 +722,31 @@ async def test_first_byte_timeout_frees_the_slot(servers: StartServer, clients: 
     assert await get(client) == (200, b"served")
 
 
+async def test_first_byte_timeout_on_a_pooled_connection(servers: StartServer, clients: MakeClient) -> None:
+    """A request on a reused connection that gets no answer is a 504 (sent) after
+    first_byte_timeout too; that connection is closed and the next request gets a new one."""
+
+    async def script(peer: Peer) -> None:
+        if peer.index == 0:
+            await peer.read_request()
+            await peer.send(response(b"first"))
+            await peer.read_request()  # the second request on this connection: no answer
+            return
+        await answering(response(b"served"))(peer)
+
+    server = await servers(script)
+    client = await clients(http_url(server), max_connections=1, first_byte_timeout=0.3)
+    assert await get(client) == (200, b"first")
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamTimeout) as info:
+        await bounded(get(client))
+    assert info.value.status == 504 and info.value.sent
+    assert 0.25 <= asyncio.get_running_loop().time() - started < 5
+    await bounded(server.peers[0].closed.wait())
+    assert client.open_connections == 0
+    assert await get(client) == (200, b"served") and len(server.peers) == 2
+
+
 async def test_refused_connection_counts_as_unreachable(clients: MakeClient) -> None:
     """Connection refused: 502, and UNREACHABLE_AFTER such attempts flip `reachable`."""
     server = await RawServer(answering(response())).start()

@@ -7,8 +7,11 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from proxy.core.sse import Event, parse_event
+from proxy.core import streaming
+from proxy.core.sse import Event, events_of, parse_event
 from proxy.core.streaming import StreamMeter
 from proxy.core.usage import (
     MAX_TOKENS_PER_REQUEST,
@@ -438,3 +441,65 @@ def test_error_event_is_flagged_and_relayed(error: Event) -> None:
     assert meter.error_event
     assert out == first.raw + error.raw
     assert not meter.done
+
+
+# -- StreamMeter.feed_block: the relay's path gives what feed gives, event by event ------------
+
+_PLAIN = [
+    orjson.dumps(chunk("Hel", usage=None)),
+    b'{"id": "up-1", "choices": [{"delta": {"content": "lo"}}], "usage": null}',  # spaced JSON
+    orjson.dumps(chunk(" wor")),  # no usage key
+    b'{"id":"up-1","choices":[{"delta":{"content":"usage"}}],"usage":null}',
+]
+_OTHER = [
+    orjson.dumps(chunk("ld", finish="stop", usage=u(9, 5))),
+    orjson.dumps(usage_only(9, 7)),
+    orjson.dumps({"id": "up-1", "choices": [], "usage": None}),
+    b'{"a":"usage","b":{"choices":[]},"choices":[]}',  # "usage" as a value, an object after it
+    b'{"id":"x","usage" :{"prompt_tokens":1,"completion_tokens":2}}',
+    orjson.dumps({"error": {"message": "overloaded"}}),
+    b"[DONE]",
+    b"not json {",
+    b'{"usage":{"prompt_tokens":-1,"completion_tokens":2},"choices":[]}',
+]
+_event_text = st.one_of(
+    st.sampled_from(_PLAIN).map(lambda d: b"data: " + d + b"\n\n"),
+    st.sampled_from(_PLAIN + _OTHER).map(lambda d: b"data: " + d + b"\n\n"),
+    st.sampled_from(_PLAIN).map(lambda d: b"data:" + d + b"\n\n"),
+    st.sampled_from(_PLAIN).map(lambda d: b"event: error\ndata: " + d + b"\n\n"),
+    st.sampled_from(_PLAIN).map(lambda d: b"data: " + d[:9] + b"\ndata: " + d[9:] + b"\n\n"),
+    st.just(b": ping\n\n"),
+    st.just(b"\n"),  # an extra blank line
+)
+_blocks = st.lists(st.lists(_event_text, min_size=1, max_size=5).map(b"".join), max_size=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_blocks, st.booleans(), st.booleans(), st.sampled_from([0, 150, 700, 1 << 20]))
+def test_feed_block_is_feed_event_by_event(
+    blocks: list[bytes], hide: bool, priced: bool, keep_bytes: int
+) -> None:
+    """Whatever the blocks hold (plain content, usage in any shape, [DONE], errors, comments,
+    extra blank lines) and however little text may be kept, feed_block relays the same bytes and
+    ends in the same state, estimate included, as feeding the same events one by one."""
+    price = (lambda us: "0.000001") if priced else None
+    fast, slow = StreamMeter(hide, price), StreamMeter(hide, price)
+    saved, streaming.KEEP_TEXT_BYTES = streaming.KEEP_TEXT_BYTES, keep_bytes
+    try:
+        for block in blocks:
+            assert fast.feed_block(block) == slow.feed(events_of(block))
+        if slow.usage is None:  # the estimate is made (and what was kept read) only then
+            assert fast.received_text() == slow.received_text()
+    finally:
+        streaming.KEEP_TEXT_BYTES = saved
+    state = ("usage", "upstream_id", "done", "error_event", "saw_content")
+    assert [getattr(fast, a) for a in state] == [getattr(slow, a) for a in state]
+
+
+def test_plain_content_blocks_are_relayed_as_they_came() -> None:
+    """A block of content chunks without usage objects is passed on as the same bytes object."""
+    block = b"".join(b"data: " + orjson.dumps(chunk(w, usage=None)) + b"\n\n" for w in WORDS)
+    meter = StreamMeter(hide_usage_chunk=True)
+    assert meter.feed_block(block) is block
+    assert meter.saw_content and meter.usage is None
+    assert meter.received_text() == ("".join(WORDS), 0)

@@ -41,7 +41,8 @@ class KeyStore:
     __slots__ = ("_by_digest",)
 
     def __init__(self, digests: Mapping[str, str]) -> None:
-        self._by_digest = {d: (tenant, d) for d, tenant in digests.items()}
+        # the Principal of each key is built once, not per request
+        self._by_digest = {d: (Principal(tenant, d[:8]), d) for d, tenant in digests.items()}
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -58,7 +59,7 @@ class KeyStore:
         entry = self._by_digest.get(presented)
         if entry is None or not hmac.compare_digest(presented, entry[1]):
             raise AuthenticationError("Incorrect API key provided.")
-        return Principal(entry[0], presented[:8])
+        return entry[0]
 
 
 class FailureLimiter:

@@ -130,10 +130,13 @@ def usd(pusd: int) -> Decimal:
 
 def format_usd(pusd: int, places: int | None = None) -> str:
     """Exact decimal string of a pico-USD amount ('0.006'); rounded half-up to `places` if given."""
-    value = usd(pusd)
     if places is not None:
-        return str(value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
-    return format(value.normalize(), "f")
+        return str(usd(pusd).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
+    # integer arithmetic (every request formats its cost): the digits of Decimal's normalized
+    # fixed-point form, without building a Decimal
+    whole, frac = divmod(-pusd if pusd < 0 else pusd, PUSD_PER_USD)
+    text = f"{whole}.{frac:012d}".rstrip("0") if frac else str(whole)
+    return "-" + text if pusd < 0 else text
 
 
 def _decimal(value: Any, file: str, key: str, what: str) -> Decimal:

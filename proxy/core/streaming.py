@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import orjson
 
 from proxy.core.cost_body import event_with_cost
-from proxy.core.sse import Event
+from proxy.core.sse import Event, events_of
 from proxy.core.usage import Usage, completion_text, usage_from_json
 
 KEEP_TEXT_BYTES = 1 << 20  # payloads kept for an estimate; beyond this only their size counts
@@ -32,6 +32,26 @@ def _has_usage_object(data: bytes) -> bool:
     return False
 
 
+def _only_plain_content(block: bytes) -> bool:
+    """True when every event of `block` (SSEFramer.take) is one `data: {...}` line that `feed`
+    would relay unchanged and keep for an estimate: no [DONE], no error, no usage object.
+    Decided by a few byte counts, without splitting or parsing; anything else goes to `feed`."""
+    if not (block.startswith(b"data: {") and block.endswith(b"\n\n")):
+        return False
+    events = block.count(b"\n\ndata: {") + 1  # those after the first, and the first
+    # each event is one line and its blank line: every LF is in the pairs counted above and in
+    # the block's final pair (so no extra blank lines, no other field or comment lines); data
+    # starting `{` is never [DONE], and there are no `event:` lines to name an error
+    if block.count(b"\n") != 2 * events or b'{"error"' in block:
+        return False
+    # every "usage" key is a null one (together sends `"usage":null` on each content chunk)
+    keys = block.count(b'"usage"')
+    if not keys:
+        return True
+    nulls = block.count(b'"usage":null')
+    return keys == nulls or keys == nulls + block.count(b'"usage": null')
+
+
 class StreamMeter:
     """Tracks one stream: events to relay, the last upstream usage, the end marker."""
 
@@ -39,6 +59,8 @@ class StreamMeter:
         "_dropped_bytes",
         "_kept",
         "_kept_bytes",
+        "_pending",
+        "_pending_bytes",
         "done",
         "error_event",
         "first_token_at",
@@ -62,6 +84,44 @@ class StreamMeter:
         self._kept: list[bytes] = []
         self._kept_bytes = 0
         self._dropped_bytes = 0
+        # what to keep, not yet split into `_kept`: (a block of plain events, True) from
+        # feed_block, or (one event's data, False) from feed behind such blocks; in order
+        self._pending: list[tuple[bytes, bool]] = []
+        self._pending_bytes = 0
+
+    def feed_block(self, block: bytes) -> bytes:
+        """A block of whole events (SSEFramer.take); returns the bytes to relay, as `feed` does.
+
+        The usual block, content chunks only, is relayed as it came and kept whole for an
+        estimate (split into events only if one is ever needed): no per-event work per chunk.
+        """
+        if not block or self.done:
+            return b""
+        if _only_plain_content(block):
+            self.saw_content = True
+            if self.usage is None:  # _hold, inline: this runs once per read
+                self._pending.append((block, True))
+                self._pending_bytes += len(block)
+                if self._pending_bytes > KEEP_TEXT_BYTES:
+                    self._settle()
+            return block
+        return self.feed(events_of(block))
+
+    def _hold(self, item: bytes, is_block: bool) -> None:
+        self._pending.append((item, is_block))
+        self._pending_bytes += len(item)
+        if self._pending_bytes > KEEP_TEXT_BYTES:  # bounded: split what is held
+            self._settle()
+
+    def _settle(self) -> None:
+        """Keep what is pending, in order, exactly as event-by-event keeping would have."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for item, is_block in pending:
+            if not is_block:
+                self._keep(item)
+                continue
+            for ev in events_of(item):
+                self._keep(ev.data or b"")
 
     def feed(self, events: Iterable[Event]) -> bytes:
         """Observe events; return the bytes to relay (without [DONE], which the relay writes)."""
@@ -89,7 +149,10 @@ class StreamMeter:
             self.saw_content = True
             out.append(raw)
             if self.usage is None:
-                self._keep(data)
+                if self._pending:  # behind blocks not split yet: keep it in order, later
+                    self._hold(data, False)
+                else:
+                    self._keep(data)
         return b"".join(out) if len(out) != 1 else out[0]
 
     def _take_usage(self, ev: Event) -> bytes | None:
@@ -105,7 +168,9 @@ class StreamMeter:
         usage = usage_from_json(obj.get("usage"))
         if usage is not None:
             self.usage = usage
-            self._kept.clear()
+            self._kept.clear()  # no estimate now: what was kept for one (or held) goes
+            self._pending.clear()
+            self._pending_bytes = 0
             if isinstance(obj.get("id"), str):
                 self.upstream_id = obj["id"]
             cost = self.price(usage) if self.price is not None and ev.event is None else None
@@ -123,7 +188,9 @@ class StreamMeter:
             self._dropped_bytes += len(data)
 
     def received_text(self) -> tuple[str, int]:
-        """Generated text seen so far, and the byte size of payloads too many to keep or not JSON."""
+        """Generated text seen so far, and the byte size of payloads too many to keep or not JSON
+        (for an estimate: what is kept is let go once the upstream's usage is seen)."""
+        self._settle()
         parts = []
         unreadable = self._dropped_bytes
         for data in self._kept:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 UsageSource = Literal["upstream", "derived", "estimated", "none"]
 MAX_TOKENS_PER_REQUEST = 50_000_000  # above this a reported count is treated as malformed
@@ -19,15 +19,17 @@ PER_MESSAGE_OVERHEAD = 3  # chat formats add a few tokens per message (role, sep
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+# Read-only through Final rather than frozen=True, like LedgerRow (proxy/core/records.py): one
+# is built per request, and frozen's object.__setattr__ per field is several times slower.
+@dataclass(slots=True, unsafe_hash=True)
 class Usage:
     """Tokens of one request and where the numbers came from."""
 
-    prompt_tokens: int
-    completion_tokens: int
-    source: UsageSource = "upstream"
-    cached_tokens: int | None = None  # a part of prompt_tokens (OpenAI usage semantics)
-    reasoning_tokens: int | None = None  # a part of completion_tokens: never priced on top
+    prompt_tokens: Final[int]
+    completion_tokens: Final[int]
+    source: Final[UsageSource] = "upstream"
+    cached_tokens: Final[int | None] = None  # a part of prompt_tokens (OpenAI usage semantics)
+    reasoning_tokens: Final[int | None] = None  # a part of completion_tokens: never priced on top
 
     @property
     def total_tokens(self) -> int:

@@ -60,6 +60,7 @@ from proxy.upstream.hosts import Upstreams
 PROBE_EVERY = 10.0  # seconds between two connect probes of the upstream for /readyz
 PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 Handler = Callable[[web.Request], Awaitable[web.Response]]
+Snapshot = dict[tuple[str, str | None], tuple[Budget, int, int]]  # BudgetBook.snapshot()
 # the spend page's files in proxy/static, by the name they are served under in /admin/
 PAGE_FILES = {
     "": ("admin.html", "text/html"),
@@ -154,25 +155,34 @@ def page_handlers() -> dict[str, Handler]:
     return handlers
 
 
-def build_admin_app(proxy: Operated) -> web.Application:
-    registry = build_registry(proxy.metrics)
-    watch = UpstreamWatch(proxy.upstream)
+def _month_and_format(request: web.Request, current: str) -> tuple[str, str]:
+    """`month` (default: the current period) and `format` (json|csv) of a report-like query."""
+    month = request.query.get("month") or current
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise BadRequest(f"format must be json or csv, got {fmt!r}")
+    if not PERIOD_RE.match(month):
+        raise BadRequest(f"month must look like 2026-11, got {month!r}")
+    return month, fmt
 
-    def operator(handler: Handler) -> Handler:
+
+class AdminAPI:
+    """The admin listener's handlers, one method each; `build_admin_app` routes to them."""
+
+    def __init__(self, proxy: Operated) -> None:
+        self.proxy = proxy
+        self.registry = build_registry(proxy.metrics)
+        self.watch = UpstreamWatch(proxy.upstream)
+
+    # -- the operator's token, periods ---------------------------------------------------------
+
+    def operator(self, handler: Handler) -> Handler:
         """Only with the operator token; a tenant key (or nothing) gets 401."""
 
         async def guarded(request: web.Request) -> web.Response:
-            token = proxy.secrets.admin_token
-            header = request.headers.get("Authorization", "")
-            presented = header[7:] if header.lower().startswith("bearer ") else ""
-            if not token:
-                return _error(
-                    AuthenticationError(
-                        f"The admin API is disabled: set {proxy.config.admin_token_env} to enable it."
-                    )
-                )
-            if not hmac.compare_digest(presented.encode(), token.encode()):
-                return _error(AuthenticationError("An operator token is required for /admin."))
+            refused = self._refused(request)
+            if refused is not None:
+                return _error(refused)
             try:
                 return await handler(request)
             except MeterError as exc:
@@ -180,26 +190,41 @@ def build_admin_app(proxy: Operated) -> web.Application:
 
         return guarded
 
-    def current_period() -> str:
+    def _refused(self, request: web.Request) -> AuthenticationError | None:
+        token = self.proxy.secrets.admin_token
+        header = request.headers.get("Authorization", "")
+        presented = header[7:] if header.lower().startswith("bearer ") else ""
+        if not token:
+            env = self.proxy.config.admin_token_env
+            return AuthenticationError(f"The admin API is disabled: set {env} to enable it.")
+        if not hmac.compare_digest(presented.encode(), token.encode()):
+            return AuthenticationError("An operator token is required for /admin.")
+        return None
+
+    def current_period(self) -> str:
+        proxy = self.proxy
         period = proxy.periods.of(proxy.clock())
         if proxy.budgets.period != period:
             proxy.budgets.roll(period)  # a new month began: spend starts at zero
         return period
 
-    def period_param(request: web.Request) -> str:
-        period = request.query.get("period") or current_period()
+    def period_param(self, request: web.Request) -> str:
+        period = request.query.get("period") or self.current_period()
         if not PERIOD_RE.match(period):
             raise BadRequest(f"period must look like 2026-11, got {period!r}")
         return period
 
-    async def metrics(request: web.Request) -> web.Response:
-        current_period()
-        return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    # -- open to the listener: metrics, health, readiness --------------------------------------
 
-    async def healthz(request: web.Request) -> web.Response:
+    async def metrics(self, request: web.Request) -> web.Response:
+        self.current_period()
+        return web.Response(body=render(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})
 
-    async def readyz(request: web.Request) -> web.Response:
+    async def readyz(self, request: web.Request) -> web.Response:
+        proxy, watch = self.proxy, self.watch
         writable = await proxy.ledger.writable()
         accepting = proxy.relay.accepting
         # not probed yet, refused at the last probe or after repeated request failures: probe
@@ -226,10 +251,18 @@ def build_admin_app(proxy: Operated) -> web.Application:
             body["reason"] = "; ".join(text for failed, text in reasons if failed)
         return _json(body, 200 if ready else 503)
 
-    async def spend(request: web.Request) -> web.Response:
-        period = period_param(request)
+    async def not_found(self, request: web.Request) -> web.Response:
+        return _error(NotFound(f"Unknown admin URL: {request.path}"))
+
+    async def to_page(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/admin/")  # the page's relative URLs need the slash
+
+    # -- the operator API: spend and budgets ----------------------------------------------------
+
+    async def spend(self, request: web.Request) -> web.Response:
+        period = self.period_param(request)
         totals: dict[str, int] = {}
-        for tenant, _, cost in await proxy.ledger.period_costs(period):
+        for tenant, _, cost in await self.proxy.ledger.period_costs(period):
             totals[tenant] = totals.get(tenant, 0) + cost
         return _json(
             {
@@ -238,32 +271,12 @@ def build_admin_app(proxy: Operated) -> web.Application:
             }
         )
 
-    async def budgets(request: web.Request) -> web.Response:
+    async def budgets(self, request: web.Request) -> web.Response:
         """Every tenant: budget, spent, reserved, remaining, projected month end."""
-        period = current_period()
-        book = proxy.budgets
-        now = proxy.clock() / 1e6
+        period = self.current_period()
+        book, now = self.proxy.budgets, self.proxy.clock() / 1e6
         snap = book.snapshot()
-        tenants: dict[str, Any] = {}
-        for name in sorted(proxy.config.tenants):
-            spent = book.spent_all.get(name, 0)
-            entry: dict[str, Any] = {
-                "spent_usd": format_usd(spent),
-                "projected_month_end_usd": format_usd(projected_month_end(spent, period, book.periods, now)),
-                "budget": None,
-                "feature_budgets": {},
-            }
-            for (tenant, feature), (budget, b_spent, reserved) in snap.items():
-                if tenant != name:
-                    continue
-                view = budget_view(
-                    budget, b_spent, reserved, projected_month_end(b_spent, period, book.periods, now)
-                )
-                if feature is None:
-                    entry["budget"] = view
-                else:
-                    entry["feature_budgets"][feature] = view
-            tenants[name] = entry
+        tenants = {t: self._tenant_budgets(t, period, now, snap) for t in sorted(self.proxy.config.tenants)}
         start, end = book.periods.bounds(period)
         return _json(
             {
@@ -276,30 +289,48 @@ def build_admin_app(proxy: Operated) -> web.Application:
             }
         )
 
-    async def tenant_usage(request: web.Request) -> web.Response:
+    def _tenant_budgets(self, name: str, period: str, now: float, snap: Snapshot) -> dict[str, Any]:
+        """One tenant's spend and its budgets (tenant-wide and per feature) in `period`."""
+        book = self.proxy.budgets
+        spent = book.spent_all.get(name, 0)
+        entry: dict[str, Any] = {
+            "spent_usd": format_usd(spent),
+            "projected_month_end_usd": format_usd(projected_month_end(spent, period, book.periods, now)),
+            "budget": None,
+            "feature_budgets": {},
+        }
+        for (tenant, feature), (budget, b_spent, reserved) in snap.items():
+            if tenant != name:
+                continue
+            projected = projected_month_end(b_spent, period, book.periods, now)
+            view = budget_view(budget, b_spent, reserved, projected)
+            if feature is None:
+                entry["budget"] = view
+            else:
+                entry["feature_budgets"][feature] = view
+        return entry
+
+    async def tenant_usage(self, request: web.Request) -> web.Response:
         """One tenant's period broken down by model, feature and environment."""
         tenant = request.match_info["tenant"]
-        if tenant not in proxy.config.tenants:
+        if tenant not in self.proxy.config.tenants:
             raise NotFound(f"Unknown tenant {tenant!r}")
-        period = period_param(request)
-        rows = await proxy.ledger.usage(period, tenant)
+        period = self.period_param(request)
+        rows = await self.proxy.ledger.usage(period, tenant)
         for r in rows:
             r["cost_usd"] = _usd(r.pop("cost_pusd"))
             r.pop("tenant", None)
         total = sum(int(r["requests"]) for r in rows)
         return _json({"tenant": tenant, "period": period, "requests": total, "breakdown": rows})
 
-    async def report(request: web.Request) -> web.Response:
+    # -- the operator API: reports, estimates, chargeback, reload ------------------------------
+
+    async def report(self, request: web.Request) -> web.Response:
         """The month's cost report grouped by `by`, as JSON (with the forecast) or CSV."""
-        q = request.query
-        month = q.get("month") or current_period()
-        fmt = q.get("format", "json")
-        if fmt not in ("json", "csv"):
-            raise BadRequest(f"format must be json or csv, got {fmt!r}")
-        if not PERIOD_RE.match(month):
-            raise BadRequest(f"month must look like 2026-11, got {month!r}")
+        proxy = self.proxy
+        month, fmt = _month_and_format(request, self.current_period())
         periods = proxy.config.budgets.periods
-        tenant, by = q.get("tenant") or None, q.get("by", "model")
+        tenant, by = request.query.get("tenant") or None, request.query.get("by", "model")
         try:
             check_report(month, by)
         except ReportError as exc:
@@ -323,8 +354,9 @@ def build_admin_app(proxy: Operated) -> web.Application:
 
         return web.Response(body=await asyncio.to_thread(view), content_type="application/json")
 
-    async def estimate(request: web.Request) -> web.Response:
+    async def estimate(self, request: web.Request) -> web.Response:
         """Serverless / Batch / Dedicated estimates; the body holds the CLI's parameters."""
+        proxy = self.proxy
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
@@ -345,14 +377,15 @@ def build_admin_app(proxy: Operated) -> web.Application:
             if params.measured_month:
                 if not PERIOD_RE.match(params.measured_month):
                     raise ReportError(f"measured_month must look like 2026-11, got {params.measured_month!r}")
-                charges = await dedicated_month(params.measured_month)
+                charges = await self.dedicated_month(params.measured_month)
                 data["dedicated_measured"] = estimate_rows(charges, proxy.config.dedicated.minute_us)
         except ReportError as exc:
             raise BadRequest(str(exc)) from None
         return _json(data)
 
-    async def dedicated_month(month: str) -> list[DedicatedCharge]:
+    async def dedicated_month(self, month: str) -> list[DedicatedCharge]:
         """Every dedicated endpoint's month: measured by the minute where followed, else configured."""
+        proxy = self.proxy
         summed = await proxy.ledger.rollups(CHARGEBACK_KEEP, RollupFilter(periods=(month,)))
         found = measured(await proxy.ledger.endpoint_minutes(month), proxy.config.dedicated.minute_us)
         config = proxy.config
@@ -360,51 +393,48 @@ def build_admin_app(proxy: Operated) -> web.Application:
             dedicated_charges, summed, month, config.dedicated_endpoints, found, config.prices
         )
 
-    async def chargeback(request: web.Request) -> web.Response:
+    async def chargeback(self, request: web.Request) -> web.Response:
         """Each dedicated endpoint's month spread over tenants by token share (JSON or CSV)."""
-        q = request.query
-        month = q.get("month") or current_period()
-        fmt = q.get("format", "json")
-        if fmt not in ("json", "csv"):
-            raise BadRequest(f"format must be json or csv, got {fmt!r}")
-        if not PERIOD_RE.match(month):
-            raise BadRequest(f"month must look like 2026-11, got {month!r}")
-        found = await dedicated_month(month)
-        minute_us = proxy.config.dedicated.minute_us
-        views = [charge_view(dc, q.get("tenant") or None, minute_us) for dc in found]
+        month, fmt = _month_and_format(request, self.current_period())
+        found = await self.dedicated_month(month)
+        minute_us = self.proxy.config.dedicated.minute_us
+        views = [charge_view(dc, request.query.get("tenant") or None, minute_us) for dc in found]
         if fmt == "csv":
             return web.Response(text=chargeback_csv(views), content_type="text/csv")
         return _json({"period": month, "endpoints": views, "notes": CHARGEBACK_NOTES})
 
-    async def reload(request: web.Request) -> web.Response:
+    async def reload(self, request: web.Request) -> web.Response:
         try:
-            result = await proxy.reload()
+            result = await self.proxy.reload()
         except ConfigError as exc:
             raise BadRequest(f"config reload failed, the running config stays: {exc}") from None
         return _json(result)
 
-    async def not_found(request: web.Request) -> web.Response:
-        return _error(NotFound(f"Unknown admin URL: {request.path}"))
 
-    async def to_page(request: web.Request) -> web.Response:
-        raise web.HTTPFound("/admin/")  # the page's relative URLs need the slash
+ADMIN_KEY: web.AppKey[AdminAPI] = web.AppKey("admin_api", AdminAPI)
 
+
+def build_admin_app(proxy: Operated) -> web.Application:
+    """The admin listener's app: open routes first, then the operator API behind the token."""
+    api = AdminAPI(proxy)
     app = web.Application()
-    app[WATCH_KEY] = watch
-    app.cleanup_ctx.append(watch.running)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/admin", to_page)
+    app[ADMIN_KEY] = api
+    app[WATCH_KEY] = api.watch
+    app.cleanup_ctx.append(api.watch.running)
+    app.router.add_get("/metrics", api.metrics)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/admin", api.to_page)
     for name, serve in page_handlers().items():  # the spend page: no data, no token needed
         app.router.add_get("/admin/" + name, serve)
-    app.router.add_get("/admin/spend", operator(spend))
-    app.router.add_get("/admin/budgets", operator(budgets))
-    app.router.add_get("/admin/tenants/{tenant}/usage", operator(tenant_usage))
-    app.router.add_post("/admin/reload", operator(reload))
-    app.router.add_get("/admin/report", operator(report))
-    app.router.add_post("/admin/estimate", operator(estimate))
-    app.router.add_get("/admin/chargeback", operator(chargeback))
-    app.router.add_route("*", "/admin/{tail:.*}", operator(not_found))
-    app.router.add_route("*", "/{tail:.*}", not_found)
+    operator = api.operator
+    app.router.add_get("/admin/spend", operator(api.spend))
+    app.router.add_get("/admin/budgets", operator(api.budgets))
+    app.router.add_get("/admin/tenants/{tenant}/usage", operator(api.tenant_usage))
+    app.router.add_post("/admin/reload", operator(api.reload))
+    app.router.add_get("/admin/report", operator(api.report))
+    app.router.add_post("/admin/estimate", operator(api.estimate))
+    app.router.add_get("/admin/chargeback", operator(api.chargeback))
+    app.router.add_route("*", "/admin/{tail:.*}", operator(api.not_found))
+    app.router.add_route("*", "/{tail:.*}", api.not_found)
     return app

@@ -40,6 +40,7 @@ class Recorder:
         "cost_in_body",
         "cost_text",
         "finished",
+        "loop",
         "model_label",
         "rates",
         "row",
@@ -50,11 +51,20 @@ class Recorder:
     )
 
     def __init__(
-        self, sinks: Sinks, row: LedgerRow, rates: Rates | None, t0: float, choices: int = 1
+        self,
+        sinks: Sinks,
+        row: LedgerRow,
+        rates: Rates | None,
+        t0: float,
+        choices: int = 1,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.sinks, self.row, self.rates, self.t0 = sinks, row, rates, t0
         self.choices = choices  # the request's `n` (bounds a believable usage)
-        self.started = asyncio.get_running_loop().time()
+        # the serving loop, when the caller knows it: on Python 3.11 every
+        # asyncio.get_running_loop() is a getpid() system call
+        self.loop = loop or asyncio.get_running_loop()
+        self.started = self.loop.time()
         self.finished = False
         self.cost_in_body = False  # the client opted in to usage.cost (relay.py)
         self.cost_text = "unknown"

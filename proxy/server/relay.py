@@ -79,6 +79,9 @@ class Relay:
         self.tokenizer = tokenizer
         self.budgets = budgets or BudgetBook({}, config.budgets.periods)
         self.accepting = True
+        # the serving loop (set by Proxy.start): on Python 3.11 asyncio.get_running_loop() and
+        # current_task() are a getpid() system call each, several per request otherwise
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._admitted: set[asyncio.Task[Any]] = set()  # handlers `abort_in_flight` may stop
         self.clock = clock  # µs since the epoch; injectable so tests can cross a month boundary
         self._period_cache = (-1, "")
@@ -122,11 +125,11 @@ class Relay:
         except MeterError as exc:
             return error_response(exc, request_id)
         admitted = await self._admit(request, principal, endpoint, request_id)
-        if isinstance(admitted, web.Response):
+        if not isinstance(admitted, tuple):  # (not web.Response: an ABC check per request)
             return admitted
         call, rates, row = admitted
         self.metrics.overhead.observe((endpoint,), time.perf_counter() - t0)
-        meter = Recorder(self.sinks, row, rates, t0, call.body.get("n") or 1)
+        meter = Recorder(self.sinks, row, rates, t0, call.body.get("n") or 1, self.loop)
         meter.cost_in_body = cost_in_body
         return await self._run(request, call, meter)
 
@@ -195,7 +198,7 @@ class Relay:
     async def _run(self, request: web.Request, call: Call, meter: Recorder) -> web.StreamResponse:
         """Forward, relay and meter an admitted call; its row is terminal whatever happens."""
         self.metrics.in_flight += 1
-        task = asyncio.current_task()
+        task = asyncio.current_task(meter.loop)
         if task is not None:
             self._admitted.add(task)
         try:

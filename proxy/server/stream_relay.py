@@ -86,13 +86,17 @@ class _Stream:
         config = owner.config()
         self.owner, self.request, self.call, self.meter, self.up = owner, request, call, meter, up
         self.cfg = config.upstream
-        self.loop = asyncio.get_running_loop()
+        self.loop = meter.loop
         self.deadline = meter.started + self.cfg.total_timeout
         self.framer = SSEFramer(config.limits.max_event_bytes)
         # a client that opted in to the cost in the body gets the usage chunk, with the cost
         price = meter.quote if meter.cost_in_body else None
         self.sm = StreamMeter(hide_usage_chunk=not (call.wants_usage or meter.cost_in_body), price=price)
         self.client_gone = False
+        self.window: asyncio.Timeout | None = None  # the total deadline, while pumping
+        self.last_read = 0.0  # loop time the last chunk was relayed: the idle gap counts from it
+        self._idle: asyncio.TimerHandle | None = None
+        self.tail = b""  # what the block holding [DONE] relays: written with the ending
         headers = {**SSE_HEADERS, **extra_headers, "x-request-id": meter.row.request_id}
         self.resp = web.StreamResponse(status=200, headers=headers)
 
@@ -106,31 +110,52 @@ class _Stream:
         """The client went away: keep reading only briefly (the usage chunk is what was billed)."""
         self.client_gone = True
         self.deadline = min(self.deadline, self.loop.time() + self.cfg.client_abort_grace)
+        window = self.window
+        if window is not None and not window.expired():
+            window.reschedule(min(window.when() or self.deadline, self.deadline))
 
-    def _window(self) -> float:
-        return min(self.deadline, self.loop.time() + self.cfg.idle_timeout)
+    def _check_idle(self) -> None:
+        """The idle timer fired: end the pump if nothing was relayed for idle_timeout, else wait
+        on. (One timer per idle period, not one rescheduled per chunk.)"""
+        window, now = self.window, self.loop.time()
+        due = self.last_read + self.cfg.idle_timeout
+        if window is None or window.expired():
+            return
+        if due <= now:
+            window.reschedule(now)  # the timeout fires: pump returns "upstream_timeout"
+        else:
+            self._idle = self.loop.call_at(due, self._check_idle)
 
     async def pump(self) -> str:
         """Relay chunks until the stream is done ("ok") or ends otherwise (its status)."""
+        loop = self.loop
+        self.last_read = loop.time()
+        self._idle = loop.call_at(self.last_read + self.cfg.idle_timeout, self._check_idle)
         try:
-            async with asyncio.timeout_at(self._window()) as window:
+            async with asyncio.timeout_at(self.deadline) as self.window:
                 sm, framer, resp = self.sm, self.framer, self.resp
                 while chunk := await self.up.readany():
-                    out = sm.feed(framer.feed(chunk))
+                    out = sm.feed_block(framer.take(chunk))
+                    if sm.done:  # the last bytes go out with the end of the stream (conclude)
+                        self.tail = out
+                        if sm.first_token_at is None and sm.saw_content:
+                            self._first_token()
+                        return "ok"
                     if out and not self.client_gone:
                         try:  # inline, not a coroutine call: this runs once per chunk
                             await resp.write(out)
                         except CLIENT_GONE:
                             self._left()
-                        if sm.first_token_at is None and sm.saw_content:
-                            self._first_token()
-                    if sm.done:
-                        return "ok"
-                    window.reschedule(min(self.deadline, self.loop.time() + self.cfg.idle_timeout))
+                    if sm.first_token_at is None and sm.saw_content:
+                        self._first_token()
+                    self.last_read = loop.time()
         except TimeoutError:
             return "upstream_timeout"  # idle gap, total deadline, or the abort grace ran out
         except (UpstreamStreamError, SSEError) as exc:
             log.warning("upstream stream broke off: %s", type(exc).__name__)
+        finally:
+            self._idle.cancel()
+            self.window = None
         return "upstream_aborted"  # EOF without [DONE], or a broken stream
 
     def _first_token(self) -> None:
@@ -154,15 +179,14 @@ class _Stream:
         )
         if not self.client_gone:
             with contextlib.suppress(*CLIENT_GONE):
-                ending = self._ending(status)
-                if ending:
-                    await self.resp.write(ending)
-                await self.resp.write_eof()
+                await self.resp.write_eof(self._ending(status))  # one write: bytes and end
 
     def _ending(self, status: str) -> bytes:
-        """The last bytes the client sees: the cost and [DONE], or an error event."""
+        """The last bytes the client sees: the last chunks before [DONE] (held back until the row
+        is recorded), the cost and [DONE]; or an error event."""
         if self.sm.done:
-            return b": x-meter-cost-usd=" + self.meter.cost_text.encode() + b"\n\ndata: [DONE]\n\n"
+            cost = b": x-meter-cost-usd=" + self.meter.cost_text.encode()
+            return self.tail + cost + b"\n\ndata: [DONE]\n\n"
         if self.sm.error_event:
             return b""  # the upstream's own error event was relayed already
         err: MeterError = UpstreamProtocolError("The upstream stream ended before it was complete.")

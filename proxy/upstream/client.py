@@ -359,7 +359,9 @@ class UpstreamResponse:
         if self._buffered > HIGH_WATER and not self._paused and self._conn.transport is not None:
             self._paused = True
             self._conn.transport.pause_reading()
-        self._wake()
+        w = self._waiter  # _wake, inline: this runs once per body chunk
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def _finish(self) -> None:
         """The body ended; UpstreamStreamError if its coding says it was cut short."""
@@ -464,6 +466,12 @@ class _Proxy:
 
     def __repr__(self) -> str:
         return f"_Proxy({self.host}:{self.port})"
+
+
+def _expire(headers: asyncio.Future[None]) -> None:
+    """The first-byte timeout of a request on a pooled connection ran out."""
+    if not headers.done():
+        headers.set_exception(TimeoutError())
 
 
 def _field_value_ok(value: str) -> bool:
@@ -575,6 +583,7 @@ class UpstreamClient:
         ).encode("latin-1")
         self._idle: collections.deque[_Connection] = collections.deque()
         self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # start()'s (get_running_loop: a syscall)
         self._open = 0
         self._closed = False
         self.failed_attempts = 0  # consecutive requests that could not connect, or were reset before headers
@@ -609,6 +618,7 @@ class UpstreamClient:
 
     async def start(self) -> None:
         self._slots = asyncio.Semaphore(self.config.max_connections)
+        self._loop = asyncio.get_running_loop()
         self._closed = False
 
     async def close(self) -> None:
@@ -691,15 +701,20 @@ class UpstreamClient:
         head = self._head(method, target, incoming, body, content_type)
         conn: _Connection | None = None
         sent = False
+        loop = self._loop or asyncio.get_running_loop()
+        expiry: asyncio.TimerHandle | None = None
         try:
-            async with asyncio.timeout(self.config.first_byte_timeout):
-                conn = await self._acquire()
-                resp = UpstreamResponse(conn, asyncio.get_running_loop(), method == "HEAD")
-                conn.response = resp
-                conn._head_raw = 0
-                assert conn.transport is not None
-                conn.transport.write(head + body if body else head)
+            conn = self._pooled()
+            if conn is None:  # connect, send and get the headers, all within the first-byte timeout
+                async with asyncio.timeout(self.config.first_byte_timeout):
+                    conn = await self._acquire()
+                    resp = self._send(conn, loop, method, head, body)
+                    sent = True
+                    await resp._headers_fut
+            else:  # a pooled connection (the usual case): one timer on the headers, no context
+                resp = self._send(conn, loop, method, head, body)
                 sent = True
+                expiry = loop.call_later(self.config.first_byte_timeout, _expire, resp._headers_fut)
                 await resp._headers_fut
         except BaseException as exc:
             if conn is not None:  # never reuse it: half an exchange may be on the wire
@@ -708,7 +723,21 @@ class UpstreamClient:
             if failure is None:
                 raise  # cancellation and the like pass through unchanged
             raise failure from exc
+        finally:
+            if expiry is not None:
+                expiry.cancel()
         self.failed_attempts = 0
+        return resp
+
+    @staticmethod
+    def _send(
+        conn: _Connection, loop: asyncio.AbstractEventLoop, method: str, head: bytes, body: bytes | None
+    ) -> UpstreamResponse:
+        resp = UpstreamResponse(conn, loop, method == "HEAD")
+        conn.response = resp
+        conn._head_raw = 0
+        assert conn.transport is not None
+        conn.transport.write(head + body if body else head)
         return resp
 
     def _failure(self, exc: BaseException, connected: bool, sent: bool) -> UpstreamError | None:
@@ -726,13 +755,20 @@ class UpstreamClient:
             return UpstreamError(f"The upstream could not be reached ({type(exc).__name__}).")
         return None
 
-    async def _acquire(self) -> _Connection:
+    def _pooled(self) -> _Connection | None:
+        """The most recently used idle connection still open and fresh, else None."""
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed and now - conn.idle_since < IDLE_KEEPALIVE:
                 return conn
             self._discard(conn)
+        return None
+
+    async def _acquire(self) -> _Connection:
+        conn = self._pooled()
+        if conn is not None:
+            return conn
         slots = self._slots
         assert slots is not None, "UpstreamClient.start() was not awaited"
         await slots.acquire()
