@@ -66,12 +66,13 @@ class Periods:
 class _Account:
     budget: Budget
     spent: int = 0
-    reserved: int = 0
+    reserved: int = 0  # requests in flight
+    jobs: int = 0  # video jobs created and not yet ended (hold_jobs)
     notified: set[Decimal] = field(default_factory=set)
 
     @property
     def remaining(self) -> int:
-        return self.budget.monthly_pusd - self.spent - self.reserved
+        return self.budget.monthly_pusd - self.spent - self.reserved - self.jobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,7 @@ class BudgetBook:
         self._budget_tenants = {k[0] for k in budgets}
         self._accounts: dict[tuple[str, str | None], _Account] = {}
         self.spent_all: dict[str, int] = {}  # month-to-date per tenant, budget or not
+        self._jobs: list[tuple[str, str | None, int]] = []  # running video jobs (hold_jobs)
 
     # -- state from the ledger --------------------------------------------------------------
 
@@ -112,6 +114,7 @@ class BudgetBook:
             if acc is None:  # a budget removed by a reload: keep it settleable
                 acc = self._accounts[key] = _Account(Budget(0, False, ()))
             acc.reserved = amount
+        self.hold_jobs(self._jobs)
         self.spent_all = {}
         for tenant, feature, cost in rows:
             self._add_spend(tenant, feature, cost)
@@ -130,6 +133,7 @@ class BudgetBook:
         for key, acc in old.items():  # keep in-flight reservations of removed budgets settleable
             if key not in self._accounts and acc.reserved:
                 self._accounts[key] = _Account(Budget(0, False, ()), acc.spent, acc.reserved)
+        self.hold_jobs(self._jobs)  # the running jobs, on the new budgets
 
     # -- the request path -------------------------------------------------------------------
 
@@ -144,7 +148,7 @@ class BudgetBook:
         for key in keys:
             acc = self._accounts[key]
             b = acc.budget
-            if b.hard_limit and acc.spent + acc.reserved + amount > b.monthly_pusd:
+            if b.hard_limit and acc.spent + acc.reserved + acc.jobs + amount > b.monthly_pusd:
                 raise budget_exceeded(key, self.period, b.monthly_pusd, acc.remaining, amount)
         for key in keys:
             self._accounts[key].reserved += amount
@@ -190,14 +194,33 @@ class BudgetBook:
         for key, acc in self._accounts.items():
             acc.reserved = reserved.get(key, 0)
 
+    def hold_jobs(self, jobs: Iterable[tuple[str, str | None, int]]) -> None:
+        """The bounds of the jobs still running (tenant, feature, pico-USD): video jobs are billed
+        when they complete, so until then their bound counts like a reservation. Replaces the
+        jobs held before (every process reads the same list of jobs from the ledger)."""
+        self._jobs = list(jobs)
+        for acc in self._accounts.values():
+            acc.jobs = 0
+        for tenant, feature, amount in self._jobs:
+            for key in self._keys(tenant, feature):
+                self._accounts[key].jobs += amount
+
     # -- reading ------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[tuple[str, str | None], tuple[Budget, int, int]]:
         """(tenant, feature) -> (budget, spent, reserved) for every configured budget."""
-        return {k: (a.budget, a.spent, a.reserved) for k, a in self._accounts.items() if k in self._budgets}
+        return {
+            k: (a.budget, a.spent, a.reserved + a.jobs)
+            for k, a in self._accounts.items()
+            if k in self._budgets
+        }
+
+    def reservations(self) -> dict[tuple[str, str | None], int]:
+        """The reservations of this process's requests in flight (jobs held apart), per budget."""
+        return {k: a.reserved for k, a in self._accounts.items() if k in self._budgets and a.reserved}
 
     def reserved_total(self) -> int:
-        return sum(a.reserved for k, a in self._accounts.items() if k[1] is None)
+        return sum(a.reserved + a.jobs for k, a in self._accounts.items() if k[1] is None)
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Final
 
 IN_FLIGHT = "in_flight"
@@ -226,6 +226,36 @@ class BatchJob:
 
 
 @dataclass(frozen=True, slots=True)
+class VideoJob:
+    """A together.ai video job created through the proxy: who pays for it and whether its row is
+    in the ledger. together bills a job when it completes (never a failed one), so its row is
+    recorded then (proxy/server/videos.py); until then `reserved_pusd` counts against the
+    tenant's budget (a hold, budgets.py)."""
+
+    video_id: str
+    tenant: str
+    key_id: str
+    model: str
+    feature: str | None
+    environment: str | None
+    created_us: int
+    request_id: str  # the create call's row (x-request-id of the create answer)
+    reserved_pusd: int | None  # the job's upper bound; None: an unpriced model
+    seconds_micros: int | None  # the seconds the request asked for (millionths)
+    status: str  # the upstream's last known status (in_progress, completed, failed)
+    recorded_us: int | None = None  # when its row went into the ledger; None: still followed
+
+
+# the video_jobs table's columns, in VideoJob's order (both backends)
+VIDEO_COLUMNS = ", ".join(f.name for f in fields(VideoJob))
+
+
+def video_values(job: VideoJob) -> tuple[Any, ...]:
+    """The job's column values in VIDEO_COLUMNS order."""
+    return tuple(getattr(job, f.name) for f in fields(VideoJob))
+
+
+@dataclass(frozen=True, slots=True)
 class OwnedFile:
     """A together.ai file a tenant owns through the proxy.
 
@@ -262,10 +292,13 @@ __all__ = [
     "LEDGER_COLUMNS",
     "TERMINAL_STATUSES",
     "TOKEN",
+    "VIDEO_COLUMNS",
     "BatchJob",
     "Column",
     "LedgerRow",
     "OwnedFile",
+    "VideoJob",
     "now_us",
     "period_of",
+    "video_values",
 ]

@@ -25,11 +25,14 @@ from proxy.core.records import (
     FINISH_COLUMNS,
     IN_FLIGHT,
     TERMINAL_STATUSES,
+    VIDEO_COLUMNS,
     BatchJob,
     LedgerRow,
     OwnedFile,
+    VideoJob,
     now_us,
     period_of,
+    video_values,
 )
 from proxy.core.retention import ImportConflict
 
@@ -109,6 +112,14 @@ class Ledger(Protocol):
     async def batches_of(self, tenant: str) -> set[str]:
         """Ids of the batches the tenant created."""
 
+    async def add_video(self, job: VideoJob) -> bool:
+        """Remember a video job a tenant created; False if it was already known."""
+
+    async def update_video(self, video_id: str, status: str, recorded_us: int | None) -> bool: ...
+
+    async def videos(self, *, unrecorded: bool = False) -> list[VideoJob]:
+        """Known video jobs (oldest first); only those whose row is not recorded yet if `unrecorded`."""
+
     async def add_file(self, f: OwnedFile) -> bool:
         """Remember which tenant owns a file; False if it was already known (the first owner stays)."""
 
@@ -130,12 +141,15 @@ __all__ = [
     "FINISH_COLUMNS",
     "IN_FLIGHT",
     "TERMINAL_STATUSES",
+    "VIDEO_COLUMNS",
     "BatchJob",
     "ImportConflict",
     "Ledger",
     "LedgerRow",
     "LedgerUnavailable",
     "OwnedFile",
+    "VideoJob",
     "now_us",
     "period_of",
+    "video_values",
 ]

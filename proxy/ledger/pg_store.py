@@ -24,14 +24,17 @@ from proxy.core.retention import ImportResult, PruneResult
 from proxy.core.rollups import Rollup, RollupFilter
 from proxy.ledger import (
     COLUMNS,
+    VIDEO_COLUMNS,
     BatchJob,
     LedgerRow,
     LedgerUnavailable,
     OwnedFile,
+    VideoJob,
     endpoint_minutes,
     now_us,
     pg_bulk,
     pg_partitions,
+    video_values,
 )
 from proxy.ledger.migrate import current_version, migrate
 from proxy.ledger.rollup_sql import select_rollups, to_rollup
@@ -314,6 +317,36 @@ class PostgresStore:
         """Ids of the batches the tenant created."""
         found = await self._fetch("SELECT batch_id FROM batches WHERE tenant = $1", tenant)
         return {str(r[0]) for r in found}
+
+    # -- video jobs (proxy/server/videos.py) -------------------------------------------------
+
+    async def add_video(self, job: VideoJob) -> bool:
+        """Remember a video job a tenant created; False if it was already known."""
+        marks = ", ".join(f"${i}" for i in range(1, 13))
+        found = await self._fetch(
+            f"INSERT INTO video_jobs ({VIDEO_COLUMNS}) VALUES ({marks}) "
+            "ON CONFLICT (video_id) DO NOTHING RETURNING 1",
+            *video_values(job),
+        )
+        return bool(found)
+
+    async def update_video(self, video_id: str, status: str, recorded_us: int | None) -> bool:
+        found = await self._fetch(
+            "UPDATE video_jobs SET status = $1, recorded_us = $2 WHERE video_id = $3 "
+            "AND recorded_us IS NULL RETURNING 1",
+            status,
+            recorded_us,
+            video_id,
+        )
+        return bool(found)
+
+    async def videos(self, *, unrecorded: bool = False) -> list[VideoJob]:
+        """Known video jobs (oldest first); only those not yet recorded if `unrecorded`."""
+        where = "WHERE recorded_us IS NULL " if unrecorded else ""
+        found = await self._fetch(
+            f"SELECT {VIDEO_COLUMNS} FROM video_jobs {where}ORDER BY created_us, video_id"
+        )
+        return [VideoJob(**dict(r)) for r in found]
 
     # -- file ownership (tenant isolation) ----------------------------------------------------
 

@@ -28,13 +28,16 @@ from proxy.ledger import (
     COLUMNS,
     FINISH_COLUMNS,
     IN_FLIGHT,
+    VIDEO_COLUMNS,
     BatchJob,
     LedgerRow,
     LedgerUnavailable,
     OwnedFile,
+    VideoJob,
     endpoint_minutes,
     now_us,
     sqlite_bulk,
+    video_values,
 )
 from proxy.ledger.rollup_sql import select_rollups, to_rollup
 from proxy.ledger.sqlite_schema import connect_writer, prepare
@@ -419,6 +422,31 @@ class SQLiteLedger:
     async def batches_of(self, tenant: str) -> set[str]:
         """Ids of the batches the tenant created."""
         return await self._ids("SELECT batch_id FROM batches WHERE tenant = ?", tenant)
+
+    # -- video jobs (proxy/server/videos.py) -------------------------------------------------
+
+    async def add_video(self, job: VideoJob) -> bool:
+        """Remember a video job a tenant created; False if it was already known."""
+        return await asyncio.to_thread(
+            self._write_one,
+            f"INSERT OR IGNORE INTO video_jobs ({VIDEO_COLUMNS}) VALUES ({', '.join('?' * 12)})",
+            video_values(job),
+        )
+
+    async def update_video(self, video_id: str, status: str, recorded_us: int | None) -> bool:
+        return await asyncio.to_thread(
+            self._write_one,
+            "UPDATE video_jobs SET status = ?, recorded_us = ? WHERE video_id = ? AND recorded_us IS NULL",
+            (status, recorded_us, video_id),
+        )
+
+    async def videos(self, *, unrecorded: bool = False) -> list[VideoJob]:
+        """Known video jobs (oldest first); only those not yet recorded if `unrecorded`."""
+        where = "WHERE recorded_us IS NULL " if unrecorded else ""
+        found = await asyncio.to_thread(
+            self._read, f"SELECT {VIDEO_COLUMNS} FROM video_jobs {where}ORDER BY created_us, video_id"
+        )
+        return [VideoJob(**dict(r)) for r in found]
 
     # -- file ownership (tenant isolation) ----------------------------------------------------
 

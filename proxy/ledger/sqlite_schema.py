@@ -79,6 +79,21 @@ CREATE TABLE IF NOT EXISTS files (
     batch_id TEXT
 );
 CREATE INDEX IF NOT EXISTS files_tenant ON files (tenant);
+CREATE TABLE IF NOT EXISTS video_jobs (
+    video_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    feature TEXT,
+    environment TEXT,
+    created_us INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    reserved_pusd INTEGER,
+    seconds_micros INTEGER,
+    status TEXT NOT NULL,
+    recorded_us INTEGER
+);
+CREATE INDEX IF NOT EXISTS video_jobs_open ON video_jobs (recorded_us) WHERE recorded_us IS NULL;
 """
 
 _SUMS_SQL = ", ".join(ROLLUP_SUMS)

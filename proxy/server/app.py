@@ -40,6 +40,7 @@ from proxy.server.relay import ENDPOINTS, Relay
 from proxy.server.serving import HeadDeadlineRunner
 from proxy.server.state import Fleet, Secrets
 from proxy.server.uploads import UploadRelay
+from proxy.server.videos import VideoTracker
 from proxy.upstream.hosts import Upstreams
 from proxy.upstream.store import ObjectStore
 
@@ -105,6 +106,14 @@ class Proxy:
             self.periods,
             self.relay.tokenizer,
         )
+        self.video_tracker = VideoTracker(
+            self.ledger,
+            self.upstream,
+            lambda: self.config,
+            self.periods,
+            self.budgets,
+            follow=role != "supervisor",  # a supervisor only holds the running jobs' bounds
+        )
         # dedicated endpoints by the minute: one follower per process group (not in each worker)
         self.dedicated = DedicatedFollower(
             self.ledger, self.upstream.api, lambda: self.config, self.periods, clock
@@ -124,8 +133,9 @@ class Proxy:
         passthrough = Passthrough(self.relay)
         key = token_key(self.secrets.together_key)  # upload tokens: every worker and replica has it
         uploads = UploadRelay(self.relay, passthrough, self.ledger, ObjectStore(self.upstream.api), key)
-        objects = ObjectGateway(self.relay, passthrough, self.ledger, self.batch_tracker, uploads)
-        dispatcher = Dispatcher(self.relay, objects, passthrough, UnitRelay(self.relay, self.ledger))
+        videos = self.video_tracker
+        objects = ObjectGateway(self.relay, passthrough, self.ledger, self.batch_tracker, uploads, videos)
+        dispatcher = Dispatcher(self.relay, objects, passthrough, UnitRelay(self.relay, self.ledger, videos))
         for path, endpoint in ENDPOINTS.items():  # the hot path: aiohttp's router finds these
             app.router.add_post(path, _inference(self.relay, dispatcher, path, endpoint))
             # ... also as a together SDK 3.x client given `http://proxy/v1` sends them
@@ -231,6 +241,7 @@ class Proxy:
             self._budget_sync = asyncio.get_running_loop().create_task(self._sync_budgets(self.ledger))
         if self.role != "supervisor":  # a supervisor forwards nothing: its workers do
             await self.batch_tracker.start()  # picks up batches a previous run left unrecorded
+        await self.video_tracker.start()  # holds (and follows) the video jobs still running
         if self.role != "worker":
             await self.dedicated.start()
         synced = self.config.prices.extra.get("synced_at")
@@ -286,6 +297,7 @@ class Proxy:
             abort.cancel()
         self._runners.clear()
         await self.batch_tracker.stop()
+        await self.video_tracker.stop()
         await self.dedicated.stop()
         await self.upstream.close()
         if self._budget_sync is not None:

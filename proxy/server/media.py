@@ -6,8 +6,11 @@ answer. The quantity comes from proxy/core/units.py (together's answer where it 
 the request or the returned bytes, flagged `estimated` when not exact), the cost from the model's
 per-unit price; a model without one is recorded with an unknown cost (NULL), never 0.
 
-A video job is created here (and billed at creation for the seconds it asks for); the job then
-belongs to the tenant that created it (GET /v2/videos/{id} is an owned object, objects.py).
+A video job is created here and belongs to the tenant that created it (GET /v2/videos/{id} is an
+owned object, objects.py). together bills it when it completes, so the create call's row
+(`videos.create`) costs 0 and the job's own row is recorded at its end by videos.py; its bound
+stays reserved meanwhile. Should the job not be remembered (the ledger failing just then, an
+answer without an id), the create row is charged the requested seconds instead: never less.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from proxy.core.sse import SSEFramer
 from proxy.core.units import (
     Quantity,
     audio_seconds,
+    decimal_micros,
     image_bound,
     image_quantity,
     images_returned,
@@ -42,14 +46,16 @@ from proxy.core.units import (
     video_bound,
     video_quantity,
 )
+from proxy.core.videos import RUNNING
 from proxy.errors import InvalidField, InvalidJSON, MeterError, NotReady
-from proxy.ledger import LedgerRow, OwnedFile, now_us
+from proxy.ledger import LedgerRow, OwnedFile, VideoJob, now_us
 from proxy.server.recorder import Recorder
 from proxy.server.relay import Relay
 from proxy.server.responses import JSON_CT, client_gone, error_response
 from proxy.upstream.client import FORWARDED_HEADERS, UpstreamResponse, UpstreamStreamError
 
 log = logging.getLogger(__name__)
+ROW_ENDPOINT = {"videos": "videos.create"}  # the job's own row, at its end, is "videos"
 UNIT_OF_ROUTE = {
     "images": "megapixel",
     "audio.speech": "audio_second",
@@ -61,6 +67,10 @@ UNIT_OF_ROUTE = {
 
 class VideoOwners(Protocol):
     async def add_file(self, f: OwnedFile) -> bool: ...
+
+
+class VideoJobs(Protocol):
+    async def add(self, job: VideoJob) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +154,8 @@ def _json(data: bytes) -> Any:
 class UnitRelay:
     """Serves the unit routes with the token relay's parts (auth, budgets, ledger, recorder)."""
 
-    def __init__(self, relay: Relay, owners: VideoOwners) -> None:
-        self.relay, self.owners = relay, owners
+    def __init__(self, relay: Relay, owners: VideoOwners, videos: VideoJobs) -> None:
+        self.relay, self.owners, self.videos = relay, owners, videos
 
     async def handle(self, request: web.Request, match: Match) -> web.StreamResponse:
         t0 = time.perf_counter()
@@ -186,8 +196,8 @@ class UnitRelay:
             await relay.record_rejected(principal, request_id, route, started, exc, **seen)
             return error_response(exc, request_id)
         row = LedgerRow(
-            request_id, principal.tenant, principal.key_id, call.model, route, SERVERLESS,
-            seen["feature"], seen["environment"], False, started, relay.period(started),
+            request_id, principal.tenant, principal.key_id, call.model, ROW_ENDPOINT.get(route, route),
+            SERVERLESS, seen["feature"], seen["environment"], False, started, relay.period(started),
             reserved_pusd=reserved, unit=UNIT_OF_ROUTE[route] if rates is None else rates.unit,
         )  # fmt: skip
         refused = await relay.begin_row(row, principal, route, started, seen)
@@ -232,14 +242,34 @@ class UnitRelay:
         if up.status != 200:
             await meter.upstream_error(up.status)
             return web.Response(body=data, status=up.status, headers=headers, content_type=ctype)
-        quantity = measure(call, meter.rates, data, ctype)
+        gone = client_gone(request)
         answer_id = _answer_id(data) if call.route == "videos" else None
-        await meter.finish_units(quantity, up.status, answer_id, client_gone=client_gone(request))
+        if answer_id is None or not await self._start_video(answer_id, call, meter, gone):
+            quantity = measure(call, meter.rates, data, ctype)
+            await meter.finish_units(quantity, up.status, answer_id, client_gone=gone)
         if answer_id is not None:
             await self._own_video(answer_id, meter.row)
         headers["x-meter-cost-usd"] = meter.cost_text
         headers["x-meter-usage-source"] = meter.usage_source
         return web.Response(body=data, status=200, headers=headers, content_type=ctype)
+
+    async def _start_video(self, video_id: str, call: UnitCall, meter: Recorder, gone: bool) -> bool:
+        """The job is followed to its end (videos.py), its bound held meanwhile; the create call
+        itself costs 0. False if the job could not be remembered (the caller charges the call)."""
+        row = meter.row
+        job = VideoJob(
+            video_id, row.tenant, row.key_id, call.model, row.feature, row.environment, now_us(),
+            row.request_id, row.reserved_pusd, decimal_micros(call.body.get("seconds")), RUNNING,
+        )  # fmt: skip
+        try:
+            await self.videos.add(job)  # holds the job's bound before the call's own is released
+        except Exception:
+            log.exception("videos: could not remember %s of %s; charged at creation", video_id, row.tenant)
+            return False
+        await meter.finish_units(
+            Quantity("video_second", 0, "upstream"), 200, video_id, client_gone=gone, free=True
+        )
+        return True
 
     async def _own_video(self, video_id: str, row: LedgerRow) -> None:
         """The new video job is the caller's (its status and result are read through the proxy)."""

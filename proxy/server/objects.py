@@ -28,6 +28,7 @@ from proxy.server.passthrough import Outbound, Passthrough, respond
 from proxy.server.relay import Relay
 from proxy.server.responses import JSON_CT
 from proxy.server.uploads import UploadRelay
+from proxy.server.videos import VideoTracker
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request, Principal, Match], Awaitable[web.StreamResponse]]
@@ -82,8 +83,10 @@ class ObjectGateway:
         store: OwnershipStore,
         tracker: BatchTracker,
         uploads: UploadRelay,
+        videos: VideoTracker,
     ) -> None:
         self.relay, self.pt, self.store, self.tracker = relay, passthrough, store, tracker
+        self.videos = videos  # a job read here and seen ended is recorded at once
         self.uploads = uploads  # the together SDKs' presigned upload: POST /v1/files and its PUT
         self._handlers: dict[str, Handler] = {
             "files.list": self._list,
@@ -146,6 +149,8 @@ class ObjectGateway:
             await pt.close(row)
         if match.route.name == "batches.retrieve" and up.status == 200:
             await remember_batch_files(self.store, job_of(data), principal.tenant, principal.key_id)
+        elif match.route.name == "videos.retrieve" and up.status == 200:
+            self.videos.seen(data)
         return respond(up, data, row.request_id)
 
     async def _upload(self, request: web.Request, principal: Principal, match: Match) -> web.StreamResponse:

@@ -127,14 +127,16 @@ class Recorder:
         *,
         client_gone: bool,
         status: str = "ok",
+        free: bool = False,
     ) -> None:
         """A route billed per megapixel, image or second: the quantity priced at the model's
-        per-unit price (unknown, NULL, when the model has none for this unit)."""
+        per-unit price (unknown, NULL, when the model has none for this unit); 0 if `free` (a
+        call together does not bill itself: a video job's creation)."""
         if self.finished:
             return
         rates = self.rates
-        cost = None
-        if rates is not None and rates.unit == quantity.unit:
+        cost = 0 if free else None
+        if not free and rates is not None and rates.unit == quantity.unit:
             cost = unit_cost_pusd(quantity.micros, rates)
         if cost is not None:
             self.cost_text = format_usd(cost)

@@ -329,7 +329,7 @@ class WorkerLink:
             "reasons": reasons,
             "in_flight": p.metrics.in_flight,
             "tally": self._sent.changed_since(sent).to_wire(),
-            "reserved": [[t, f, r] for (t, f), (_, _, r) in p.budgets.snapshot().items() if r],
+            "reserved": [[t, f, r] for (t, f), r in p.budgets.reservations().items()],
             "cpu_seconds": time.process_time(),
             "rss_bytes": _rss_bytes(),
         }

@@ -339,7 +339,13 @@ def check_models_list(matrix: Matrix, label: str, fields: dict[str, Any]) -> Non
 def check_videos(matrix: Matrix, label: str, fields: dict[str, Any]) -> None:
     assert fields["id"]
     rows = matrix.rows_of(label, "videos")
-    assert rows and all(r["endpoint"] == "videos" and r["status"] == "ok" for r in rows), rows
+    # the create call costs 0; the job's own row comes when it ends (tests/e2e/test_video_jobs.py)
+    created = [r for r in rows if r["endpoint"] == "videos.create"]
+    assert created and all(r["status"] == "ok" and r["cost_pusd"] == 0 for r in created), rows
+    assert fields["id"] in {r["upstream_id"] for r in created}
+    ended = [r for r in rows if r["endpoint"] == "videos"]
+    assert all(r["status"] == "ok" and r["request_id"] == f"video_{r['upstream_id']}" for r in ended), rows
+    assert len(created) + len(ended) == len(rows), rows
 
 
 CHECKS = {name[len("check_") :]: f for name, f in dict(globals()).items() if name.startswith("check_")}

@@ -19,6 +19,7 @@ from proxy.core.pricing import PriceTable
 from proxy.simulator import billed_pusd
 
 from .support import Meter, StartMeter, error_of, post_raw
+from .test_video_jobs import job_row
 
 RERANK = "Salesforce/Llama-Rank-V1"
 SCHNELL = "black-forest-labs/FLUX.1-schnell"
@@ -154,13 +155,12 @@ async def test_transcriptions_take_the_stated_duration_else_the_wav(meter: Meter
 
 
 async def test_a_video_job_is_owned_and_billed_for_its_seconds(meter: Meter, tog: AsyncTogether) -> None:
+    """Owned by its creator; billed at completion (tests/e2e/test_video_jobs.py has the rest)."""
     job = await tog.videos.create(
         model=VEO, prompt="a meter", seconds="4.5", extra_body={"simulate": {"video_delay_ms": 50}}
     )
-    (row,) = await meter.wait_terminal(1)
-    assert (row.endpoint, row.unit, row.quantity_micros, row.usage_source) == (
-        "videos", "video_second", 4_500_000, "upstream",
-    )  # fmt: skip
+    (created,) = await meter.wait_terminal(1)
+    assert (created.endpoint, created.unit, created.cost_pusd) == ("videos.create", "video_second", 0)
     status, _, body = await post_raw(
         f"{meter.origin}/v2/videos/{job.id}", None, meter.auth("globex"), method="GET"
     )
@@ -172,6 +172,8 @@ async def test_a_video_job_is_owned_and_billed_for_its_seconds(meter: Meter, tog
             break
         await asyncio.sleep(0.02)
     assert done.status == "completed"
+    row = await job_row(meter, job.id)
+    assert (row.unit, row.quantity_micros, row.usage_source) == ("video_second", 4_500_000, "upstream")
     (entry,) = meter.sim.billed.entries
     assert row.cost_pusd == billed_pusd(entry)
     seen = [s["path"] for s in meter.upstream_seen]
