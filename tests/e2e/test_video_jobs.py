@@ -6,6 +6,7 @@ SDK against the simulator (which bills a job at completion, and never a failed o
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -205,3 +206,18 @@ async def test_a_job_the_upstream_forgot_is_charged_its_bound(start_meter: Start
         assert (row.status, row.usage_source, row.error_code, row.cost_pusd) == (
             "orphaned", "estimated", "video_not_found", 3 * PER_SECOND,
         )  # fmt: skip
+
+
+@pytest.mark.sqlite_only
+async def test_a_job_the_ledger_cannot_remember_is_charged_at_creation(start_meter: StartMeter) -> None:
+    """Never less: with `video_jobs` gone (a real fault in the file), the job cannot be followed,
+    so its create call is charged the asked seconds."""
+    async with start_meter(change=slow_polls) as meter, sdk(meter) as tog:
+        with sqlite3.connect(meter.ledger_path) as conn:
+            conn.execute("DROP TABLE video_jobs")
+        job = await create(tog, "2.5", 60_000)
+        (row,) = await meter.wait_terminal(1)
+        assert (row.endpoint, row.status, row.upstream_id, row.quantity_micros) == (
+            "videos.create", "ok", job.id, 2_500_000,
+        )  # fmt: skip
+        assert row.cost_pusd == 25 * PER_SECOND // 10
