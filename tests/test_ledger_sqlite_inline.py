@@ -84,9 +84,9 @@ async def _script(ledger: SQLiteLedger, paced: bool) -> list[Any]:
             await asyncio.sleep(0)
 
     for i, row in enumerate(ROWS):
-        await ledger.begin(row)
-        await pace()
         if i != 3:
+            await ledger.begin(row)
+            await pace()
             out.append(await ledger.finish(TERMINAL[i]))
             await pace()
     out.append(await ledger.finish(LATE))  # already terminal: not changed again
@@ -99,6 +99,8 @@ async def _script(ledger: SQLiteLedger, paced: bool) -> list[Any]:
     out.append(await ledger.record(RECORDED))
     await pace()
     out.append(await ledger.record(RECORDED))  # already there: ignored
+    await pace()
+    await ledger.begin(ROWS[3])  # left in flight
     return out
 
 
@@ -121,7 +123,7 @@ async def test_inline_and_queued_writes_make_the_same_rows_and_rollups(tmp_path:
         dumps.append(_dump(led.path))
         spies.append(spy)
     assert results[0] == results[1]
-    assert results[0][0][-4:] == [False, "duplicate request id req-001", True, False]
+    assert results[0][0] == [True] * 5 + [False, "duplicate request id req-001", True, False]
     assert dumps[0] == dumps[1]
     rows, _ = dumps[0]
     assert [r[0] for r in rows if IN_FLIGHT in r] == ["req-003"]
@@ -182,19 +184,40 @@ async def test_an_inline_commit_that_fails_raises_what_a_queued_one_raises(tmp_p
 
 
 async def test_a_second_write_in_the_same_turn_is_queued_and_group_committed(ledger: SQLiteLedger) -> None:
+    """Records (rejected requests: nothing in flight) arriving together in one turn of the loop:
+    the first commits inline, the rest are load and group-commit; the next lone write is still
+    queued (the last commit was a batch), the one after a lone commit inline again."""
     spy = Spy(ledger)
-    rows = [_row(i) for i in range(5)]
-    await asyncio.gather(*(ledger.begin(r) for r in rows))
-    # the first commits inline; the rest arrive in the same turn of the loop: load, queued
-    assert spy.inline == ["begin req-000"]
-    assert spy.queued == [f"begin req-{i:03d}" for i in range(1, 5)]
-    # after a group commit the next lone write is queued too, until the writer commits a lone row
-    assert await ledger.finish(_done(rows[0], 1)) is True
-    assert spy.queued[-1] == "finish req-000"
-    await asyncio.sleep(0)  # a turn later: quiet again
-    assert await ledger.finish(_done(rows[1], 1)) is True
-    assert spy.inline[-1] == "finish req-001"
-    assert sorted(r.status for r in await ledger.rows()) == [IN_FLIGHT] * 3 + ["ok"] * 2
+    rows = [_done(_row(i), i) for i in range(6)]
+    assert await asyncio.gather(*(ledger.record(r) for r in rows[:4])) == [True] * 4
+    assert spy.inline == ["record req-000"]
+    assert spy.queued == [f"record req-{i:03d}" for i in range(1, 4)]
+    await asyncio.sleep(0)
+    assert await ledger.record(rows[4]) is True
+    assert spy.queued[-1] == "record req-004"
+    await asyncio.sleep(0)
+    assert await ledger.record(rows[5]) is True
+    assert spy.inline[-1] == "record req-005"
+    assert [r.status for r in await ledger.rows()] == ["ok"] * 6
+
+
+async def test_while_another_request_is_in_flight_writes_are_queued(ledger: SQLiteLedger) -> None:
+    """Another row begun and not finished: its finish could join a batch, so writes go to the
+    writer (group commit); once it is finished, a lone write commits inline again."""
+    spy = Spy(ledger)
+    first, second = _row(1), _row(2)
+    await ledger.begin(first)
+    await asyncio.sleep(0)
+    await ledger.begin(second)
+    await asyncio.sleep(0)
+    assert await ledger.finish(_done(second, 2)) is True
+    await asyncio.sleep(0)
+    assert await ledger.finish(_done(first, 1)) is True  # the last one in flight
+    await asyncio.sleep(0)
+    await ledger.record(_done(_row(3), 3))
+    assert spy.inline == ["begin req-001", "finish req-001", "record req-003"]
+    assert spy.queued == ["begin req-002", "finish req-002"]
+    assert [r.status for r in await ledger.rows()] == ["ok"] * 3
 
 
 async def test_writes_while_the_writer_holds_the_connection_are_queued_in_order(

@@ -6,12 +6,14 @@ requests. With `synchronous: normal` a WAL commit is an append to the log file (
 runs inline on the loop, which is cheaper than any thread hand-off; with `synchronous: full`
 each commit fsyncs, so it runs in a worker thread and the loop keeps serving meanwhile.
 
-A quiet proxy skips the hand-off: when nothing is queued, the writer is not using the connection
-and the last commit was a lone row, `begin`/`finish`/`record` run the same one-row transaction
-(`_write`) at once in the caller, on the loop's thread, with no await between that check and the
-commit (so the writer cannot interleave), saving the caller two turns of the loop. A second write
-in the same turn of the loop is queued, and that turns the inline path off until the writer
-commits a lone row again: under load rows group-commit as before. Never with `synchronous: full`.
+A quiet proxy skips the hand-off: when no other request is in flight (no other row begun and not
+yet finished: nobody could join a batch), nothing is queued, the writer is not using the
+connection and the last commit was a lone row, `begin`/`finish`/`record` run the same one-row
+transaction (`_write`) at once in the caller, on the loop's thread, with no await between that
+check and the commit (so the writer cannot interleave), saving the caller two turns of the loop.
+A second write in the same turn of the loop is queued, and that turns the inline path off until
+the writer commits a lone row again. Under load (other requests in flight) rows group-commit as
+before. Never with `synchronous: full`.
 Readers use their own short-lived connections (WAL lets them run beside the writer).
 """
 
@@ -102,6 +104,7 @@ class SQLiteLedger:
         self._busy = False  # the writer uses the connection off the loop (the RESTART checkpoint)
         self._last_batch = 1  # rows of the last commit; > 1: under load, queue and group-commit
         self._turn_open = True  # no inline commit yet in this turn of the loop
+        self._open = 0  # rows begun and not yet finished (requests in flight): 0 = nobody could join
         self._next_checkpoint = 0.0  # loop time; inf while a checkpoint runs
         self.orphans_reaped = 0
         self.migrations_applied: list[str] = []
@@ -125,7 +128,7 @@ class SQLiteLedger:
         self._conn = conn
         self._closing = False
         loop = self._loop = asyncio.get_running_loop()
-        self._busy, self._last_batch, self._turn_open = False, 1, True
+        self._busy, self._last_batch, self._turn_open, self._open = False, 1, True, 0
         self._next_checkpoint = loop.time() + CHECKPOINT_INTERVAL
         self._task = loop.create_task(self._writer(), name="ledger-writer")
 
@@ -150,8 +153,11 @@ class SQLiteLedger:
             self._write_inline("begin", row)
         else:
             await self._submit("begin", row)
+        self._open += 1
 
     async def finish(self, row: LedgerRow) -> bool:
+        if self._open:  # whatever comes of it: this request is no longer in flight
+            self._open -= 1
         if self._idle():
             return self._write_inline("finish", row)
         return await self._submit("finish", row)
@@ -165,7 +171,8 @@ class SQLiteLedger:
         """May this write commit at once, in the caller? (the module docstring)"""
         task = self._task
         return (
-            self._turn_open
+            self._open == 0
+            and self._turn_open
             and self._last_batch == 1
             and not self._pending
             and not self._busy
