@@ -188,16 +188,45 @@ class SQLiteLedger:
         assert loop is not None  # set with the task
         self._turn_open = False  # a second write in this turn of the loop is queued (load)
         loop.call_soon(self._reopen_turn)
-        ok, results = self._write([(kind, row, None)])
+        made = self._write_row(kind, row)
         if loop.time() >= self._next_checkpoint:
             self._poke()  # the writer runs the checkpoint (it would have on a queued write)
-        if not ok:
+        if made is None:
             raise LedgerUnavailable("the ledger could not commit")
-        made = results[0]
         if isinstance(made, Exception):
             raise made
         if made is True and kind != "begin" and self._on_terminal is not None:
             self._on_terminal(row)
+        return made
+
+    def _write_row(self, kind: str, row: LedgerRow) -> bool | Exception | None:
+        """`_write` of a batch of one row: the same statement, alone its own transaction (SQLite
+        makes a statement outside BEGIN ... COMMIT one transaction, its trigger's rollup
+        included; the write lock taken at its start, as BEGIN IMMEDIATE does), without the two
+        extra statements. The row's result, or None if the commit failed."""
+        assert self._conn is not None
+        conn = self._conn
+        t0 = time.perf_counter()
+        try:
+            if kind == "begin":
+                try:
+                    conn.execute(_INSERT_BEGIN, row.values())
+                    made: bool | Exception = True
+                except sqlite3.IntegrityError:  # a duplicate id: refuse this row only
+                    made = LedgerUnavailable(f"duplicate request id {row.request_id}")
+            elif kind == "finish":
+                made = conn.execute(_UPDATE_FINISH, _finish_values(row)).rowcount == 1
+            else:
+                made = conn.execute(_INSERT_TERMINAL, row.values()).rowcount == 1
+        except sqlite3.Error as exc:  # the statement's transaction is rolled back
+            self._healthy = False
+            log.error("ledger write of %d rows failed: %s", 1, exc)
+            if self._on_commit is not None:
+                self._on_commit(1, time.perf_counter() - t0, False)
+            return None
+        self._healthy = True
+        if self._on_commit is not None:
+            self._on_commit(1, time.perf_counter() - t0, True)
         return made
 
     def _reopen_turn(self) -> None:
