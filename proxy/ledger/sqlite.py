@@ -8,9 +8,10 @@ each commit fsyncs, so it runs in a worker thread and the loop keeps serving mea
 
 A quiet proxy skips the hand-off: when no other request is in flight (no other row begun and not
 yet finished: nobody could join a batch), nothing is queued, the writer is not using the
-connection and the last commit was a lone row, `begin`/`finish`/`record` run the same one-row
-transaction (`_write`) at once in the caller, on the loop's thread, with no await between that
-check and the commit (so the writer cannot interleave), saving the caller two turns of the loop.
+connection and the last commit was a lone row, `begin`/`finish`/`record` commit their row at
+once in the caller (`_write_row`: the same statement, its own transaction), on the loop's thread,
+with no await between that check and the commit (so the writer cannot interleave), saving the
+caller two turns of the loop.
 A second write in the same turn of the loop is queued, and that turns the inline path off until
 the writer commits a lone row again. Under load (other requests in flight) rows group-commit as
 before. Never with `synchronous: full`.
