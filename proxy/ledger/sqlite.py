@@ -5,6 +5,16 @@ waits for its turn on the event loop goes into the same transaction, so one comm
 requests. With `synchronous: normal` a WAL commit is an append to the log file (no fsync) and
 runs inline on the loop, which is cheaper than any thread hand-off; with `synchronous: full`
 each commit fsyncs, so it runs in a worker thread and the loop keeps serving meanwhile.
+
+A quiet proxy skips the hand-off: when no other request is in flight (no other row begun and not
+yet finished: nobody could join a batch), nothing is queued, the writer is not using the
+connection and the last commit was a lone row, `begin`/`finish`/`record` commit their row at
+once in the caller (`_write_row`: the same statement, its own transaction), on the loop's thread,
+with no await between that check and the commit (so the writer cannot interleave), saving the
+caller two turns of the loop.
+A second write in the same turn of the loop is queued, and that turns the inline path off until
+the writer commits a lone row again. Under load (other requests in flight) rows group-commit as
+before. Never with `synchronous: full`.
 Readers use their own short-lived connections (WAL lets them run beside the writer).
 """
 
@@ -66,7 +76,7 @@ def _finish_values(row: LedgerRow) -> tuple[Any, ...]:
     return (*(values[i] for i in _FINISH_IDX), row.request_id)
 
 
-_Op = tuple[str, LedgerRow, asyncio.Future[bool]]
+_Op = tuple[str, LedgerRow, asyncio.Future[bool] | None]  # None: written inline, nobody waits
 
 
 class SQLiteLedger:
@@ -93,6 +103,13 @@ class SQLiteLedger:
         self._healthy = True
         self._on_commit = on_commit
         self._on_terminal = on_terminal  # counts a row once, when it became terminal
+        # the inline path (module docstring): never when commits fsync in a thread
+        self._inline = self.synchronous != "FULL"
+        self._busy = False  # the writer uses the connection off the loop (the RESTART checkpoint)
+        self._last_batch = 1  # rows of the last commit; > 1: under load, queue and group-commit
+        self._turn_open = True  # no inline commit yet in this turn of the loop
+        self._open = 0  # rows begun and not yet finished (requests in flight): 0 = nobody could join
+        self._next_checkpoint = 0.0  # loop time; inf while a checkpoint runs
         self.orphans_reaped = 0
         self.migrations_applied: list[str] = []
 
@@ -115,6 +132,8 @@ class SQLiteLedger:
         self._conn = conn
         self._closing = False
         loop = self._loop = asyncio.get_running_loop()
+        self._busy, self._last_batch, self._turn_open, self._open = False, 1, True, 0
+        self._next_checkpoint = loop.time() + CHECKPOINT_INTERVAL
         self._task = loop.create_task(self._writer(), name="ledger-writer")
 
     async def close(self) -> None:
@@ -134,18 +153,95 @@ class SQLiteLedger:
     # -- writes ----------------------------------------------------------------------------
 
     async def begin(self, row: LedgerRow) -> None:
-        await self._submit("begin", row)
+        if self._idle():
+            self._write_inline("begin", row)
+        else:
+            await self._submit("begin", row)
+        self._open += 1
 
     async def finish(self, row: LedgerRow) -> bool:
+        if self._open:  # whatever comes of it: this request is no longer in flight
+            self._open -= 1
+        if self._idle():
+            return self._write_inline("finish", row)
         return await self._submit("finish", row)
 
     async def record(self, row: LedgerRow) -> bool:
+        if self._idle():
+            return self._write_inline("record", row)
         return await self._submit("record", row)
+
+    def _idle(self) -> bool:
+        """May this write commit at once, in the caller? (the module docstring)"""
+        task = self._task
+        return (
+            self._open == 0
+            and self._turn_open
+            and self._last_batch == 1
+            and not self._pending
+            and not self._busy
+            and self._inline
+            and not self._closing
+            and task is not None
+            and not task.done()
+        )
+
+    def _write_inline(self, kind: str, row: LedgerRow) -> bool:
+        """The queued write's transaction and outcomes, run now (no await: nothing interleaves)."""
+        loop = self._loop
+        assert loop is not None  # set with the task
+        self._turn_open = False  # a second write in this turn of the loop is queued (load)
+        loop.call_soon(self._reopen_turn)
+        made = self._write_row(kind, row)
+        if loop.time() >= self._next_checkpoint:
+            self._poke()  # the writer runs the checkpoint (it would have on a queued write)
+        if made is None:
+            raise LedgerUnavailable("the ledger could not commit")
+        if isinstance(made, Exception):
+            raise made
+        if made is True and kind != "begin" and self._on_terminal is not None:
+            self._on_terminal(row)
+        return made
+
+    def _write_row(self, kind: str, row: LedgerRow) -> bool | Exception | None:
+        """`_write` of a batch of one row: the same statement, alone its own transaction (SQLite
+        makes a statement outside BEGIN ... COMMIT one transaction, its trigger's rollup
+        included; the write lock taken at its start, as BEGIN IMMEDIATE does), without the two
+        extra statements. The row's result, or None if the commit failed."""
+        assert self._conn is not None
+        conn = self._conn
+        t0 = time.perf_counter()
+        try:
+            if kind == "begin":
+                try:
+                    conn.execute(_INSERT_BEGIN, row.values())
+                    made: bool | Exception = True
+                except sqlite3.IntegrityError:  # a duplicate id: refuse this row only
+                    made = LedgerUnavailable(f"duplicate request id {row.request_id}")
+            elif kind == "finish":
+                made = conn.execute(_UPDATE_FINISH, _finish_values(row)).rowcount == 1
+            else:
+                made = conn.execute(_INSERT_TERMINAL, row.values()).rowcount == 1
+        except sqlite3.Error as exc:  # the statement's transaction is rolled back
+            self._healthy = False
+            log.error("ledger write of %d rows failed: %s", 1, exc)
+            if self._on_commit is not None:
+                self._on_commit(1, time.perf_counter() - t0, False)
+            return None
+        self._healthy = True
+        if self._on_commit is not None:
+            self._on_commit(1, time.perf_counter() - t0, True)
+        return made
+
+    def _reopen_turn(self) -> None:
+        self._turn_open = True
 
     def _submit(self, kind: str, row: LedgerRow) -> asyncio.Future[bool]:
         if self._task is None or (self._closing and self._task.done()):
             raise LedgerUnavailable("ledger is not open")
         assert self._loop is not None  # set with the task
+        if not self._turn_open:  # a row was committed inline in this turn: load, group-commit
+            self._last_batch = 2
         fut: asyncio.Future[bool] = self._loop.create_future()
         self._pending.append((kind, row, fut))
         self._poke()
@@ -180,20 +276,23 @@ class SQLiteLedger:
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        last_checkpoint = loop.time()
         passive: asyncio.Future[None] | None = None
-        last_batch = 1
         while True:
-            if passive is None and loop.time() - last_checkpoint >= CHECKPOINT_INTERVAL:
+            if passive is None and loop.time() >= self._next_checkpoint:
                 # phase 1: copy the WAL into the database beside the writer (nobody waits)
+                self._next_checkpoint = float("inf")  # inline writes: no need to poke meanwhile
                 passive = asyncio.ensure_future(asyncio.to_thread(self._checkpoint, "PASSIVE"))
             elif passive is not None and passive.done():
                 # phase 2: the few frames written since, then restart the WAL so it stays
                 # small; rows arriving meanwhile wait and go into the next (bigger) batch
                 passive = None
-                last_checkpoint = loop.time()
-                await asyncio.to_thread(self._checkpoint, "RESTART", self._conn)
-            if self._pending and not self._closing and (len(self._pending) > 1 or last_batch > 1):
+                self._busy = True  # the connection is in a thread: nothing commits inline
+                try:
+                    await asyncio.to_thread(self._checkpoint, "RESTART", self._conn)
+                finally:
+                    self._busy = False
+                self._next_checkpoint = loop.time() + CHECKPOINT_INTERVAL
+            if self._pending and not self._closing and (len(self._pending) > 1 or self._last_batch > 1):
                 # under load, one more turn of the loop lets the handlers that are about to
                 # write join this transaction: fewer, larger commits. A lone row after a lone
                 # row (a quiet proxy) commits at once: that turn is latency, nobody joins.
@@ -210,7 +309,7 @@ class SQLiteLedger:
                     await self._wake
                 continue
             batch, self._pending = self._pending, []
-            last_batch = len(batch)
+            self._last_batch = len(batch)
             if self.synchronous == "FULL":
                 ok, results = await asyncio.to_thread(self._write, batch)
             else:
@@ -273,6 +372,10 @@ class SQLiteLedger:
             if self._on_commit is not None:
                 self._on_commit(len(batch), time.perf_counter() - t0, False)
             return False, []
+        except BaseException:  # not the database's (a value it cannot bind): undo, then raise
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
         self._healthy = True
         if self._on_commit is not None:
             self._on_commit(len(batch), time.perf_counter() - t0, True)
@@ -582,7 +685,7 @@ class SQLiteLedger:
 
 def _resolve(batch: list[_Op], results: list[bool | Exception] | None, error: BaseException | None) -> None:
     for i, (_, _, fut) in enumerate(batch):
-        if fut.done():
+        if fut is None or fut.done():
             continue
         result = error if results is None else results[i]
         if isinstance(result, BaseException):
