@@ -463,3 +463,34 @@ async def test_several_workers_need_the_postgres_ledger(tmp_path: Path) -> None:
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 2 and message in err.decode(), err
         assert out == b""
+
+
+async def test_a_running_video_job_is_held_once_across_the_supervisor_and_its_workers(
+    tmp_path: Path, sim: RunningSimulator
+) -> None:
+    """Every process holds the running jobs' bounds from the ledger; the supervisor's view sums
+    its workers' request reservations only, so a job shows once, not once per process."""
+    async with pg_database() as dsn:
+        config, key = postgres_config(tmp_path, dsn)
+        config.write_text(config.read_text() + "batches: {poll_interval: 0.1}\n")
+        w = Workers(config, dsn, sim.url, tmp_path / "serve.log")
+        try:
+            await w.start()
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+            body = {"model": "google/veo-3.0", "prompt": "x", "seconds": "5",
+                    "simulate": {"video_delay_ms": 60_000}}  # fmt: skip
+            async with aiohttp.ClientSession() as s:
+                async with s.post(f"http://127.0.0.1:{w.port}/v2/videos", json=body, headers=headers) as r:
+                    assert r.status == 200, await r.text()
+                seen: list[str] = []
+                deadline = time.monotonic() + 3  # bounded: 30 poll intervals of every process
+                admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+                while time.monotonic() < deadline:
+                    async with s.get(w.admin + "/admin/budgets", headers=admin) as r:
+                        seen.append((await r.json())["tenants"]["acme"]["budget"]["reserved_usd"])
+                    await asyncio.sleep(0.1)
+            assert seen[-10:] == ["2"] * 10, seen  # $0.40 x 5 s, held once
+            rows = await ledger(dsn)
+            assert [(r["endpoint"], r["cost_pusd"]) for r in rows] == [("videos.create", 0)]
+        finally:
+            await w.kill_all()
